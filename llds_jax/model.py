@@ -1,0 +1,366 @@
+"""Qwen2 / Llama decoder in Flax NNX, with a slot-addressed KV cache.
+
+Dims: B batch, T new tokens, S cache slots, D embed, H query heads, K kv heads, G = H/K,
+Dh head dim, F ffn, V vocab, L layers.
+
+One module serves `Qwen2ForCausalLM` (q/k/v bias) and `LlamaForCausalLM` (no bias, optional
+`llama3` RoPE scaling). Every weight carries `logical_axes` metadata that `sharding.py` maps to the
+mesh; the model itself never names a mesh axis.
+
+Padding and caching use one rule: every token has a position, and a token whose mask is 0 gets
+position -1. A query attends to a key iff `0 <= pos_k <= pos_q`. Because positions increase along a
+row, this is the causal mask for left-padded, right-padded and ragged-append batches alike. The
+cache stores keys/values in per-row slots together with each slot's position, so the rollout can
+append observation tokens to each row at its own offset without re-prefilling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully-masked rows give no NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture hyper-parameters (HF `config.json` fields) plus our dtype/remat choices."""
+
+  architecture: str = "Qwen2ForCausalLM"
+  vocab_size: int = 151936
+  hidden_size: int = 896
+  intermediate_size: int = 4864
+  num_layers: int = 24
+  num_heads: int = 14
+  num_kv_heads: int = 2
+  head_dim: int = 64
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 1e6
+  # Frozen (key, value) pairs of the HF rope scaling dict, e.g. (("rope_type", "llama3"), ...).
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  max_position_embeddings: int = 32768
+  tie_word_embeddings: bool = True
+  attention_bias: bool = True  # q/k/v projections carry a bias (Qwen2: always)
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+  pad_token_id: int | None = None
+  # Ours, not HF: storage dtype of params, compute dtype of matmuls, block rematerialization.
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  remat: str = "none"  # none | full | dots (save matmul outputs)
+
+  def __post_init__(self):
+    if self.architecture not in ARCHITECTURES:
+      raise ValueError(f"ModelConfig.architecture={self.architecture!r}: supported {ARCHITECTURES}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim={self.head_dim} must be even for rotate-half RoPE")
+    if self.remat not in ("none", "full", "dots"):
+      raise ValueError(f"ModelConfig.remat={self.remat!r}: expected none | full | dots")
+    rope_type = dict(self.rope_scaling or {}).get("rope_type", "default")
+    if rope_type not in ("default", "linear", "llama3"):
+      raise ValueError(f"rope_scaling rope_type={rope_type!r} is not supported (default, linear, llama3)")
+
+  @property
+  def is_qwen2(self) -> bool:
+    return self.architecture == "Qwen2ForCausalLM"
+
+  @classmethod
+  def from_hf(cls, hf: dict, **overrides) -> "ModelConfig":
+    """Build from a HF `config.json` dict; `overrides` set our own fields (dtype, remat, ...)."""
+    arch = (hf.get("architectures") or [None])[0]
+    if arch is None:
+      arch = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}.get(hf.get("model_type"))
+    if arch not in ARCHITECTURES:
+      raise ValueError(f"config.json: unsupported architecture {arch!r} "
+                       f"(model_type={hf.get('model_type')!r}); supported: {ARCHITECTURES}")
+    if hf.get("use_sliding_window"):
+      raise ValueError("config.json: use_sliding_window=true is not supported")
+    # transformers >= 5 nests RoPE in `rope_parameters`; older files use `rope_theta`/`rope_scaling`.
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    if not rope and hf.get("rope_scaling"):
+      rope = dict(hf["rope_scaling"])
+    if "type" in rope and "rope_type" not in rope:
+      rope["rope_type"] = rope.pop("type")
+    scaling = None if rope.get("rope_type", "default") == "default" else tuple(sorted(rope.items()))
+    heads = hf["num_attention_heads"]
+    eos = hf.get("eos_token_id")
+    kwargs = dict(
+        architecture=arch,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        max_position_embeddings=hf.get("max_position_embeddings", 32768),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=True if arch == "Qwen2ForCausalLM" else bool(hf.get("attention_bias", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        pad_token_id=hf.get("pad_token_id"),
+    )
+    if hf.get("mlp_bias"):
+      raise ValueError("config.json: mlp_bias=true is not supported")
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+  def to_hf(self) -> dict:
+    """The HF `config.json` dict that `transformers` reads back to the same architecture."""
+    model_type = "qwen2" if self.is_qwen2 else "llama"
+    rope = {"rope_theta": self.rope_theta, "rope_type": "default"}
+    rope.update(dict(self.rope_scaling or {}))
+    eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+    hf = {
+        "architectures": [self.architecture],
+        "model_type": model_type,
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size,
+        "num_hidden_layers": self.num_layers,
+        "num_attention_heads": self.num_heads,
+        "num_key_value_heads": self.num_kv_heads,
+        "head_dim": self.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": self.rms_norm_eps,
+        "rope_theta": self.rope_theta,
+        "rope_parameters": rope,
+        "max_position_embeddings": self.max_position_embeddings,
+        "tie_word_embeddings": self.tie_word_embeddings,
+        "bos_token_id": self.bos_token_id,
+        "eos_token_id": eos,
+        "pad_token_id": self.pad_token_id,
+        "torch_dtype": self.param_dtype,
+        "use_cache": True,
+    }
+    if self.rope_scaling:
+      hf["rope_scaling"] = dict(rope)
+    if self.is_qwen2:
+      hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_layers,
+                attention_dropout=0.0)
+    else:
+      hf.update(attention_bias=self.attention_bias, mlp_bias=False, attention_dropout=0.0,
+                pretraining_tp=1)
+    return hf
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """Inverse RoPE frequencies [Dh/2], including Llama-3 / linear scaling."""
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+  sc = dict(cfg.rope_scaling or {})
+  kind = sc.get("rope_type", "default")
+  if kind == "linear":
+    return inv / sc["factor"]
+  if kind == "llama3":
+    factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+    old_len = sc["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    # Long wavelengths are interpolated by `factor`, short ones kept, the band between blended.
+    scaled = jnp.where(wavelen > old_len / lo, inv / factor, inv)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return jnp.where(medium, blended, scaled)
+  return inv
+
+
+def apply_rope(x_BxTxNxDh: jax.Array, pos_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotate-half RoPE (the HF convention), computed in float32."""
+  ang_BxTxF = pos_BxT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
+  cos = jnp.cos(jnp.concatenate([ang_BxTxF, ang_BxTxF], -1))[:, :, None, :]
+  sin = jnp.sin(jnp.concatenate([ang_BxTxF, ang_BxTxF], -1))[:, :, None, :]
+  x = x_BxTxNxDh.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
+  return (x * cos + rotated * sin).astype(x_BxTxNxDh.dtype)
+
+
+def _param(rngs, shape, axes, dtype, scale=None, init="normal"):
+  if init == "ones":
+    value = jnp.ones(shape, dtype)
+  elif init == "zeros":
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = (scale * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, logical_axes=axes)
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)
+  return (x32 * w.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))).astype(x.dtype)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Per-layer key/value slots plus each slot's position (-1 = empty) and the next free slot."""
+
+  k: tuple[jax.Array, ...]  # L × [B, S, K, Dh]
+  v: tuple[jax.Array, ...]
+  pos_BxS: jax.Array  # int32
+  end_B: jax.Array  # int32, number of filled slots per row
+
+  @classmethod
+  def init(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None) -> "KVCache":
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+               v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+               pos_BxS=jnp.full((batch, slots), -1, jnp.int32), end_B=jnp.zeros((batch,), jnp.int32))
+
+  @property
+  def slots(self) -> int:
+    return self.pos_BxS.shape[1]
+
+
+def _write_slots(valid_BxT: jax.Array, end_B: jax.Array, slots: int) -> jax.Array:
+  """Slot index of each new token: valid tokens are packed after `end`, the rest go out of range."""
+  rank_BxT = jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1
+  # Out-of-range indices are dropped by the scatter; a full cache therefore never corrupts
+  # existing slots (the sampler checks capacity on the host before it gets there).
+  return jnp.where(valid_BxT, end_B[:, None] + rank_BxT, slots)
+
+
+def _scatter_rows(buf_BxS: jax.Array, new_BxT: jax.Array, slot_BxT: jax.Array) -> jax.Array:
+  rows_Bx1 = jnp.arange(buf_BxS.shape[0])[:, None]
+  return buf_BxS.at[rows_Bx1, slot_BxT].set(new_BxT.astype(buf_BxS.dtype), mode="drop")
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: RMSNorm → GQA attention → RMSNorm → SwiGLU."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    D, H, K, Dh, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    pd = jnp.dtype(cfg.param_dtype)
+    s_in, s_ff = 1 / math.sqrt(D), 1 / math.sqrt(F)
+    self.attn_norm = _param(rngs, (D,), ("norm",), pd, init="ones")
+    self.q = _param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), pd, s_in)
+    self.k = _param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), pd, s_in)
+    self.v = _param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), pd, s_in)
+    if cfg.attention_bias:
+      self.q_bias = _param(rngs, (H, Dh), ("heads", "head_dim"), pd, 0.02)
+      self.k_bias = _param(rngs, (K, Dh), ("kv_heads", "head_dim"), pd, 0.02)
+      self.v_bias = _param(rngs, (K, Dh), ("kv_heads", "head_dim"), pd, 0.02)
+    self.o = _param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), pd, 1 / math.sqrt(H * Dh))
+    self.mlp_norm = _param(rngs, (D,), ("norm",), pd, init="ones")
+    self.gate = _param(rngs, (D, F), ("embed", "mlp"), pd, s_in)
+    self.up = _param(rngs, (D, F), ("embed", "mlp"), pd, s_in)
+    self.down = _param(rngs, (F, D), ("mlp", "embed"), pd, s_ff)
+
+  def __call__(self, x_BxTxD, pos_BxT, inv_freq, kv=None):
+    """Returns the new residual stream and, in cache mode, the layer's updated (k, v, pos)."""
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    w = lambda p: p[...].astype(dt)  # noqa: E731  (params may be stored in f32 and computed in bf16)
+    h = rms_norm(x_BxTxD, self.attn_norm[...], cfg.rms_norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", h, w(self.q))
+    k = jnp.einsum("btd,dhk->bthk", h, w(self.k))
+    v = jnp.einsum("btd,dhk->bthk", h, w(self.v))
+    if cfg.attention_bias:
+      q, k, v = q + w(self.q_bias)[None, None], k + w(self.k_bias)[None, None], v + w(self.v_bias)[None, None]
+    q, k = apply_rope(q, pos_BxT, inv_freq), apply_rope(k, pos_BxT, inv_freq)
+    if kv is None:
+      keys, values, kpos_BxS, new_kv = k, v, pos_BxT, None
+    else:
+      k_buf, v_buf, kpos_BxS, slot_BxT = kv
+      keys = _scatter_rows(k_buf, k, slot_BxT)
+      values = _scatter_rows(v_buf, v, slot_BxT)
+      new_kv = (keys, values)
+    attn = _attention(q, keys.astype(dt), values.astype(dt), pos_BxT, kpos_BxS)
+    x_BxTxD = x_BxTxD + jnp.einsum("bthk,hkd->btd", attn, w(self.o))
+    h = rms_norm(x_BxTxD, self.mlp_norm[...], cfg.rms_norm_eps)
+    ff = jax.nn.silu(h @ w(self.gate)) * (h @ w(self.up))
+    return x_BxTxD + ff @ w(self.down), new_kv
+
+
+def _attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, qpos_BxT, kpos_BxS):
+  B, T, H, Dh = q_BxTxHxDh.shape
+  K = k_BxSxKxDh.shape[2]
+  q = q_BxTxHxDh.reshape(B, T, K, H // K, Dh)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k_BxSxKxDh, preferred_element_type=jnp.float32)
+  logits = logits / math.sqrt(Dh)
+  allowed_BxTxS = (kpos_BxS[:, None, :] >= 0) & (kpos_BxS[:, None, :] <= qpos_BxT[:, :, None])
+  logits = jnp.where(allowed_BxTxS[:, None, None], logits, _MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxKxDh.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxDh)
+  return out.reshape(B, T, H, Dh)
+
+
+class Transformer(nnx.Module):
+  """Causal LM: `model(tokens) -> logits`; `hidden(...)` exposes the cache path and final states."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd, 0.02)
+    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), pd, init="ones")
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd,
+                            1 / math.sqrt(cfg.hidden_size))
+
+  def unembed(self) -> jax.Array:
+    """The `[D, V]` output projection in compute dtype (the transposed embedding when tied)."""
+    w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+    return w.astype(jnp.dtype(self.cfg.dtype))
+
+  def hidden(self, tokens_BxT, positions_BxT=None, mask_BxT=None, cache: KVCache | None = None):
+    """Final-norm hidden states [B, T, D] and the updated cache (None without a cache).
+
+    Tokens with `mask == 0` get position -1: they are never attended to, and in cache mode they
+    are not written, so a right-padded block of new tokens appends only its valid tokens.
+    """
+    cfg = self.cfg
+    B, T = tokens_BxT.shape
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    valid_BxT = jnp.ones((B, T), bool) if mask_BxT is None else mask_BxT.astype(bool)
+    pos_BxT = jnp.where(valid_BxT, positions_BxT, -1).astype(jnp.int32)
+    inv_freq = rope_inv_freq(cfg)
+    x = self.embed[...].astype(jnp.dtype(cfg.dtype))[tokens_BxT]
+    if cache is not None:
+      slot_BxT = _write_slots(valid_BxT, cache.end_B, cache.slots)
+      kpos_BxS = _scatter_rows(cache.pos_BxS, pos_BxT, slot_BxT)
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      kv = None if cache is None else (cache.k[i], cache.v[i], kpos_BxS, slot_BxT)
+      x, layer_kv = _maybe_remat(layer, cfg.remat)(x, pos_BxT, inv_freq, kv)
+      if cache is not None:
+        new_k.append(layer_kv[0])
+        new_v.append(layer_kv[1])
+    h = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+    if cache is None:
+      return h, None
+    end_B = cache.end_B + valid_BxT.sum(1, dtype=jnp.int32)
+    return h, KVCache(k=tuple(new_k), v=tuple(new_v), pos_BxS=kpos_BxS, end_B=end_B)
+
+  def logits(self, h_BxTxD) -> jax.Array:
+    return jnp.einsum("btd,dv->btv", h_BxTxD, self.unembed(), preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens_BxT, positions_BxT=None, mask_BxT=None) -> jax.Array:
+    """Full forward without a cache: float32 logits [B, T, V]."""
+    h, _ = self.hidden(tokens_BxT, positions_BxT, mask_BxT)
+    return self.logits(h)
+
+
+def _maybe_remat(layer: Block, policy: str):
+  if policy == "none":
+    return layer
+  # "dots" keeps matmul outputs and recomputes the cheap elementwise ops; "full" keeps only inputs.
+  pol = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots" else None
+  return functools.partial(nnx.remat(Block.__call__, policy=pol), layer)
