@@ -1,0 +1,240 @@
+"""The jitted, mesh-sharded update: TrainState, optimizer, log-prob passes and the update phase.
+
+Dims: N rollout rows, L = P + R tokens per row (left-padded prompt of P, right-padded response
+of R), A micro-batches per minibatch, D embed, V vocab.
+
+A rollout batch is laid out as `[prompt | response]` with the prompt left-padded, so the response
+region is the fixed slice `[P, L)` and the hidden states that predict it are `[P-1, L-1)`. Every
+loss term lives on that `N×R` grid; `loss_mask_NxR` is 1 exactly on model-sampled tokens.
+
+Why several optimizer steps per rollout: the LLDS term compares the current policy with the
+policy that produced the rollout (old log-probs, fixed once per rollout). With a single optimizer
+step per rollout it is identically zero (PAPER.md §B.2), so `update_phase` computes old and
+reference log-probs once and then takes `ppo_epochs × N / minibatch` steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from llds_jax import losses, sharding as shd
+from llds_jax.logprobs import token_logprobs
+
+BATCH_KEYS = ("input_ids", "attn_mask", "positions", "loss_mask", "adv", "old_logp", "ref_logp",
+              "answer_weight")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # completed training (rollout) steps; the lr schedule reads it
+  opt_step: jax.Array  # optimizer updates applied
+  params: Any  # nnx.State of the policy's parameters
+  opt_state: Any
+  skipped: jax.Array  # updates skipped because the loss or a gradient was non-finite
+
+
+def lr_schedule(opt) -> Callable[[jax.Array], jax.Array]:
+  """Linear warmup from 0 over `warmup_steps` training steps, then constant (official verl)."""
+  warm = max(int(opt.warmup_steps), 0)
+
+  def lr(step):
+    if warm == 0:
+      return jnp.float32(opt.lr)
+    return jnp.float32(opt.lr) * jnp.minimum(1.0, step.astype(jnp.float32) / warm)
+
+  return lr
+
+
+def make_optimizer(opt) -> optax.GradientTransformation:
+  """Global-norm clip then AdamW; the lr is injected per step from the training-step schedule."""
+  adamw = optax.inject_hyperparams(optax.adamw)(
+      learning_rate=opt.lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
+  return optax.chain(optax.clip_by_global_norm(opt.grad_clip), adamw)
+
+
+def _set_lr(opt_state, lr):
+  clip_state, adam_state = opt_state
+  hp = dict(adam_state.hyperparams, learning_rate=lr)
+  return (clip_state, adam_state._replace(hyperparams=hp))
+
+
+def response_logprobs(graphdef, params, batch: dict, *, resp_len: int, chunk_size: int,
+                      temperature: float = 1.0, with_entropy: bool = True):
+  """(logp_NxR, entropy_NxR) of the last `resp_len` tokens, never materializing N×R×V logits."""
+  model = nnx.merge(graphdef, params)
+  ids_NxL = batch["input_ids"]
+  h_NxLxD, _ = model.hidden(ids_NxL, batch["positions"], batch["attn_mask"])
+  L = ids_NxL.shape[1]
+  h_NxRxD = h_NxLxD[:, L - resp_len - 1:L - 1]
+  return token_logprobs(h_NxRxD, model.unembed(), ids_NxL[:, L - resp_len:],
+                        chunk_size=chunk_size, temperature=temperature, with_entropy=with_entropy)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Static knobs of the jitted step (hashable)."""
+
+  loss: losses.LossConfig
+  num_micro: int
+  chunk_size: int = 256
+  temperature: float = 1.0
+
+
+def _micro_loss(params, graphdef, micro: dict, sc: StepConfig):
+  logp, ent = response_logprobs(graphdef, params, micro, resp_len=micro["loss_mask"].shape[1],
+                                chunk_size=sc.chunk_size, temperature=sc.temperature)
+  ref = micro["ref_logp"] if sc.loss.kl_coef else None
+  total, metrics = losses.policy_loss(
+      logp, micro["old_logp"], micro["adv"], micro["loss_mask"], sc.loss, ref_logp_BxT=ref,
+      entropy_BxT=ent, answer_weight_BxT=micro["answer_weight"])
+  metrics["entropy"] = losses.masked_mean(jax.lax.stop_gradient(ent), micro["loss_mask"])
+  return total, metrics
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, sc: StepConfig,
+               mesh: Mesh | None = None) -> tuple[TrainState, dict]:
+  """One optimizer update on a minibatch, accumulated over `sc.num_micro` micro-batches.
+
+  Each micro-batch loss is a token mean over its own loss tokens and the gradients are averaged
+  over micro-batches, as the official actor does (`loss / grad_accum` then backward).
+  """
+  A = sc.num_micro
+
+  def split(x):
+    x = x.reshape(A, x.shape[0] // A, *x.shape[1:])
+    if mesh is not None:  # keep rows sharded inside each micro-batch
+      x = jax.lax.with_sharding_constraint(
+          x, NamedSharding(mesh, P(None, ("data", "fsdp"), *([None] * (x.ndim - 2)))))
+    return x
+
+  micros = {k: split(batch[k]) for k in BATCH_KEYS}
+  grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+
+  def accumulate(carry, micro):
+    grads, msum = carry
+    (_, metrics), g = grad_fn(state.params, graphdef, micro, sc)
+    grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32) / A, grads, g)
+    msum = jax.tree.map(lambda a, b: a + b / A, msum, metrics)
+    return (grads, msum), None
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+  _, m_shape = jax.eval_shape(lambda: _micro_loss(state.params, graphdef,
+                                                  jax.tree.map(lambda x: x[0], micros), sc))
+  m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
+  (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, m0), micros)
+
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss/total"])
+  lr = schedule(state.step)
+  opt_state = _set_lr(state.opt_state, lr)
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+  updates, new_opt = tx.update(grads, opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  # A non-finite update is dropped whole: params and optimizer state stay bitwise as they were
+  # (the official NAN_CLIP is a no-op, PAPER.md §B.3.6).
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+  state = state.replace(
+      params=keep(new_params, state.params),
+      opt_state=keep(new_opt, state.opt_state),
+      opt_step=state.opt_step + finite.astype(jnp.int32),
+      skipped=state.skipped + (~finite).astype(jnp.int32))
+  metrics.update({"grad_norm": grad_norm, "lr": lr, "skipped_nonfinite": (~finite).astype(jnp.int32)})
+  return state, metrics
+
+
+class Updater:
+  """Owns the jitted functions of one (model, mesh, config): init, log-probs, train step."""
+
+  def __init__(self, graphdef, abstract_params, *, opt, step_cfg: StepConfig, mesh: Mesh):
+    self.graphdef, self.mesh, self.sc = graphdef, mesh, step_cfg
+    self.tx, schedule = make_optimizer(opt), lr_schedule(opt)
+    self.param_shardings = shd.state_shardings(abstract_params, mesh)
+    rep = shd.replicated(mesh)
+    abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+    opt_shardings = optax.tree_map_params(
+        self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
+        transform_non_params=lambda _: rep)
+    self.state_shardings = TrainState(step=rep, opt_step=rep, params=self.param_shardings,
+                                      opt_state=opt_shardings, skipped=rep)
+    row = lambda nd: shd.batch_sharding(mesh, nd)  # noqa: E731
+    self.batch_shardings = {k: row(1 if k == "adv" else 2) for k in BATCH_KEYS}
+    self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+    self._step = jax.jit(
+        lambda s, b: train_step(s, b, graphdef=graphdef, tx=self.tx, schedule=schedule,
+                                sc=step_cfg, mesh=mesh),
+        in_shardings=(self.state_shardings, self.batch_shardings),
+        out_shardings=(self.state_shardings, rep), donate_argnames=("s",))
+    lp_keys = ("input_ids", "attn_mask", "positions")
+    self._logprobs = jax.jit(
+        lambda p, b, resp_len: response_logprobs(graphdef, p, b, resp_len=resp_len,
+                                                 chunk_size=step_cfg.chunk_size,
+                                                 temperature=step_cfg.temperature),
+        in_shardings=(self.param_shardings, {k: self.batch_shardings[k] for k in lp_keys}),
+        out_shardings=(row(2), row(2)), static_argnums=2)
+    self.lp_keys = lp_keys
+    self._advance = jax.jit(lambda s: s.replace(step=s.step + 1),
+                            out_shardings=self.state_shardings, donate_argnums=0)
+    self._select = jax.jit(lambda b, rows: {k: v[rows] for k, v in b.items()},
+                           out_shardings=self.batch_shardings)
+
+  def _init_state(self, params):
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, opt_step=zero, params=params, opt_state=self.tx.init(params),
+                      skipped=zero)
+
+  def init_state(self, params) -> TrainState:
+    return self._init(params)
+
+  def logprobs(self, params, batch: dict):
+    """Response log-probs and entropy (no grad) for a whole rollout batch."""
+    return self._logprobs(params, {k: batch[k] for k in self.lp_keys}, batch["loss_mask"].shape[1])
+
+  def step(self, state: TrainState, batch: dict):
+    return self._step(state, batch)
+
+
+def place_batch(batch: dict, shardings: dict) -> dict:
+  """Process-local host rows -> one globally sharded array per key (multi-host safe)."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+          for k, v in batch.items()}
+
+
+def update_phase(updater: Updater, state: TrainState, batch: dict, ref_params, *,
+                 minibatch: int, ppo_epochs: int = 1, shuffle_seed: int | None = None,
+                 progress: Callable | None = None) -> tuple[TrainState, list[dict]]:
+  """Fix old/ref log-probs on the whole rollout batch, then take the minibatch steps.
+
+  `batch` holds this process's host rows for every key of BATCH_KEYS except old_logp/ref_logp.
+  Minibatches are contiguous row blocks (official: no shuffle) unless `shuffle_seed` is given.
+  Returns the state with `step` advanced by one and the per-minibatch metrics (device scalars,
+  for the caller to fetch when it needs them, so dispatch never blocks).
+  """
+  placed = place_batch({k: v for k, v in batch.items() if k in BATCH_KEYS}, updater.batch_shardings)
+  n = placed["input_ids"].shape[0]
+  if n % minibatch:
+    raise ValueError(f"rollout rows {n} not divisible by rl.minibatch_size={minibatch}")
+  placed["old_logp"], _ = updater.logprobs(state.params, placed)
+  if updater.sc.loss.kl_coef:
+    placed["ref_logp"], _ = updater.logprobs(ref_params, placed)
+  else:
+    placed["ref_logp"] = jnp.zeros_like(placed["old_logp"])
+  metrics = []
+  steps = [(e, i) for e in range(ppo_epochs) for i in range(n // minibatch)]
+  for e, i in (progress(steps) if progress else steps):
+    order = np.arange(n)
+    if shuffle_seed is not None:
+      order = np.random.default_rng((shuffle_seed, e)).permutation(n)
+    rows = jnp.asarray(order[i * minibatch:(i + 1) * minibatch])
+    state, m = updater.step(state, updater._select(placed, rows))
+    metrics.append(m)
+  return updater._advance(state), metrics
