@@ -1,0 +1,447 @@
+"""In-process BM25 over a Search-R1 corpus: inverted index, batched exact top-k, memory-mapped files.
+
+Dims: N documents, V vocabulary terms, P postings (distinct (term, doc) pairs), D terms stored as
+dense rows, C queries scored together densely, k results per query.
+
+Scoring, `variant="okapi"` (default k1=1.5, b=0.75, epsilon=0.25): exactly `rank_bm25.BM25Okapi`.
+  idf(t) = log(N − df + 0.5) − log(df + 0.5); every idf < 0 (df > N/2) is replaced by
+  epsilon · mean(raw idf over the whole vocabulary, negatives included), as rank_bm25 does.
+  score(q, d) = Σ_{t in q, with repeats} idf(t) · tf·(k1+1) / (tf + k1·(1 − b + b·|d|/avgdl)).
+Scoring, `variant="lucene"` (default k1=0.9, b=0.4, Pyserini's BM25 defaults): Lucene ≥ 8 BM25Similarity.
+  idf(t) = log(1 + (n − df + 0.5)/(df + 0.5)) with n = documents that have at least one token;
+  score = Σ idf · tf / (tf + k1·(1 − b + b·L(|d|)/avgdl)) (no (k1+1) factor since Lucene 8), where
+  L is Lucene's one-byte length norm (SmallFloat.intToByte4: exact below 24, then 4 significant
+  bits, rounded down) and avgdl uses the exact lengths. A repeated query term counts once per
+  repeat (Anserini boosts a term by its query count). Lucene computes in float32; we compute in
+  float64, so scores agree to float32 rounding. Anserini's analyzer (Porter stemming, stopwords)
+  is *not* reproduced: both variants use `tokenize` below.
+
+Per-posting impacts (the whole score contribution of a term occurrence) are precomputed in float64
+and stored as float32; query scores are accumulated in float64. Relative error vs rank_bm25 is
+therefore ≤ ~1e-7 per score.
+"""
+
+import array
+import collections
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+
+from llds_jax import data
+
+FORMAT = "llds_jax.bm25/1"
+_WORD_RE = re.compile(r"\w+")
+_DEFAULTS = {"okapi": (1.5, 0.75), "lucene": (0.9, 0.4)}
+_FLUSH_TOKENS = 1 << 22  # build: pending tokens folded into (term, doc, tf) triplets in chunks
+_DENSE_BUDGET = 1 << 20  # search: float64 scores held at once on the dense path (8 MiB)
+_DENSE_FRACTION = 8  # search: sparse terms touching ≥ N/8 postings → dense path (sort vs O(N))
+
+
+def tokenize(text: str) -> list[str]:
+  """Analyzer for docs and queries: lowercase, then maximal runs of unicode word chars (`\\w+`)."""
+  return _WORD_RE.findall(text.lower())
+
+
+def split_contents(contents: str) -> tuple[str, str]:
+  """Search-R1 passage split: title = first line, text = the remaining lines."""
+  title, _, text = contents.partition("\n")
+  return title, text
+
+
+@dataclasses.dataclass(frozen=True)
+class Doc:
+  """One retrieved passage."""
+  index: int  # row of the corpus
+  id: str
+  contents: str
+  score: float
+
+  @property
+  def title(self) -> str:
+    return split_contents(self.contents)[0]
+
+  @property
+  def text(self) -> str:
+    return split_contents(self.contents)[1]
+
+
+def format_observation(docs: Sequence[Doc | str]) -> str:
+  """Search-R1 `_passages2string`: `Doc {i}(Title: {title}) {text}\\n` per passage, i from 1."""
+  parts = []
+  for i, doc in enumerate(docs, 1):
+    title, text = split_contents(doc if isinstance(doc, str) else doc.contents)
+    parts.append(f"Doc {i}(Title: {title}) {text}\n")
+  return "".join(parts)
+
+
+def lucene_length(doc_lens: np.ndarray) -> np.ndarray:
+  """Document lengths as Lucene stores them: SmallFloat.byte4ToInt(intToByte4(len))."""
+  free = 24  # = 255 − longToInt4(Integer.MAX_VALUE): lengths below this are exact
+  x = np.asarray(doc_lens, np.int64)
+  rest = np.maximum(x - free, 0)
+  bits = np.floor(np.log2(np.maximum(rest, 1))).astype(np.int64) + 1
+  shift = np.maximum(bits - 4, 0)  # keep the 4 most significant bits
+  return np.where(x < free, x, free + ((rest >> shift) << shift))
+
+
+class _PostingsBuilder:
+  """Accumulates tokenized docs into term-major postings (doc ids ascending within a term).
+
+  Every _FLUSH_TOKENS tokens the pending docs become one (term, doc, tf) chunk, sorted term-major;
+  with `spill_dir` chunks live on disk until `finish` places them, so peak memory is about the
+  final arrays (≈ 8 bytes per posting) rather than several copies of them.
+  """
+
+  def __init__(self, spill_dir: str | None = None):
+    self.vocab: dict[str, int] = {}
+    self.doc_lens = array.array("i")
+    self._terms, self._first_doc, self._chunks = array.array("i"), 0, []
+    self._df, self._spill_dir = np.zeros(0, np.int64), spill_dir
+
+  def add(self, tokens: Sequence[str]):
+    before = len(self._terms)
+    try:  # fast path: every token already known (C-level lookups)
+      self._terms.extend(map(self.vocab.__getitem__, tokens))
+    except KeyError:
+      del self._terms[before:]
+      for t in tokens:
+        self.vocab.setdefault(t, len(self.vocab))
+      self._terms.extend(map(self.vocab.__getitem__, tokens))
+    self.doc_lens.append(len(tokens))
+    if len(self._terms) >= _FLUSH_TOKENS:
+      self._flush()
+
+  def _flush(self):
+    lens = np.frombuffer(self.doc_lens, np.int32)[self._first_doc:]
+    docs = np.repeat(np.arange(self._first_doc, len(self.doc_lens), dtype=np.int64), lens)
+    key, tf = np.unique((np.frombuffer(self._terms, np.int32).astype(np.int64) << 32) | docs,
+                        return_counts=True)
+    chunk_3xP = np.stack([key >> 32, key & 0xFFFFFFFF, tf]).astype(np.int32)
+    counts = np.bincount(chunk_3xP[0], minlength=len(self.vocab))
+    self._df = np.concatenate([self._df, np.zeros(len(counts) - len(self._df), np.int64)]) + counts
+    if self._spill_dir is not None:
+      path = os.path.join(self._spill_dir, f"_build_chunk{len(self._chunks)}.npy")
+      np.save(path, chunk_3xP)
+      chunk_3xP = path
+    self._chunks.append(chunk_3xP)
+    self._terms, self._first_doc = array.array("i"), len(self.doc_lens)
+
+  def finish(self, is_dense_V: Callable[[np.ndarray, int], np.ndarray]):
+    """Places all chunks: CSR (indptr, docs, tf) for sparse terms, another for `is_dense_V` terms."""
+    self._flush()
+    df_V, n = self._df, len(self.doc_lens)
+    dense_V = is_dense_V(df_V, n)
+    dense_terms = np.flatnonzero(dense_V)
+    out = {}
+    for name, sel_V in (("sparse", ~dense_V), ("dense", dense_V)):
+      indptr = np.concatenate([[0], np.cumsum(np.where(sel_V, df_V, 0))])
+      out[name] = [indptr, np.empty(indptr[-1], np.int32), np.empty(indptr[-1], np.int32)]
+    cursor_V = np.where(dense_V, out["dense"][0][:-1], out["sparse"][0][:-1])  # next free slot
+    for chunk_3xP in self._chunks:
+      if isinstance(chunk_3xP, str):
+        path, chunk_3xP = chunk_3xP, np.load(chunk_3xP)
+        os.remove(path)
+      t_P, d_P, f_P = chunk_3xP
+      counts_V = np.bincount(t_P, minlength=len(df_V))
+      rank_P = np.arange(len(t_P)) - (np.cumsum(counts_V) - counts_V)[t_P]  # position in its run
+      pos_P = cursor_V[t_P] + rank_P
+      cursor_V += counts_V
+      for name, sel_P in (("sparse", ~dense_V[t_P]), ("dense", dense_V[t_P])):
+        out[name][1][pos_P[sel_P]] = d_P[sel_P]
+        out[name][2][pos_P[sel_P]] = f_P[sel_P]
+    doc_lens = np.frombuffer(self.doc_lens, np.int32).copy()
+    return df_V, doc_lens, out["sparse"], dense_terms, out["dense"]
+
+
+def _check_variant(variant: str):
+  if variant not in _DEFAULTS:
+    raise ValueError(f"unknown BM25 variant {variant!r}; expected one of {sorted(_DEFAULTS)}")
+
+
+def _top_k(ids: np.ndarray, scores: np.ndarray, n_docs: int, k: int):
+  """Top-k of one row given its hit docs' scores; other docs score 0; ties → lower doc index."""
+  nonzero = scores != 0
+  ids, scores = ids[nonzero], scores[nonzero]
+  if np.count_nonzero(scores > 0) < k:  # zero-score docs, lowest index first, reach the top k
+    cand = np.arange(min(n_docs, k + len(ids)))
+    zero_ids = cand[~np.isin(cand, ids)][:k]
+    ids, scores = np.concatenate([ids, zero_ids]), np.concatenate([scores, np.zeros(len(zero_ids))])
+  if len(scores) > k:  # partial sort: only candidates at or above the k-th score are ordered
+    keep = scores >= np.partition(scores, len(scores) - k)[len(scores) - k]
+    ids, scores = ids[keep], scores[keep]
+  order = np.lexsort((ids, -scores))[:k]
+  return ids[order], scores[order]
+
+
+def _top_k_dense(s_CxN: np.ndarray, k: int):
+  """Row-wise top-k of dense scores, best first; ties → lower doc index.
+
+  A strided subsample's k-th largest value t is ≤ the row's k-th largest, so every top-k entry is
+  among the entries ≥ t: one compare pass plus a small sort instead of a full partial sort.
+  """
+  c, n = s_CxN.shape
+  stride = max(1, int(n / (4 * np.sqrt(k * n))))
+  sub_Cxm = s_CxN[:, ::stride]
+  m = sub_Cxm.shape[1]
+  t_C = np.partition(sub_Cxm, m - k, axis=1)[:, m - k]
+  rows, cols = np.divmod(np.flatnonzero(s_CxN >= t_C[:, None]), n)
+  vals = s_CxN[rows, cols]
+  order = np.lexsort((cols, -vals, rows))
+  first_C = np.searchsorted(rows[order], np.arange(c))
+  take_Cxk = order[first_C[:, None] + np.arange(k)]
+  return cols[take_Cxk], vals[take_Cxk]
+
+
+class BM25Index:
+  """Sparse BM25 index: CSR postings (term → docs, impacts) plus an optional document store."""
+
+  _ARRAYS = ("indptr_V1", "docs_P", "weights_P", "doc_lens_N", "dense_terms_D", "dense_DxN",
+             "dense_max_D")
+
+  def __init__(self, *, vocab, meta, store=None, **arrays):
+    self.vocab, self.meta, self.store = vocab, meta, store
+    for name in self._ARRAYS:
+      setattr(self, name, arrays[name])
+    self.num_docs = len(self.doc_lens_N)
+    self._dense_row = {int(t): r for r, t in enumerate(self.dense_terms_D)}
+
+  # ---- building ----
+
+  @classmethod
+  def from_tokenized(cls, corpus_tokens: Iterable[Sequence[str]], *, k1=None, b=None, epsilon=0.25,
+                     variant="okapi") -> "BM25Index":
+    """Index pre-tokenized documents (no document store)."""
+    builder = _PostingsBuilder()
+    for tokens in corpus_tokens:
+      builder.add(tokens)
+    return cls._from_builder(builder, k1=k1, b=b, epsilon=epsilon, variant=variant)
+
+  @classmethod
+  def build(cls, docs: Iterable[str | tuple[str, str]], *, k1=None, b=None, epsilon=0.25,
+            variant="okapi", store_dir: str | None = None) -> "BM25Index":
+    """Index Search-R1 `contents` strings or (id, contents) pairs, tokenized with `tokenize`.
+
+    With `store_dir`, document text streams to disk there (nothing is held in memory beyond the
+    postings), the finished index is saved there and returned memory-mapped.
+    """
+    _check_variant(variant)
+    if store_dir is not None:
+      os.makedirs(store_dir, exist_ok=True)
+      # meta.json is written last, so a build that dies midway never looks like a valid index.
+      if os.path.exists(os.path.join(store_dir, "meta.json")):
+        os.remove(os.path.join(store_dir, "meta.json"))
+    writer = data.DocStoreWriter(store_dir)
+    builder = _PostingsBuilder(spill_dir=store_dir)
+    try:
+      for i, doc in enumerate(docs):
+        doc_id, text = (str(i), doc) if isinstance(doc, str) else doc
+        writer.add(doc_id, text)
+        builder.add(tokenize(text))
+    finally:
+      store = writer.close()
+    index = cls._from_builder(builder, k1=k1, b=b, epsilon=epsilon, variant=variant)
+    index.store = store
+    if store_dir is None:
+      return index
+    index._save_postings(store_dir)
+    return cls.load(store_dir)
+
+  @classmethod
+  def _from_builder(cls, builder, *, k1, b, epsilon, variant) -> "BM25Index":
+    _check_variant(variant)
+    k1 = _DEFAULTS[variant][0] if k1 is None else float(k1)
+    b = _DEFAULTS[variant][1] if b is None else float(b)
+    # Terms in at least half the docs become dense rows: no more bytes than their postings, and
+    # adding a contiguous row per query is far cheaper than scattering ≥ N/2 postings.
+    df_V, doc_lens, (indptr, docs, tf), dense_terms, (d_indptr, d_docs, d_tf) = builder.finish(
+        lambda df_V, n: df_V * 2 >= n)
+    n = len(doc_lens)
+    if n == 0 or not builder.vocab:
+      raise ValueError(f"cannot index a corpus with {n} documents and {len(builder.vocab)} terms")
+    df = df_V.astype(np.float64)
+    meta = {"format": FORMAT, "variant": variant, "k1": k1, "b": b, "epsilon": float(epsilon),
+            "num_docs": n, "num_terms": len(builder.vocab), "num_postings": int(df_V.sum()),
+            "num_dense_terms": len(dense_terms), "analyzer": "lower+\\w+"}
+    if variant == "okapi":
+      idf = np.log(n - df + 0.5) - np.log(df + 0.5)
+      meta["average_idf"] = float(idf.sum() / len(idf))
+      idf[idf < 0] = epsilon * meta["average_idf"]
+      avgdl = doc_lens.sum() / n
+      norm_N = k1 * (1 - b + b * doc_lens / avgdl)
+      scale = k1 + 1
+    else:
+      n_nonempty = int(np.count_nonzero(doc_lens))
+      idf = np.log(1 + (n_nonempty - df + 0.5) / (df + 0.5))
+      avgdl = doc_lens.sum() / n_nonempty
+      norm_N = k1 * (1 - b + b * lucene_length(doc_lens) / avgdl)
+      scale = 1.0
+    meta["avgdl"] = float(avgdl)
+
+    def impacts(idf_P, tf_P, docs_P):  # float64 math, float32 storage
+      tf_P = tf_P.astype(np.float64)
+      return (idf_P * tf_P * scale / (tf_P + norm_N[docs_P])).astype(np.float32)
+
+    weights = np.empty(len(docs), np.float32)
+    # Blocks of ~_FLUSH_TOKENS postings (whole terms) bound the float64 temporaries.
+    bounds = np.unique(np.searchsorted(indptr, np.arange(0, len(docs), _FLUSH_TOKENS), "right") - 1)
+    for t_lo, t_hi in zip(bounds, list(bounds[1:]) + [len(indptr) - 1]):
+      lo, hi = indptr[t_lo], indptr[t_hi]
+      idf_P = np.repeat(idf[t_lo:t_hi], np.diff(indptr[t_lo:t_hi + 1]))
+      weights[lo:hi] = impacts(idf_P, tf[lo:hi], docs[lo:hi])
+    dense_DxN = np.zeros((len(dense_terms), n), np.float32)
+    for r, t in enumerate(dense_terms):
+      sl = slice(d_indptr[t], d_indptr[t + 1])
+      dense_DxN[r, d_docs[sl]] = impacts(idf[t], d_tf[sl], d_docs[sl])
+    return cls(vocab=builder.vocab, meta=meta, indptr_V1=indptr, docs_P=docs, weights_P=weights,
+               doc_lens_N=doc_lens, dense_terms_D=dense_terms, dense_DxN=dense_DxN,
+               dense_max_D=dense_DxN.max(axis=1, initial=-np.inf))
+
+  # ---- persistence ----
+
+  def _save_postings(self, out_dir: str):
+    for name in self._ARRAYS:
+      np.save(os.path.join(out_dir, f"{name}.npy"), np.asarray(getattr(self, name)))
+    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+      json.dump(list(self.vocab), f, ensure_ascii=False)  # dict order is term-id order
+    with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
+      json.dump({**self.meta, "has_store": self.store is not None}, f, indent=1)
+
+  def save(self, out_dir: str):
+    """Writes .npy arrays, vocab.json, meta.json and the document store (if any) into `out_dir`."""
+    os.makedirs(out_dir, exist_ok=True)
+    if self.store is not None:
+      self.store.save(out_dir)
+    self._save_postings(out_dir)
+
+  @classmethod
+  def load(cls, index_dir: str, mmap: bool = True) -> "BM25Index":
+    """Opens a saved index; with `mmap` the arrays stay on disk and pages are shared by processes."""
+    meta_path = os.path.join(index_dir, "meta.json")
+    if not os.path.exists(meta_path):
+      raise FileNotFoundError(f"{index_dir} is not a BM25 index ({meta_path} missing); "
+                              "build one with tools/build_index.py")
+    with open(meta_path, encoding="utf-8") as f:
+      meta = json.load(f)
+    if meta.get("format") != FORMAT:
+      raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    missing = [n for n in cls._ARRAYS if not os.path.exists(os.path.join(index_dir, f"{n}.npy"))]
+    if missing:
+      raise FileNotFoundError(f"{index_dir}: index arrays {missing} missing; rebuild the index")
+    arrays = {name: np.load(os.path.join(index_dir, f"{name}.npy"), mmap_mode="r" if mmap else None)
+              for name in cls._ARRAYS}
+    with open(os.path.join(index_dir, "vocab.json"), encoding="utf-8") as f:
+      vocab = {term: i for i, term in enumerate(json.load(f))}
+    store = data.DocStore.load(index_dir, mmap) if meta.pop("has_store") else None
+    return cls(vocab=vocab, meta=meta, store=store, **arrays)
+
+  # ---- scoring ----
+  # Term-at-a-time: a query's postings slices (terms in ascending id order) are concatenated and
+  # summed per doc with np.bincount in float64, then its dense-row terms are added in id order.
+  # Candidate path (no O(N) work): score only the docs hit by the query's sparse terms, gathering the
+  # dense-row terms at those docs. Any other doc holds only dense-row terms, so it scores at most
+  # bound = Σ count·max(row); if ≥ k candidates beat the bound, the top k is exact. Otherwise (or
+  # when the sparse postings are ≥ N/_DENSE_FRACTION, where sorting them costs more than O(N)) the
+  # query gets a dense N-row and a vectorized top-k. Both paths add the same numbers in the same
+  # order, so their scores are bit-identical.
+
+  def _term_counts(self, queries) -> list[list[tuple[int, int]]]:
+    """Per query: sorted (term id, count in query) over its known terms."""
+    if isinstance(queries, str):
+      raise TypeError("expected a list of queries, got a single str")
+    out = []
+    for query in queries:
+      tokens = tokenize(query) if isinstance(query, str) else query
+      counts = collections.Counter(self.vocab[t] for t in tokens if t in self.vocab)
+      out.append(sorted(counts.items()))
+    return out
+
+  def _sparse_slices(self, terms: list[tuple[int, int]]):
+    """(docs, weights·count) postings slices of the query's sparse (non-dense-row) terms."""
+    docs, weights = [np.zeros(0, np.int32)], [np.zeros(0)]
+    for t, count in terms:
+      if t not in self._dense_row:
+        lo, hi = int(self.indptr_V1[t]), int(self.indptr_V1[t + 1])
+        w = self.weights_P[lo:hi]
+        docs.append(self.docs_P[lo:hi])
+        # Repeated query terms count once per repeat (rank_bm25 loops over the query with repeats).
+        weights.append(w if count == 1 else w * np.float64(count))
+    return np.concatenate(docs), np.concatenate(weights)
+
+  def _add_dense_terms(self, terms, s_N: np.ndarray, docs=None) -> float:
+    """Adds the dense-row terms' scores (at `docs`, or all docs) into s_N; returns their max sum."""
+    bound = 0.0
+    for t, count in terms:
+      if t in self._dense_row:
+        r = self._dense_row[t]
+        w = self.dense_DxN[r] if docs is None else self.dense_DxN[r, docs]
+        s_N += w if count == 1 else w * np.float64(count)
+        bound += float(self.dense_max_D[r]) * count
+    return bound
+
+  def _dense(self, queries: list[list[tuple[int, int]]]) -> np.ndarray:
+    s_CxN = np.zeros((len(queries), self.num_docs))
+    for row, terms in zip(s_CxN, queries):
+      row[:] = np.bincount(*self._sparse_slices(terms), minlength=self.num_docs)
+      self._add_dense_terms(terms, row)
+    return s_CxN
+
+  def get_scores(self, query_tokens: Sequence[str]) -> np.ndarray:
+    """Dense float64 scores over all N documents for one tokenized query."""
+    return self._dense(self._term_counts([list(query_tokens)]))[0]
+
+  def _candidates_top_k(self, terms, k: int):
+    """Exact top-k from the sparse terms' hit docs, or None when that cannot be proven."""
+    sparse = [t for t, _ in terms if t not in self._dense_row]
+    touched = sum(int(self.indptr_V1[t + 1] - self.indptr_V1[t]) for t in sparse)
+    if not touched or touched * _DENSE_FRACTION >= self.num_docs:
+      return None
+    docs, weights = self._sparse_slices(terms)
+    hits, inverse = np.unique(docs, return_inverse=True)
+    sums = np.bincount(inverse, weights, minlength=len(hits))
+    if len(sparse) == len(terms):  # other docs score exactly 0 (sparse impacts are all > 0)
+      return _top_k(hits.astype(np.int64), sums, self.num_docs, k)
+    bound = self._add_dense_terms(terms, sums, hits)
+    above = sums > bound + 1e-9 * abs(bound)  # margin for float64 rounding of the bound's sum
+    if np.count_nonzero(above) < k:
+      return None
+    return _top_k(hits[above].astype(np.int64), sums[above], self.num_docs, k)
+
+  def search(self, queries: Sequence[str | Sequence[str]],
+             k: int = 3) -> list[list[tuple[int, float]]]:
+    """Top-k (doc index, score) per query, best first; ties and all-zero queries → lower index first.
+
+    Strings are tokenized with `tokenize`; lists are used as given. An empty query (or one with no
+    known term) returns docs 0..k-1 with score 0.
+    """
+    parsed = self._term_counts(queries)
+    if k < 1:
+      raise ValueError(f"k must be ≥ 1, got {k}")
+    k = min(k, self.num_docs)
+    out, dense = [], []
+    for i, terms in enumerate(parsed):
+      top = self._candidates_top_k(terms, k) if terms else (np.arange(k), np.zeros(k))
+      out.append(None if top is None else list(zip(top[0].tolist(), top[1].tolist())))
+      if top is None:
+        dense.append(i)
+    chunk = max(1, _DENSE_BUDGET // self.num_docs)
+    for lo in range(0, len(dense), chunk):
+      rows = dense[lo:lo + chunk]
+      ids_Cxk, scores_Cxk = _top_k_dense(self._dense([parsed[i] for i in rows]), k)
+      for i, ids, scores in zip(rows, ids_Cxk.tolist(), scores_Cxk.tolist()):
+        out[i] = list(zip(ids, scores))
+    return out
+
+  def retrieve(self, queries: Sequence[str | Sequence[str]], k: int = 3) -> list[list[Doc]]:
+    """Top-k documents per query (needs the document store)."""
+    if self.store is None:
+      raise ValueError("this index has no document store (built from tokens); use build() or "
+                       "tools/build_index.py to index a corpus with its text")
+    return [[Doc(i, *self.store.get(i), s) for i, s in hits] for hits in self.search(queries, k)]
+
+  def retrieve_text(self, queries: Sequence[str], k: int = 3) -> list[str]:
+    """Search-R1 passage text (`format_observation`) per query: what the rollout shows the model."""
+    return [format_observation(docs) for docs in self.retrieve(queries, k)]
