@@ -1,0 +1,271 @@
+"""Search-R1 multi-turn rollouts whose observations are appended into the live KV cache.
+
+Dims: B prompts, G group size, N = B·G rows (prompt-major: row n answers prompt n // G), P prompt
+tokens, R response tokens, T tokens of a fed block.
+
+Per turn (PAPER.md §D.3): every live row samples ≤ `max_turn_tokens` tokens, stopping at EOS or
+at the first `</search>` / `</answer>`; the turn's action is the first `<search>…</search>` or
+`<answer>…</answer>` span of its text. An answer ends the row; a search is answered with
+`\\n\\n<information>{top-k passages}</information>\\n\\n` (all searching rows in one retriever
+call); anything else gets the fixed correction message. Observations are tokenized with
+special-token parsing off, cut to `max_obs_tokens`, and fed with the row's pending token as one
+block at the row's own position: each token is prefilled exactly once. After `max_turns` such
+turns, rows still live get one final turn whose search is not executed.
+
+Training data are the sampled ids (`loss_mask` = 1) and the observation ids (`loss_mask` = 0),
+exactly what the model attended to. Deliberate differences from Search-R1 (which re-tokenizes
+decoded text): a turn ends at whichever closing tag comes first (Search-R1 generates on and cuts
+at `</search>` if present, else at `</answer>`); a sampled EOS ends the turn and is dropped from
+response and context (Search-R1's `skip_special_tokens` decode drops it too); a row whose prompt +
+response would pass `max_context` ends with `finish_reason="context"` (a KV cache cannot drop its
+oldest tokens the way Search-R1 left-truncates); `valid_searches` counts searches whose results
+entered the context (not the unexecuted final-turn search Search-R1 also counts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+import tqdm
+from flax import nnx
+
+from llds_jax import rewards
+from llds_jax import sampler as smp
+
+STOP_STRINGS = ("</search>", "</answer>")
+MIN_VIEW = 256  # cache slots a turn attends to are a power of two ≥ this (few compiled shapes)
+_ANSWER_SPAN = re.compile(rb"<answer>.*?</answer>", re.DOTALL)  # as rewards.extract_answer
+INVALID_ACTION = ("\nMy previous action is invalid. If I want to search, I should put the query "
+                  "between <search> and </search>. If I want to give the final answer, I should "
+                  "put the answer between <answer> and </answer>. Let me try again.\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """Search-R1 rollout settings (defaults: the official run's turn, token and context limits)."""
+
+  max_turns: int = 3  # executed actions; then one final turn without search execution
+  max_turn_tokens: int = 500  # sampled tokens per turn
+  max_obs_tokens: int = 500  # observation tokens per turn (right-truncated)
+  max_context: int = 4096  # prompt + response tokens per row
+  topk: int = 3  # passages per search
+  temperature: float = 1.0
+  top_p: float = 1.0  # paper 1.0; official yaml 0.95 (PAPER.md §F.8)
+  top_k: int = 0
+  cache_dtype: str | None = None  # e.g. "bfloat16"; None = model compute dtype
+
+
+@dataclasses.dataclass
+class Rollout:
+  """One batch of trajectories as host arrays, right-padded."""
+
+  prompt_ids: np.ndarray  # int32 [N, P]
+  prompt_len: np.ndarray  # int32 [N]
+  response_ids: np.ndarray  # int32 [N, R]: sampled and observation tokens, in context order
+  response_len: np.ndarray  # int32 [N]
+  loss_mask: np.ndarray  # float32 [N, R]: 1 exactly on model-sampled tokens
+  answer_mask: np.ndarray  # float32 [N, R]: 1 on sampled tokens of the last complete answer span
+  sample_logp: np.ndarray  # float32 [N, R]: sampler log-prob (temperature 1) if sampled, else 0
+  valid_searches: np.ndarray  # int32 [N]: searches whose results entered the context
+  turns: np.ndarray  # int32 [N]: generation turns
+  invalid_actions: np.ndarray  # int32 [N]: turns whose text held no complete search/answer action
+  finish_reason: np.ndarray  # str [N]: "answer" | "max_turns" | "context"
+  response_text: list[str]  # decoded response, special tokens kept
+  stats: dict[str, float]
+
+
+def encode_observations(tokenizer, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
+  """Observation ids with special-token parsing off (document text never becomes a control id)."""
+  if not texts:
+    return []
+  enc = tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)
+  return [[int(t) for t in ids[:max_tokens]] for ids in enc["input_ids"]]
+
+
+def information_block(passages: str) -> str:
+  """Search-R1 observation around the retrieved passages."""
+  return f"\n\n<information>{passages.strip()}</information>\n\n"
+
+
+def answer_span_mask(ids: Sequence[int], tok_bytes: Sequence[bytes]) -> np.ndarray:
+  """float32: 1 on tokens overlapping the last complete `<answer>…</answer>` (tags included).
+
+  The span `rewards.extract_answer` reads, found in O(T) on token bytes (special tokens are empty,
+  and never contain the tags) instead of by decoding token by token.
+  """
+  lens = np.array([len(tok_bytes[t]) for t in ids], np.int64)
+  ends = np.cumsum(lens)
+  spans = list(_ANSWER_SPAN.finditer(b"".join(tok_bytes[t] for t in ids)))
+  if not spans:
+    return np.zeros(len(ids), np.float32)
+  lo, hi = spans[-1].span()
+  return ((ends > lo) & (ends - lens < hi)).astype(np.float32)
+
+
+def _eos_ids(model, tokenizer) -> tuple[int, ...]:
+  ids = {tokenizer.eos_token_id}
+  cfg_eos = model.cfg.eos_token_id
+  ids.update(cfg_eos if isinstance(cfg_eos, tuple) else (cfg_eos,))
+  return tuple(sorted(int(i) for i in ids if i is not None))
+
+
+def _pad(rows: Sequence[Sequence], width: int, dtype) -> np.ndarray:
+  out = np.zeros((len(rows), width), dtype)
+  for n, r in enumerate(rows):
+    out[n, :len(r)] = r
+  return out
+
+
+def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, group_size: int = 1,
+            cfg: RolloutConfig = RolloutConfig(), seed: int = 0, mesh=None,
+            eos_ids: Sequence[int] | None = None, progress: bool = True) -> Rollout:
+  """Search-R1 episodes for every prompt × `group_size`; `retriever.retrieve_text(queries, k)`."""
+  prompt_rows = [[int(t) for t in p] for p in prompts for _ in range(group_size)]
+  if not prompt_rows or min(map(len, prompt_rows)) == 0:
+    raise ValueError("rollout: need at least one prompt and no empty prompt")
+  n_rows = len(prompt_rows)
+  longest = max(map(len, prompt_rows))
+  worst = (cfg.max_turns + 1) * cfg.max_turn_tokens + cfg.max_turns * cfg.max_obs_tokens
+  cap = min(cfg.max_context, longest + worst)  # tokens per row; also the cache slots
+  if longest >= cap:
+    raise ValueError(f"rollout: a prompt of {longest} tokens leaves no room under "
+                     f"max_context={cap}")
+  scfg = smp.SampleConfig(cfg.temperature, cfg.top_p, cfg.top_k,
+                          tuple(eos_ids) if eos_ids is not None else _eos_ids(model, tokenizer))
+  table_QxMxV = smp.put_replicated(
+      smp.cached_stop_table(tokenizer, STOP_STRINGS, model.cfg.vocab_size), mesh)
+  graphdef, params = nnx.split(model)
+  padded = smp.padded_rows(n_rows, mesh)
+  state = smp.init_state(model.cfg, padded, cap, cfg.max_turn_tokens, len(STOP_STRINGS), seed=seed,
+                         cache_dtype=cfg.cache_dtype, mesh=mesh)
+
+  # Host bookkeeping per row. `total` counts prompt + response tokens, the pending one included.
+  resp = [[] for _ in range(n_rows)]
+  mask = [[] for _ in range(n_rows)]
+  logp = [[] for _ in range(n_rows)]
+  block = [list(p) for p in prompt_rows]  # what the next feed writes into the row's cache
+  total = [len(p) for p in prompt_rows]
+  live = [True] * n_rows
+  finish = [""] * n_rows
+  turns = np.zeros(n_rows, np.int32)
+  searches = np.zeros(n_rows, np.int32)
+  invalid = np.zeros(n_rows, np.int32)
+  count = dict(obs_tokens=0, prefill=0, reprefill=0)
+  secs = dict(model=0.0, retrieval=0.0)
+
+  bar = tqdm.tqdm(range(cfg.max_turns + 1), desc="rollout turns", disable=not progress, leave=False)
+  for turn in bar:
+    final = turn == cfg.max_turns
+    limit_B = np.zeros(padded, np.int32)
+    for n in np.flatnonzero(live):
+      if cap - total[n] < 1:
+        live[n], finish[n] = False, "context"
+      else:
+        limit_B[n] = min(cfg.max_turn_tokens, cap - total[n])
+    rows = np.flatnonzero(live)
+    if not len(rows):
+      break
+    bar.set_postfix(live=len(rows))
+    width = smp.bucket(max(len(block[n]) for n in rows))
+    tokens_BxT = np.zeros((padded, width), np.int32)
+    len_B = np.zeros(padded, np.int32)
+    for n in rows:
+      tokens_BxT[n, :len(block[n])], len_B[n] = block[n], len(block[n])
+      count["prefill"] += len(block[n])
+      count["reprefill"] += total[n] if turn else len(block[n])  # re-prefilling every turn
+
+    # Attend to (and write) only the slots this turn can reach: cost follows the context, not `cap`.
+    need = max(total[n] + int(limit_B[n]) for n in rows)
+    view = min(cap, max(MIN_VIEW, 1 << (need - 1).bit_length()))
+    t0 = time.perf_counter()
+    put = functools.partial(smp.put_rows, mesh=mesh)
+    state = smp.feed(graphdef, params, state, put(tokens_BxT), put(len_B), put(limit_B),
+                     table_QxMxV, scfg, view)
+    state = smp.decode(graphdef, params, state, table_QxMxV, scfg, view)
+    toks_BxN, logp_BxN, num_B, stop_B = jax.device_get(
+        (state.tokens_BxN, state.logp_BxN, state.num_B, state.stop_B))
+    secs["model"] += time.perf_counter() - t0
+
+    # The segment's last token is pending (not in the cache): it opens the next block, unless it is
+    # an EOS, which is dropped from response and context alike.
+    eos_B = stop_B == smp.EOS
+    new_ids = [toks_BxN[n, :num_B[n] - eos_B[n]].tolist() for n in rows]
+    texts = tokenizer.batch_decode(new_ids, skip_special_tokens=True)
+    observations, queries, searching = {}, [], []
+    for n, ids, text in zip(rows, new_ids, texts):
+      turns[n] += 1
+      resp[n] += ids
+      mask[n] += [1.0] * len(ids)
+      logp[n] += logp_BxN[n, :len(ids)].tolist()
+      total[n] += len(ids)
+      block[n] = [] if eos_B[n] else ids[-1:]
+      kind, content = rewards.parse_action(text)
+      invalid[n] += kind is None
+      if kind == "answer" or final:
+        live[n], finish[n] = False, "answer" if kind == "answer" else "max_turns"
+      elif kind == "search":
+        queries.append(content)
+        searching.append(n)
+      else:
+        observations[n] = INVALID_ACTION
+    if queries:
+      t0 = time.perf_counter()
+      passages = retriever.retrieve_text(queries, cfg.topk)
+      secs["retrieval"] += time.perf_counter() - t0
+      for n, text in zip(searching, passages):
+        observations[n] = information_block(text)
+    obs_rows = sorted(observations)
+    obs_ids = encode_observations(tokenizer, [observations[n] for n in obs_rows],
+                                  cfg.max_obs_tokens)
+    for n, ids in zip(obs_rows, obs_ids):
+      if total[n] + len(ids) + 1 > cap:  # no room to answer after this observation
+        live[n], finish[n] = False, "context"
+        continue
+      resp[n] += ids
+      mask[n] += [0.0] * len(ids)
+      logp[n] += [0.0] * len(ids)
+      total[n] += len(ids)
+      block[n] += ids
+      count["obs_tokens"] += len(ids)
+      searches[n] += n in searching  # a search counts once its result is in the context
+  bar.close()
+
+  width = smp.bucket(max(map(len, resp)), minimum=8)
+  loss_mask = _pad(mask, width, np.float32)
+  tok_bytes = smp.cached_token_bytes(tokenizer, model.cfg.vocab_size)
+  answer_mask = _pad([answer_span_mask(r, tok_bytes) for r in resp], width, np.float32)
+  answer_mask *= loss_mask  # a span quoted inside a retrieved document is not the model's answer
+  generated = int(loss_mask.sum())
+  stats = {
+      "rollout/searches_per_traj": float(searches.mean()),
+      "rollout/invalid_action_rate": float(invalid.sum() / turns.sum()),
+      "rollout/turns": float(turns.mean()),
+      "rollout/answered": float(np.mean([f == "answer" for f in finish])),
+      "rollout/generated_tokens": generated,
+      "rollout/observation_tokens": count["obs_tokens"],
+      "rollout/tokens": generated + count["obs_tokens"],
+      "rollout/prefill_tokens": count["prefill"],
+      "rollout/reprefill_tokens": count["reprefill"],
+      "time/rollout_model_s": secs["model"],
+      "time/rollout_retrieval_s": secs["retrieval"],
+  }
+  return Rollout(
+      prompt_ids=_pad(prompt_rows, longest, np.int32),
+      prompt_len=np.array([len(p) for p in prompt_rows], np.int32),
+      response_ids=_pad(resp, width, np.int32),
+      response_len=np.array([len(r) for r in resp], np.int32),
+      loss_mask=loss_mask,
+      answer_mask=answer_mask,
+      sample_logp=_pad(logp, width, np.float32),
+      valid_searches=searches,
+      turns=turns,
+      invalid_actions=invalid,
+      finish_reason=np.array(finish),
+      response_text=[tokenizer.decode(r, skip_special_tokens=False) for r in resp],
+      stats=stats)

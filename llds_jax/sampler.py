@@ -1,0 +1,428 @@
+"""Batched sampling over a slot KV cache: a jitted block feed and a jitted `lax.while_loop` decoder.
+
+Dims: B rows, T tokens of a fed block, N tokens per segment, S cache slots, V vocab, Q stop
+strings, M stop-string automaton states (bytes of the longest stop string).
+
+Generation runs in *segments*. `feed` writes a right-padded block of new tokens into each row's
+cache at that row's next position (the prompt, or in the rollout the pending token plus an
+observation), then samples the segment's first token from the logits of the row's last block
+token. `decode` samples one token per step until every row has stopped: on an EOS id, on a token
+that completes a stop string, or at its per-row limit. The last sampled token of a segment is
+*pending*: it is not in the cache yet, so the next `feed` starts with it (or drops it, e.g. an EOS).
+A row with an empty block samples nothing in that segment; finished rows cost only masking. An
+optional static `view` limits both calls to the first `view` cache slots (sliced out, written back
+in place), so attention costs follow the context a segment can reach, not the cache capacity.
+
+Stop strings are matched exactly on bytes, incrementally, without decoding text: for every stop
+string a KMP automaton over bytes is run, on the host and once, through every token's byte string
+from every automaton state, giving a table `[Q, M, V]` of the next state (or -1: the stop string
+was completed inside this token). On device each step is one gather per row and stop string. A tag
+split over several tokens and a token that carries the tag plus more text (`">\\n\\n"`) are both
+exact; the whole completing token is kept. Special tokens count as empty text (as Search-R1's
+`skip_special_tokens=True` decode), and matching restarts at every segment.
+
+Sampling: temperature 0 is argmax (equal to `transformers` greedy). Otherwise logits / temperature,
+then top-k, then top-p (nucleus: keep the smallest top set whose mass reaches `top_p`). Row b's key
+for the token at position p is `fold_in(fold_in(key(seed), row_offset + b), p)`: rows differ, runs
+repeat, and neither depends on batch layout or sharding. The returned log-prob of a sampled token is
+the model's log-softmax at temperature 1 (before top-k/top-p), i.e. what the trainer recomputes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from llds_jax import sharding as shd
+from llds_jax.model import KVCache, ModelConfig, Transformer
+
+# Per-row stop reason of the current segment.
+RUNNING, EOS, STOP_STRING, LENGTH = 0, 1, 2, 3
+STOP_NAMES = ("running", "eos", "stop_string", "length")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  """Static sampling settings (hashable, so they are a jit static argument)."""
+
+  temperature: float = 0.0  # 0 = greedy
+  top_p: float = 1.0  # 1 = off
+  top_k: int = 0  # 0 = off
+  eos_ids: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+      raise ValueError(f"bad sampling settings {self}: need temperature ≥ 0, 0 < top_p ≤ 1, "
+                       "top_k ≥ 0")
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """Smallest of minimum·{1, 1.5, 2, 3, 4, ...} ≥ n: few compiled shapes, ≤ 50% padding."""
+  size = minimum
+  while size < n:
+    size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+  return size
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop strings: token byte strings and the per-token automaton table (host, NumPy).
+
+def _byte_decoder() -> dict[str, int]:
+  """Inverse of GPT-2's `bytes_to_unicode`: the printable character standing for each byte."""
+  keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+  chars, extra = {}, 0
+  for b in range(256):
+    if b in keep:
+      chars[chr(b)] = b
+    else:
+      chars[chr(256 + extra)] = b
+      extra += 1
+  return chars
+
+
+def token_bytes(tokenizer, vocab_size: int | None = None) -> list[bytes]:
+  """Bytes each token id adds to the decoded text (special tokens: none), padded to `vocab_size`.
+
+  Handles byte-level BPE (GPT-2/Qwen/Llama-3) and SentencePiece (`▁`, `<0xNN>` byte fallback).
+  """
+  n = len(tokenizer)
+  pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
+  added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
+  special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items()
+                                               if t.special}
+  dec = _byte_decoder()
+  byte_level = all(c in dec for i, p in enumerate(pieces) if i not in added and p for c in p)
+  out = []
+  for i, piece in enumerate(pieces):
+    if i in special or piece is None:
+      out.append(b"")
+    elif i in added:
+      out.append(added[i].encode())
+    elif byte_level:
+      out.append(bytes(dec[c] for c in piece))
+    elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+      out.append(bytes([int(piece[3:5], 16)]))
+    else:
+      out.append(piece.replace("\u2581", " ").encode())
+  vocab_size = n if vocab_size is None else vocab_size
+  return (out + [b""] * (vocab_size - n))[:vocab_size]
+
+
+def _kmp_dfa(pattern: bytes) -> np.ndarray:
+  """[m+1, 256] automaton: state j = the last j bytes are pattern[:j]; m is final (absorbing)."""
+  m = len(pattern)
+  dfa = np.zeros((m + 1, 256), np.int32)
+  dfa[0, pattern[0]] = 1
+  fallback = 0
+  for j in range(1, m):
+    dfa[j] = dfa[fallback]
+    dfa[j, pattern[j]] = j + 1
+    fallback = dfa[fallback, pattern[j]]
+  dfa[m] = m
+  return dfa
+
+
+def stop_table(tok_bytes: Sequence[bytes], stop_strings: Sequence[str]) -> np.ndarray:
+  """int8 [Q, M, V]: state after token v from state q of stop string s; -1 = completed."""
+  patterns = [s.encode() for s in stop_strings]
+  if any(not p for p in patterns):
+    raise ValueError("empty stop string")
+  M = max((len(p) for p in patterns), default=1)
+  if M > 127:
+    raise ValueError(f"stop strings longer than 127 bytes are not supported: {stop_strings}")
+  lens_V = np.array([len(b) for b in tok_bytes], np.int64)
+  # Tokens sorted by length, longest first: at byte i only a prefix of them is still running.
+  order_V = np.argsort(-lens_V, kind="stable")
+  width = int(lens_V.max(initial=1))
+  buf_VxL = np.zeros((len(tok_bytes), width), np.uint8)
+  for row, v in enumerate(order_V):
+    buf_VxL[row, :lens_V[v]] = np.frombuffer(tok_bytes[v], np.uint8)
+  running = [int((lens_V > i).sum()) for i in range(width)]
+  table = np.zeros((len(patterns), M, len(tok_bytes)), np.int8)
+  for s, pattern in enumerate(patterns):
+    dfa, m = _kmp_dfa(pattern), len(pattern)
+    for q in range(m):
+      state_V = np.full(len(tok_bytes), q, np.int32)
+      for i, n in enumerate(running):
+        state_V[:n] = dfa[state_V[:n], buf_VxL[:n, i]]
+      table[s, q, order_V] = np.where(state_V == m, -1, state_V)
+  return table
+
+
+def cached_token_bytes(tokenizer, vocab_size: int) -> tuple[bytes, ...]:
+  """`token_bytes`, computed once per tokenizer object and size (added tokens change the size)."""
+  return _token_bytes_cached(tokenizer, len(tokenizer), vocab_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _token_bytes_cached(tokenizer, _, vocab_size):
+  return tuple(token_bytes(tokenizer, vocab_size))
+
+
+def cached_stop_table(tokenizer, stop_strings: tuple[str, ...], vocab_size: int) -> np.ndarray:
+  """`stop_table` for a tokenizer, built once per (tokenizer, stop strings, vocab)."""
+  return _stop_table_cached(cached_token_bytes(tokenizer, vocab_size), tuple(stop_strings))
+
+
+@functools.lru_cache(maxsize=8)
+def _stop_table_cached(tok_bytes, stop_strings):
+  return stop_table(tok_bytes, stop_strings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device side: state, one block feed, the decode loop.
+
+@flax.struct.dataclass
+class SamplingState:
+  """Everything a row needs to continue generating; all leaves have the row as leading dim."""
+
+  cache: KVCache
+  tokens_BxN: jax.Array  # int32, tokens sampled in the current segment
+  logp_BxN: jax.Array  # float32, their log-probs at temperature 1
+  num_B: jax.Array  # int32, tokens sampled in the current segment
+  limit_B: jax.Array  # int32, most tokens this segment may sample
+  last_B: jax.Array  # int32, the pending token (sampled, not yet in the cache)
+  next_pos_B: jax.Array  # int32, the position the pending token takes when fed
+  done_B: jax.Array  # bool, stopped in this segment (or had nothing to do)
+  stop_B: jax.Array  # int32, RUNNING / EOS / STOP_STRING / LENGTH
+  match_BxQ: jax.Array  # int32, stop-string automaton states
+  key_B: jax.Array  # per-row PRNG keys
+
+
+def init_state(cfg: ModelConfig, batch: int, slots: int, segment: int, num_stops: int, *,
+               seed: int = 0, row_offset: int = 0, cache_dtype=None, mesh=None) -> SamplingState:
+  """An empty state, created directly in its row shards when `mesh` is given."""
+  make = _state_maker(cfg, batch, slots, segment, num_stops, cache_dtype, mesh)
+  return make(put_replicated(np.asarray([seed, row_offset], np.int32), mesh))
+
+
+@functools.lru_cache(maxsize=32)
+def _state_maker(cfg, batch, slots, segment, num_stops, cache_dtype, mesh):
+  """One jitted constructor per shape (a fresh closure per call would recompile every time)."""
+
+  def make(seed_and_offset):
+    rows_B = jnp.arange(batch, dtype=jnp.int32) + seed_and_offset[1]
+    key_B = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed_and_offset[0]), rows_B)
+    zeros_B = jnp.zeros((batch,), jnp.int32)
+    return SamplingState(
+        cache=KVCache.init(cfg, batch, slots, cache_dtype),
+        tokens_BxN=jnp.zeros((batch, segment), jnp.int32),
+        logp_BxN=jnp.zeros((batch, segment), jnp.float32),
+        num_B=zeros_B, limit_B=zeros_B, last_B=zeros_B, next_pos_B=zeros_B,
+        done_B=jnp.ones((batch,), bool), stop_B=zeros_B,
+        match_BxQ=jnp.zeros((batch, num_stops), jnp.int32), key_B=key_B)
+
+  shardings = None
+  if mesh is not None:
+    shapes = jax.eval_shape(make, jax.ShapeDtypeStruct((2,), jnp.int32))
+    shardings = jax.tree.map(lambda x: shd.batch_sharding(mesh, x.ndim), shapes)
+  return jax.jit(make, out_shardings=shardings)
+
+
+def forward_block(model: Transformer, cache: KVCache, tokens_BxT, len_B, start_B):
+  """Write each row's first `len_B` tokens at `start_B…`; logits of its last one, and the cache.
+
+  A decode step is the case T = 1. Rows with `len_B == 0` write nothing (their logits are junk).
+  """
+  ar_1xT = jnp.arange(tokens_BxT.shape[1], dtype=jnp.int32)[None]
+  pos_BxT, mask_BxT = start_B[:, None] + ar_1xT, ar_1xT < len_B[:, None]
+  h_BxTxD, cache = model.hidden(tokens_BxT, pos_BxT, mask_BxT, cache)
+  rows_B = jnp.arange(tokens_BxT.shape[0])
+  h_BxD = h_BxTxD[rows_B, jnp.maximum(len_B - 1, 0)]
+  return model.logits(h_BxD[:, None])[:, 0], cache
+
+
+def _sample(logits_BxV, key_B, pos_B, cfg: SampleConfig):
+  """Sampled ids and their temperature-1 log-probs."""
+  logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+  if cfg.temperature == 0:
+    tok_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  else:
+    x_BxV = logits_BxV / cfg.temperature
+    if cfg.top_k:
+      kth_Bx1 = lax.top_k(x_BxV, cfg.top_k)[0][:, -1:]
+      x_BxV = jnp.where(x_BxV < kth_Bx1, -jnp.inf, x_BxV)
+    if cfg.top_p < 1:
+      desc_BxV = -jnp.sort(-x_BxV, axis=-1)
+      p_BxV = jax.nn.softmax(desc_BxV, axis=-1)
+      # Keep a token iff the mass strictly above it is < top_p (HF TopPLogitsWarper's rule).
+      keep_BxV = jnp.cumsum(p_BxV, axis=-1) - p_BxV < cfg.top_p
+      cut_Bx1 = jnp.min(jnp.where(keep_BxV, desc_BxV, jnp.inf), axis=-1, keepdims=True)
+      x_BxV = jnp.where(x_BxV < cut_Bx1, -jnp.inf, x_BxV)
+    keys_B = jax.vmap(jax.random.fold_in)(key_B, pos_B)
+    tok_B = jax.vmap(jax.random.categorical)(keys_B, x_BxV).astype(jnp.int32)
+  return tok_B, logp_BxV[jnp.arange(tok_B.shape[0]), tok_B]
+
+
+def _record(state: SamplingState, tok_B, logp_B, active_B, table_QxMxV, cfg: SampleConfig):
+  """Append the sampled token of active rows and update their stop status."""
+  B, N = state.tokens_BxN.shape
+  rows_B = jnp.arange(B)
+  col_B = jnp.where(active_B, state.num_B, N)  # inactive rows write out of range: dropped
+  num_B = state.num_B + active_B
+  is_eos_B = jnp.zeros((B,), bool)
+  if cfg.eos_ids:
+    is_eos_B = (tok_B[:, None] == jnp.asarray(cfg.eos_ids, jnp.int32)[None]).any(-1)
+  match_BxQ, hit_B = state.match_BxQ, jnp.zeros((B,), bool)
+  if table_QxMxV.shape[0]:
+    q_1xQ = jnp.arange(table_QxMxV.shape[0])[None]
+    nxt_BxQ = table_QxMxV[q_1xQ, state.match_BxQ, tok_B[:, None]].astype(jnp.int32)
+    hit_B = (nxt_BxQ < 0).any(-1)
+    match_BxQ = jnp.where(active_B[:, None], jnp.maximum(nxt_BxQ, 0), state.match_BxQ)
+  reason_B = jnp.select([is_eos_B, hit_B, num_B >= state.limit_B], [EOS, STOP_STRING, LENGTH],
+                        RUNNING)
+  return state.replace(
+      tokens_BxN=state.tokens_BxN.at[rows_B, col_B].set(tok_B, mode="drop"),
+      logp_BxN=state.logp_BxN.at[rows_B, col_B].set(logp_B, mode="drop"),
+      num_B=num_B,
+      last_B=jnp.where(active_B, tok_B, state.last_B),
+      done_B=state.done_B | (active_B & (reason_B != RUNNING)),
+      stop_B=jnp.where(active_B, reason_B, state.stop_B),
+      match_BxQ=match_BxQ)
+
+
+def _narrow(cache: KVCache, view: int | None) -> KVCache:
+  """The first `view` slots: attention then costs O(view), not O(capacity)."""
+  if view is None or view >= cache.slots:
+    return cache
+  return KVCache(k=tuple(x[:, :view] for x in cache.k), v=tuple(x[:, :view] for x in cache.v),
+                 pos_BxS=cache.pos_BxS[:, :view], end_B=cache.end_B)
+
+
+def _widen(full: KVCache, part: KVCache) -> KVCache:
+  """Write a narrowed cache back into the full one (in place: the state is donated)."""
+  if part.slots == full.slots:
+    return part
+  put = lambda f, x: lax.dynamic_update_slice(f, x, (0,) * f.ndim)  # noqa: E731
+  return KVCache(k=tuple(map(put, full.k, part.k)), v=tuple(map(put, full.v, part.v)),
+                 pos_BxS=put(full.pos_BxS, part.pos_BxS), end_B=part.end_B)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "view"), donate_argnames=("state",))
+def feed(graphdef, params, state: SamplingState, tokens_BxT, len_B, limit_B, table_QxMxV,
+         cfg: SampleConfig, view: int | None = None) -> SamplingState:
+  """Append a block to the cache, open a segment of ≤ `limit_B` tokens, sample its first token.
+
+  Rows with `len_B == 0` or `limit_B == 0` sample nothing in this segment. With `view`, only the
+  first `view` slots are read or written: the caller ensures `end + len + limit ≤ view` per row.
+  """
+  model = nnx.merge(graphdef, params)
+  logits_BxV, part = forward_block(model, _narrow(state.cache, view), tokens_BxT, len_B,
+                                   state.next_pos_B)
+  next_pos_B = state.next_pos_B + len_B
+  active_B = (len_B > 0) & (limit_B > 0)
+  state = state.replace(
+      cache=_widen(state.cache, part), tokens_BxN=jnp.zeros_like(state.tokens_BxN),
+      logp_BxN=jnp.zeros_like(state.logp_BxN), num_B=jnp.zeros_like(state.num_B), limit_B=limit_B,
+      next_pos_B=next_pos_B, done_B=~active_B, stop_B=jnp.zeros_like(state.stop_B),
+      match_BxQ=jnp.zeros_like(state.match_BxQ))
+  tok_B, logp_B = _sample(logits_BxV, state.key_B, next_pos_B, cfg)
+  return _record(state, tok_B, logp_B, active_B, table_QxMxV, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "view"), donate_argnames=("state",))
+def decode(graphdef, params, state: SamplingState, table_QxMxV, cfg: SampleConfig,
+           view: int | None = None) -> SamplingState:
+  """Sample until every row of the segment has stopped (EOS, stop string or limit)."""
+  model = nnx.merge(graphdef, params)
+
+  def step(s: SamplingState) -> SamplingState:
+    active_B = ~s.done_B
+    logits_BxV, cache = forward_block(model, s.cache, s.last_B[:, None], active_B.astype(jnp.int32),
+                                      s.next_pos_B)
+    s = s.replace(cache=cache, next_pos_B=s.next_pos_B + active_B)
+    tok_B, logp_B = _sample(logits_BxV, s.key_B, s.next_pos_B, cfg)
+    return _record(s, tok_B, logp_B, active_B, table_QxMxV, cfg)
+
+  out = lax.while_loop(lambda s: jnp.any(~s.done_B), step,
+                       state.replace(cache=_narrow(state.cache, view)))
+  return out.replace(cache=_widen(state.cache, out.cache))
+
+
+def put_rows(x, mesh=None):
+  """Host array → device, rows sharded over the mesh's batch axes when a mesh is given."""
+  return jax.device_put(x, None if mesh is None else shd.batch_sharding(mesh, np.ndim(x)))
+
+
+def put_replicated(x, mesh=None):
+  return jax.device_put(x, None if mesh is None else shd.replicated(mesh))
+
+
+def padded_rows(n: int, mesh=None) -> int:
+  """Rows rounded up to a multiple of the mesh's batch shards (the extra rows stay idle)."""
+  shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  return -(-n // shards) * shards
+
+
+# ---------------------------------------------------------------------------------------------
+# Host API.
+
+@dataclasses.dataclass
+class Generation:
+  """New tokens of each row (through its stop token), their log-probs and why each row stopped."""
+
+  tokens: list[list[int]]
+  logprobs: list[list[float]]
+  stop_reason: list[str]
+
+
+def sample(model: Transformer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
+           temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+           stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = (), tokenizer=None,
+           seed: int = 0, mesh=None, cache_dtype=None) -> Generation:
+  """`generate` that also returns log-probs and stop reasons."""
+  prompts = [[int(t) for t in p] for p in prompt_ids]
+  if not prompts or min(map(len, prompts)) == 0:
+    raise ValueError("generate: need at least one prompt and no empty prompt")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+  if stop_strings and tokenizer is None:
+    raise ValueError("stop_strings need the tokenizer (to know each token's text)")
+  cfg = model.cfg
+  if stop_strings:
+    table = cached_stop_table(tokenizer, tuple(stop_strings), cfg.vocab_size)
+  else:
+    table = np.zeros((0, 1, cfg.vocab_size), np.int8)
+  scfg = SampleConfig(float(temperature), float(top_p), int(top_k),
+                      tuple(int(t) for t in stop_token_ids))
+  rows, width = padded_rows(len(prompts), mesh), bucket(max(map(len, prompts)))
+  tokens_BxT = np.zeros((rows, width), np.int32)
+  len_B = np.zeros((rows,), np.int32)
+  for b, p in enumerate(prompts):
+    tokens_BxT[b, :len(p)], len_B[b] = p, len(p)
+  limit_B = np.where(len_B > 0, max_new_tokens, 0).astype(np.int32)
+  graphdef, params = nnx.split(model)
+  state = init_state(cfg, rows, width + max_new_tokens, max_new_tokens, table.shape[0], seed=seed,
+                     cache_dtype=cache_dtype, mesh=mesh)
+  table_QxMxV = put_replicated(table, mesh)
+  state = feed(graphdef, params, state, put_rows(tokens_BxT, mesh), put_rows(len_B, mesh),
+               put_rows(limit_B, mesh), table_QxMxV, scfg)
+  state = decode(graphdef, params, state, table_QxMxV, scfg)
+  toks, logps, num, stop = jax.device_get(
+      (state.tokens_BxN, state.logp_BxN, state.num_B, state.stop_B))
+  n = range(len(prompts))
+  return Generation(tokens=[toks[b, :num[b]].tolist() for b in n],
+                    logprobs=[logps[b, :num[b]].tolist() for b in n],
+                    stop_reason=[STOP_NAMES[stop[b]] for b in n])
+
+
+def generate(model: Transformer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = (), tokenizer=None,
+             seed: int = 0, mesh=None, cache_dtype=None) -> list[list[int]]:
+  """New tokens per ragged prompt, through its stop token or the token completing a stop string.
+
+  `mesh` shards rows over (data, fsdp); `cache_dtype="bfloat16"` halves the cache.
+  """
+  return sample(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                top_p=top_p, top_k=top_k, stop_token_ids=stop_token_ids, stop_strings=stop_strings,
+                tokenizer=tokenizer, seed=seed, mesh=mesh, cache_dtype=cache_dtype).tokens
