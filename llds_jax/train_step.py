@@ -182,6 +182,9 @@ class Updater:
         in_shardings=(self.param_shardings, {k: self.batch_shardings[k] for k in lp_keys}),
         out_shardings=(row(2), row(2)), static_argnums=2)
     self.lp_keys = lp_keys
+    kl = bool(step_cfg.loss.kl_coef)
+    self._lld_stats = jax.jit(
+        lambda old, adv, mask, ref: losses.lld_stats(old, adv, mask, ref if kl else None))
     self._advance = jax.jit(lambda s: s.replace(step=s.step + 1),
                             out_shardings=self.state_shardings, donate_argnums=0)
     self._select = jax.jit(lambda b, rows: {k: v[rows] for k, v in b.items()},
@@ -211,13 +214,13 @@ def place_batch(batch: dict, shardings: dict) -> dict:
 
 def update_phase(updater: Updater, state: TrainState, batch: dict, ref_params, *,
                  minibatch: int, ppo_epochs: int = 1, shuffle_seed: int | None = None,
-                 progress: Callable | None = None) -> tuple[TrainState, list[dict]]:
+                 progress: Callable | None = None) -> tuple[TrainState, list[dict], dict]:
   """Fix old/ref log-probs on the whole rollout batch, then take the minibatch steps.
 
   `batch` holds this process's host rows for every key of BATCH_KEYS except old_logp/ref_logp.
   Minibatches are contiguous row blocks (official: no shuffle) unless `shuffle_seed` is given.
-  Returns the state with `step` advanced by one and the per-minibatch metrics (device scalars,
-  for the caller to fetch when it needs them, so dispatch never blocks).
+  Returns the state with `step` advanced by one, the per-minibatch metrics and whole-batch LLD
+  statistics (device scalars, for the caller to fetch when it needs them).
   """
   placed = place_batch({k: v for k, v in batch.items() if k in BATCH_KEYS}, updater.batch_shardings)
   n = placed["input_ids"].shape[0]
@@ -228,6 +231,10 @@ def update_phase(updater: Updater, state: TrainState, batch: dict, ref_params, *
     placed["ref_logp"], _ = updater.logprobs(ref_params, placed)
   else:
     placed["ref_logp"] = jnp.zeros_like(placed["old_logp"])
+  # LLD diagnostics over the whole rollout batch under π_old (per-minibatch means would be
+  # diluted by minibatches that hold no preserving / non-preserving rows).
+  batch_stats = updater._lld_stats(placed["old_logp"], placed["adv"], placed["loss_mask"],
+                                   placed["ref_logp"])
   metrics = []
   steps = [(e, i) for e in range(ppo_epochs) for i in range(n // minibatch)]
   for e, i in (progress(steps) if progress else steps):
@@ -237,4 +244,4 @@ def update_phase(updater: Updater, state: TrainState, batch: dict, ref_params, *
     rows = jnp.asarray(order[i * minibatch:(i + 1) * minibatch])
     state, m = updater.step(state, updater._select(placed, rows))
     metrics.append(m)
-  return updater._advance(state), metrics
+  return updater._advance(state), metrics, batch_stats

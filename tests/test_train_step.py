@@ -60,7 +60,7 @@ def test_sharded_equals_single_device():
   for shape in ({"data": 1, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
     up, state, ref = _updater(shape, llds_lambda=0.0)
     for step in range(3):
-      state, _ = update_phase(up, state, fake_batch(step), ref, minibatch=4)
+      state, _, _ = update_phase(up, state, fake_batch(step), ref, minibatch=4)
     results.append(_host(state.params))
   for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
     np.testing.assert_allclose(a, b, atol=1e-5)
@@ -72,7 +72,7 @@ def test_nonfinite_update_is_skipped_and_counted():
   batch = fake_batch()
   batch["adv"] = batch["adv"].copy()
   batch["adv"][0] = np.nan
-  state, metrics = update_phase(up, state, batch, ref, minibatch=8)
+  state, metrics, _ = update_phase(up, state, batch, ref, minibatch=8)
   after = _host(state)
   for a, b in zip(jax.tree.leaves((before.params, before.opt_state)),
                   jax.tree.leaves((after.params, after.opt_state))):
@@ -83,7 +83,7 @@ def test_nonfinite_update_is_skipped_and_counted():
 
 def test_llds_zero_on_first_minibatch_positive_later():
   up, state, ref = _updater({"data": 2, "fsdp": 1, "tensor": 1}, lr=3e-2, llds_lambda=0.2)
-  _, metrics = update_phase(up, state, fake_batch(), ref, minibatch=2)
+  _, metrics, _ = update_phase(up, state, fake_batch(), ref, minibatch=2)
   llds = [float(m["loss/llds"]) for m in metrics]
   assert abs(llds[0]) < 1e-7, llds
   assert max(llds[1:]) > 1e-4, llds
@@ -96,8 +96,8 @@ def test_warmup_starts_at_zero_lr():
   up = Updater(graphdef, jax.eval_shape(lambda: params), opt=_opt(1e-3, warmup=4), step_cfg=sc,
                mesh=mesh)
   state = up.init_state(params)
-  state, m0 = update_phase(up, state, fake_batch(), params, minibatch=8)
-  state, m1 = update_phase(up, state, fake_batch(1), params, minibatch=8)
+  state, m0, _ = update_phase(up, state, fake_batch(), params, minibatch=8)
+  state, m1, _ = update_phase(up, state, fake_batch(1), params, minibatch=8)
   assert float(m0[0]["lr"]) == 0.0 and float(m1[0]["lr"]) == pytest.approx(2.5e-4)
 
 
@@ -106,7 +106,7 @@ def test_updates_raise_likelihood_of_positive_responses():
   batch = fake_batch(3)
   start = None
   for _ in range(4):
-    state, metrics = update_phase(up, state, batch, ref, minibatch=8)
-    pos = float(metrics[0]["lld/preserving_logp"])
+    state, _, stats = update_phase(up, state, batch, ref, minibatch=8)
+    pos = float(stats["lld/preserving_logp"])
     start = pos if start is None else start
   assert pos > start + 0.1, (start, pos)

@@ -1,0 +1,98 @@
+"""GRPO + LLDS on Search-R1 (the paper's main setting): Qwen2.5-3B-Instruct, NQ+HotpotQA.
+
+  python -m llds_jax.main --config=configs/base.py --config.workdir=/tmp/run \
+      --config.model.path=/ckpts/Qwen2.5-3B-Instruct --config.data.train=/data/train.parquet \
+      --config.retriever.index=/data/wiki18_bm25
+
+Values follow the official LLDS script (PAPER.md §C); where paper and code differ the code's
+value is used and the paper's is noted. Variants import this file and change a few fields.
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.workdir = ""  # run directory: checkpoints, metrics.jsonl, TensorBoard events, config.json
+  c.seed = 0  # seeds init, data order and every rollout (step-folded) -> exact resume
+  c.total_steps = 1005  # training steps (rollout + update phase each)
+  c.resume = True  # continue from the newest valid checkpoint in workdir
+
+  c.model = ml_collections.ConfigDict()
+  c.model.path = ""  # HF directory (safetensors) or a .gguf file; "" = random init from `random`
+  c.model.tokenizer = ""  # HF tokenizer directory; "" = model.path (a GGUF carries its own)
+  c.model.dtype = "bfloat16"  # compute dtype of matmuls (softmax/norm/log-sum-exp stay float32)
+  c.model.param_dtype = "float32"  # master weights
+  c.model.remat = "full"  # none | full | dots: block rematerialization in the update
+  # Random-init architecture (used only when path == ""): HF config.json fields.
+  c.model.random = ml_collections.ConfigDict(dict(
+      architectures=["Qwen2ForCausalLM"], vocab_size=1000, hidden_size=64, intermediate_size=128,
+      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6,
+      tie_word_embeddings=True, max_position_embeddings=8192))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 = remaining devices
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train = ""  # Search-R1 parquet (comma-separated for several)
+  c.data.val = ""  # held-out parquet for periodic EM; "" = no validation
+  c.data.shuffle = True  # reshuffle each epoch (seeded)
+
+  c.retriever = ml_collections.ConfigDict()
+  c.retriever.index = ""  # BM25 index dir (tools/build_index.py); the paper used e5 + FAISS
+  c.retriever.topk = 3  # passages per search
+
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.prompts = 512  # prompts per training step (global)
+  c.rollout.group_size = 5  # responses per prompt (GRPO group)
+  c.rollout.max_turns = 3  # executed tool calls per trajectory (+1 final turn); eval uses 4
+  c.rollout.max_turn_tokens = 500  # sampled tokens per turn
+  c.rollout.max_obs_tokens = 500  # observation tokens per search
+  c.rollout.max_prompt_tokens = 2048  # longer prompts are an error (official: max_start_length)
+  c.rollout.max_context = 4096  # prompt + response tokens per row
+  c.rollout.temperature = 1.0
+  c.rollout.top_p = 0.95  # official yaml default (paper says 1.0)
+  c.rollout.top_k = 0  # 0 = off
+  c.rollout.cache_dtype = "bfloat16"  # KV cache storage
+
+  c.rl = ml_collections.ConfigDict()
+  c.rl.loss = "grpo"  # grpo (PPO-clip token ratio, Eq. 1) | gspo (sequence ratio)
+  c.rl.clip_low = 0.2
+  c.rl.clip_high = 0.2
+  c.rl.ratio_clamp = 100.0  # LLDS fork clamps the ratio at 100 before clipping; 0 = off
+  c.rl.agg = ""  # "" = official per loss | token-mean | seq-mean-token-mean
+  c.rl.kl_kind = "low_var_kl"  # k1 | k2 | k3 | low_var_kl, vs the frozen initial model
+  c.rl.kl_coef = 0.001
+  c.rl.entropy_coef = 0.001  # entropy bonus (on in the official run, not in the paper)
+  c.rl.llds_lambda = 0.2  # λ of Eq. 6 (0.3 for Qwen2.5-7B-Instruct); 0 = vanilla GRPO
+  c.rl.llds_gate = "action"  # action (Eq. 4) | response (Eq. 10) | token (Eq. 9)
+  c.rl.llds_norm = "token"  # token (official) | response (paper Eq. 4)
+  c.rl.mask_answer = False  # LLDS-MA (Eq. 5): weight β on answer tokens
+  c.rl.answer_weight = 0.2  # MASK_WEIGHT: fixed β = min(w, λ)/λ, or the adaptive base weight
+  c.rl.adaptive_beta = ""  # "" = fixed | code: min(w·max(V̄−1,0),λ)/λ | paper: min(V̄/2,1)
+  c.rl.ppo_epochs = 1
+  c.rl.minibatch_size = 256  # trajectories per optimizer step (10 steps per rollout batch)
+  c.rl.micro_batch_size = 64  # trajectories per gradient-accumulation micro-batch (global)
+  c.rl.shuffle_minibatches = False  # official: no shuffle
+  c.rl.logprob_chunk = 256  # tokens per chunk of the fused log-prob (bounds B×chunk×V memory)
+
+  c.opt = ml_collections.ConfigDict()
+  c.opt.lr = 1e-6
+  c.opt.warmup_steps = 286  # int(0.285 × 1005) training steps, linear from 0, then constant
+  c.opt.b1 = 0.9
+  c.opt.b2 = 0.999
+  c.opt.eps = 1e-8
+  c.opt.weight_decay = 0.01
+  c.opt.grad_clip = 1.0  # global norm
+
+  c.ckpt = ml_collections.ConfigDict()
+  c.ckpt.every = 50  # steps between checkpoints (the last step is always saved)
+  c.ckpt.keep = 3  # checkpoints kept
+  c.ckpt.async_save = True
+
+  c.log = ml_collections.ConfigDict()
+  c.log.eval_every = 50  # steps between validations (0 = never)
+  c.log.eval_max_turns = 4  # the paper's evaluation budget
+  c.log.eval_limit = 0  # validation questions (0 = all)
+  c.log.tensorboard = True
+  c.log.progress = True  # tqdm bars
+  return c

@@ -1,0 +1,41 @@
+"""Entry point: `python -m llds_jax.main --config=configs/tiny.py --config.workdir=DIR`.
+
+Intentionally short: parse flags, join the multi-host job if there is one, call `trainer.train`.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.",
+                                          lock_config=True)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", None, "Call jax.distributed.initialize() (default: when a TPU pod / cluster "
+    "environment is detected).")
+
+
+def main(argv):
+  del argv
+  import jax
+
+  # Orbax and absl log every checkpoint step at INFO; keep the console for progress bars.
+  logging.set_verbosity(logging.WARNING)
+
+  multi = _DISTRIBUTED.value
+  if multi is None:  # TPU pod slices and SLURM/MPI set these; one host needs no coordinator
+    multi = any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS",
+                                          "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")) and (
+        len(os.environ.get("TPU_WORKER_HOSTNAMES", "a,b").split(",")) > 1)
+  if multi:
+    jax.distributed.initialize()
+  logging.info("process %d/%d, %d devices", jax.process_index(), jax.process_count(),
+               jax.device_count())
+  from llds_jax import trainer
+
+  trainer.train(_CONFIG.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,233 @@
+"""The training loop: rollout with search → EM rewards → GRPO advantages → minibatch updates.
+
+Dims: B prompts per step, G group size, N = B·G rollout rows, P prompt and R response tokens.
+
+This is the only module with side effects (files, progress bars). Everything numeric happens in
+`rollout`, `losses` and `train_step`; the loop is a straight `for step` with `if step % every`
+blocks, in the style of nanodo / big_vision trainers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+
+from llds_jax import checkpoint, data, evaluation, hf_io, losses, metrics as mlib, rewards
+from llds_jax import sharding as shd
+from llds_jax.model import ModelConfig, Transformer
+from llds_jax.retriever import BM25Index
+from llds_jax.rollout import RolloutConfig, rollout
+from llds_jax.sampler import bucket
+from llds_jax.train_step import StepConfig, Updater, update_phase
+
+
+def validate(c) -> None:
+  """Fail loud, naming the offending field, before any expensive work."""
+  if not c.workdir:
+    raise ValueError("config.workdir is required (--config.workdir=DIR)")
+  rows = c.rollout.prompts * c.rollout.group_size
+  if c.rl.minibatch_size <= 0 or rows % c.rl.minibatch_size:
+    raise ValueError(f"config.rl.minibatch_size={c.rl.minibatch_size} must divide the rollout rows "
+                     f"rollout.prompts × group_size = {rows}")
+  if c.rl.micro_batch_size <= 0 or c.rl.minibatch_size % c.rl.micro_batch_size:
+    raise ValueError(f"config.rl.micro_batch_size={c.rl.micro_batch_size} must divide "
+                     f"rl.minibatch_size={c.rl.minibatch_size}")
+  for field, allowed in (("llds_gate", ("action", "response", "token")),
+                         ("llds_norm", ("token", "response")), ("loss", ("grpo", "gspo")),
+                         ("kl_kind", ("k1", "k2", "k3", "low_var_kl")),
+                         ("agg", ("", "token-mean", "seq-mean-token-mean")),
+                         ("adaptive_beta", ("", "code", "paper"))):
+    if c.rl[field] not in allowed:
+      raise ValueError(f"config.rl.{field}={c.rl[field]!r} not in {allowed}")
+  if c.rl.mask_answer and c.rl.llds_lambda <= 0:
+    raise ValueError("config.rl.mask_answer=True needs config.rl.llds_lambda > 0")
+  for field in ("data.train", "retriever.index") + (("data.val",) if c.data.val else ()):
+    section, key = field.split(".")
+    path = c[section][key]
+    for p in str(path).split(","):
+      if not p or not os.path.exists(p):
+        raise FileNotFoundError(f"config.{field}={path!r}: no such file or directory")
+  if c.model.path and not os.path.exists(c.model.path):
+    raise FileNotFoundError(f"config.model.path={c.model.path!r}: no such file or directory")
+  if not c.model.path and not c.model.tokenizer:
+    raise ValueError("config.model.tokenizer is required when config.model.path is empty")
+  mesh_devices = np.prod([v for v in c.mesh.values() if v != -1])
+  if jax.device_count() % mesh_devices:
+    raise ValueError(f"config.mesh={dict(c.mesh)} does not fit {jax.device_count()} devices")
+  data_shards = shd.make_mesh(dict(c.mesh)).shape
+  per_micro = c.rl.micro_batch_size
+  if per_micro % (data_shards["data"] * data_shards["fsdp"]):
+    raise ValueError(f"config.rl.micro_batch_size={per_micro} must be a multiple of the mesh's "
+                     f"data × fsdp = {data_shards['data'] * data_shards['fsdp']} row shards")
+
+
+def load_policy(c, mesh):
+  """(model, cfg, tokenizer): HF directory, GGUF file, or random init — placed on the mesh."""
+  from transformers import AutoTokenizer
+
+  # The loaders' `dtype` sets compute and storage dtype; `param_dtype` then overrides storage.
+  kw = dict(dtype=jnp.dtype(c.model.dtype), param_dtype=c.model.param_dtype, mesh=mesh,
+            remat=c.model.remat)
+  tokenizer = None
+  if c.model.path.endswith(".gguf"):
+    model, cfg, tokenizer = hf_io.load_gguf(c.model.path, **kw)
+  elif c.model.path:
+    model, cfg = hf_io.load_pretrained(c.model.path, **kw)
+  else:
+    cfg = ModelConfig.from_hf(c.model.random.to_dict(), param_dtype=c.model.param_dtype,
+                              dtype=c.model.dtype, remat=c.model.remat)
+    model = shd.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(c.seed)), mesh)
+  tok_path = c.model.tokenizer or (c.model.path if tokenizer is None else "")
+  if tok_path:
+    tokenizer = AutoTokenizer.from_pretrained(tok_path)
+  if len(tokenizer) > cfg.vocab_size:
+    raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model vocab is {cfg.vocab_size}")
+  return model, cfg, tokenizer
+
+
+def load_retriever(path: str) -> BM25Index:
+  """A saved index directory, or a corpus jsonl indexed in memory (small corpora only)."""
+  if path.endswith(".jsonl"):
+    return BM25Index.build(data.read_corpus(path))
+  return BM25Index.load(path)
+
+
+def rollout_config(c) -> RolloutConfig:
+  r = c.rollout
+  return RolloutConfig(max_turns=r.max_turns, max_turn_tokens=r.max_turn_tokens,
+                       max_obs_tokens=r.max_obs_tokens, max_context=r.max_context,
+                       topk=c.retriever.topk, temperature=r.temperature, top_p=r.top_p,
+                       top_k=r.top_k, cache_dtype=r.cache_dtype or None)
+
+
+def step_config(c) -> StepConfig:
+  rl = c.rl.to_dict()
+  rl["ratio_clamp"] = rl["ratio_clamp"] or None
+  rl["agg"] = rl["agg"] or None
+  return StepConfig(loss=losses.LossConfig.from_config(rl),
+                    num_micro=c.rl.minibatch_size // c.rl.micro_batch_size,
+                    chunk_size=c.rl.logprob_chunk, temperature=c.rollout.temperature or 1.0)
+
+
+def build_batch(ro, adv_N: np.ndarray, answer_weight_NxR: np.ndarray) -> dict:
+  """`[left-padded prompt | right-padded response]` rows; P and R bucketed to bound recompiles."""
+  n = len(adv_N)
+  P, R = bucket(int(ro.prompt_len.max())), bucket(max(int(ro.response_len.max()), 1))
+  ids = np.zeros((n, P + R), np.int32)
+  attn = np.zeros((n, P + R), np.int32)
+  for i in range(n):
+    p, r = int(ro.prompt_len[i]), int(ro.response_len[i])
+    ids[i, P - p:P], ids[i, P:P + r] = ro.prompt_ids[i, :p], ro.response_ids[i, :r]
+    attn[i, P - p:P + r] = 1
+  width = ro.response_ids.shape[1]
+  pad = lambda x: np.pad(x, ((0, 0), (0, R - width)))  # noqa: E731
+  return dict(input_ids=ids, attn_mask=attn, positions=np.maximum(np.cumsum(attn, 1) - 1, 0),
+              loss_mask=pad(ro.loss_mask).astype(np.float32), adv=adv_N.astype(np.float32),
+              answer_weight=pad(answer_weight_NxR).astype(np.float32))
+
+
+def answer_beta(c, mean_valid_searches: float) -> float:
+  """LLDS-MA β for this step (PAPER.md §B.4); 1.0 (no effect) when mask_answer is off."""
+  if not c.rl.mask_answer:
+    return 1.0
+  if not c.rl.adaptive_beta:
+    return losses.fixed_beta(c.rl.answer_weight, c.rl.llds_lambda)
+  return float(losses.adaptive_beta(mean_valid_searches, formula=c.rl.adaptive_beta,
+                                    base_weight=c.rl.answer_weight, lam=c.rl.llds_lambda))
+
+
+def train(c) -> list[dict]:
+  """Runs `c.total_steps` training steps in `c.workdir`; returns the metric records written."""
+  validate(c)
+  os.makedirs(c.workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(c.workdir, "config.json"), "w") as f:
+      f.write(c.to_json_best_effort(indent=2))
+  mesh = shd.make_mesh(dict(c.mesh))
+  model, cfg, tokenizer = load_policy(c, mesh)
+  graphdef, params = nnx.split(model)
+  ref_params = jax.tree.map(lambda x: x.copy(), params) if c.rl.kl_coef else None
+  retriever = load_retriever(c.retriever.index)
+  examples = data.load_examples(c.data.train.split(","))
+  # Each process rolls out its own share of every global batch.
+  nproc, pid = jax.process_count(), jax.process_index()
+  if c.rollout.prompts % nproc:
+    raise ValueError(f"config.rollout.prompts={c.rollout.prompts} must divide over {nproc} hosts")
+  it = data.PromptIterator(examples, c.rollout.prompts, seed=c.seed, shuffle=c.data.shuffle)
+  updater = Updater(graphdef, jax.eval_shape(lambda: params), opt=c.opt, step_cfg=step_config(c),
+                    mesh=mesh)
+  state = updater.init_state(params)
+  ckpt = checkpoint.Checkpointer(os.path.join(c.workdir, "checkpoints"), keep=c.ckpt.keep,
+                                 async_save=c.ckpt.async_save)
+  start = 0
+  if c.resume:
+    restored = ckpt.restore_latest(checkpoint.abstract_like(state, updater.state_shardings))
+    if restored is not None:
+      start, state, meta = restored
+      it.restore(meta["data"])
+      logging.info("resumed from step %d", start)
+  writer = mlib.MetricWriter(c.workdir, tensorboard=c.log.tensorboard,
+                             resume_step=start if c.resume else 0)
+  rcfg = rollout_config(c)
+  val = data.load_examples(c.data.val.split(",")) if c.data.val else []
+  if c.log.eval_limit:
+    val = val[:c.log.eval_limit]
+  records = []
+  bar = tqdm.tqdm(range(start, c.total_steps), desc="train", initial=start, total=c.total_steps,
+                  disable=not c.log.progress)
+  for step in bar:
+    t0 = time.perf_counter()
+    batch = next(it)[pid::nproc]
+    prompts = [data.encode_prompt(ex.messages, tokenizer) for ex in batch]
+    too_long = [len(p) for p in prompts if len(p) > c.rollout.max_prompt_tokens]
+    if too_long:
+      raise ValueError(f"step {step}: prompt of {too_long[0]} tokens exceeds "
+                       f"config.rollout.max_prompt_tokens={c.rollout.max_prompt_tokens}")
+    policy = nnx.merge(graphdef, state.params)
+    ro = rollout(policy, tokenizer, retriever, prompts, group_size=c.rollout.group_size, cfg=rcfg,
+                 seed=c.seed * 1_000_003 + step, mesh=mesh, progress=c.log.progress)
+    t_roll = time.perf_counter() - t0
+    rows, group_ids = data.repeat_groups(batch, c.rollout.group_size)
+    reward_N = np.array([rewards.exact_match(t, ex.golds) for t, ex in zip(ro.response_text, rows)],
+                        np.float32)
+    adv_N = np.asarray(losses.grpo_advantages(reward_N, group_ids))
+    beta = answer_beta(c, float(ro.valid_searches.mean()))
+    answer_w = np.where(ro.answer_mask > 0, beta, 1.0)
+    host_batch = build_batch(ro, adv_N, answer_w)
+    progress = (lambda s: tqdm.tqdm(s, desc="update", leave=False)) if c.log.progress else None
+    shuffle = c.seed * 7919 + step if c.rl.shuffle_minibatches else None
+    state, per_mb, batch_stats = update_phase(updater, state, host_batch, ref_params,
+                                 minibatch=c.rl.minibatch_size // nproc,
+                                 ppo_epochs=c.rl.ppo_epochs, shuffle_seed=shuffle,
+                                 progress=progress)
+    m = mlib.summarize_minibatches(per_mb)
+    m.update({k: float(v) for k, v in jax.device_get(batch_stats).items()})
+    m.update(ro.stats)
+    m.update({"reward/mean": float(reward_N.mean()), "reward/max_group_std": float(
+        max(np.std(reward_N[group_ids == g]) for g in np.unique(group_ids))),
+              "llds/answer_beta": beta, "time/rollout_s": t_roll,
+              "rollout/response_tokens_mean": float(ro.response_len.mean())})
+    done = step + 1
+    if done % c.ckpt.every == 0 or done == c.total_steps:
+      ckpt.save(done, state, {"data": it.state(), "step": done})
+    if val and c.log.eval_every and (done % c.log.eval_every == 0 or done == c.total_steps):
+      table, _ = evaluation.evaluate(
+          nnx.merge(graphdef, state.params), tokenizer, retriever, val,
+          rollout_cfg=evaluation.eval_rollout_config(rcfg, max_turns=c.log.eval_max_turns),
+          batch_size=max(c.rollout.prompts, 1), mesh=mesh, seed=c.seed, progress=c.log.progress)
+      m.update({f"val/{src}/{k}": v for src, row in table.items() for k, v in row.items()})
+    m["time/step_s"] = time.perf_counter() - t0
+    rec = writer.write(done, m)
+    records.append(rec)
+    bar.set_postfix(reward=f"{rec['reward/mean']:.3f}", llds=f"{rec['loss/llds']:.2e}")
+  ckpt.close()
+  writer.close()
+  return records
+
