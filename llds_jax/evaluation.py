@@ -1,0 +1,124 @@
+"""Exact-match evaluation of the search agent: the training rollout, greedy by default.
+
+Returns a per-`data_source` table (EM, F1, searches, invalid-action and answer rates) and the
+per-question records it was computed from, so any number in the table can be re-derived.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import tqdm
+
+from llds_jax import data, rewards
+from llds_jax.rollout import Rollout, RolloutConfig, rollout
+
+# Table columns: record field averaged per source, or (numerator, denominator) summed per source.
+COLUMNS = {"em": "em", "f1": "f1", "searches": "searches",
+           "invalid_action_rate": ("invalid_actions", "turns"), "answer_rate": "answered",
+           "turns": "turns"}  # invalid_action_rate: per turn, as the training metric
+
+
+def invalid_actions(ro: Rollout, tokenizer) -> np.ndarray:
+  """Per row, the turns whose text held neither a `<search>` nor an `<answer>` action.
+
+  The rollout counts these only in aggregate. Each turn's sampled tokens form one maximal run of
+  `loss_mask == 1` (turns are separated by a non-empty observation, or the row ends), so parsing
+  each run as the rollout does and subtracting the valid ones from `turns` gives the same count,
+  including turns that sampled nothing but EOS (no run at all).
+  """
+  out = np.zeros(len(ro.turns), np.int32)
+  for n in range(len(ro.turns)):
+    ids = ro.response_ids[n, :ro.response_len[n]]
+    sampled = ro.loss_mask[n, :ro.response_len[n]] > 0
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], sampled.astype(np.int8), [0]])))
+    valid = 0
+    for start, stop in zip(edges[::2], edges[1::2]):
+      text = tokenizer.decode(ids[start:stop].tolist(), skip_special_tokens=True)
+      valid += rewards.parse_action(text)[0] is not None
+    out[n] = max(int(ro.turns[n]) - valid, 0)
+  return out
+
+
+def evaluate(model, tokenizer, retriever, examples: Sequence[data.Example], *,
+             rollout_cfg: RolloutConfig, batch_size: int = 64, mesh=None, seed: int = 0,
+             progress: bool = True) -> tuple[dict[str, dict[str, float]], list[dict]]:
+  """(table, records): metrics per data source (plus "all") and one record per question."""
+  if batch_size <= 0:
+    raise ValueError(f"batch_size={batch_size} must be positive")
+  records = []
+  bar = tqdm.tqdm(total=len(examples), desc="evaluate", unit="q", disable=not progress)
+  for start in range(0, len(examples), batch_size):
+    chunk = list(examples[start:start + batch_size])
+    prompts = [data.encode_prompt(ex.messages, tokenizer) for ex in chunk]
+    ro = rollout(model, tokenizer, retriever, prompts, group_size=1, cfg=rollout_cfg,
+                 seed=seed + start, mesh=mesh, progress=progress)
+    invalid = invalid_actions(ro, tokenizer)
+    for i, ex in enumerate(chunk):
+      text = ro.response_text[i]
+      records.append({
+          "data_source": ex.data_source, "index": ex.index, "question": ex.question,
+          "golds": list(ex.golds), "response": text, "answer": rewards.extract_answer(text),
+          # Not `answer is not None`: like Search-R1's, the text scored by EM includes the
+          # invalid-action message, whose "<answer> and </answer>" extracts as "and".
+          "answered": bool(ro.finish_reason[i] == "answer"),
+          "em": rewards.exact_match(text, ex.golds), "f1": rewards.f1(text, ex.golds),
+          "searches": int(ro.valid_searches[i]), "turns": int(ro.turns[i]),
+          "invalid_actions": int(invalid[i]), "finish_reason": str(ro.finish_reason[i]),
+      })
+    bar.update(len(chunk))
+    em = np.mean([r["em"] for r in records])
+    bar.set_postfix(em=f"{em:.3f}")
+  bar.close()
+  return summarize(records), records
+
+
+def summarize(records: Sequence[dict]) -> dict[str, dict[str, float]]:
+  """The `COLUMNS` per data source (sorted) and over all questions ("all", last)."""
+  groups = collections.defaultdict(list)
+  for r in records:
+    groups[r["data_source"]].append(r)
+  ordered = [(s, groups[s]) for s in sorted(groups)] + [("all", list(records))]
+  table = {}
+  for source, rows in ordered:
+    row = {"n": len(rows)}
+    for col, field in COLUMNS.items():
+      if isinstance(field, tuple):
+        num, den = (sum(r[f] for r in rows) for f in field)
+        row[col] = float(num / max(den, 1))
+      else:
+        row[col] = float(np.mean([r[field] for r in rows]))
+    table[source] = row
+  return table
+
+
+def markdown_table(table: dict[str, dict[str, float]]) -> str:
+  """GitHub Markdown: one row per data source, EM/F1 and rates to three decimals."""
+  cols = ["n", *COLUMNS]
+  lines = ["| data_source | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+  for source, row in table.items():
+    cells = [str(row["n"])] + [f"{row[c]:.3f}" for c in cols[1:]]
+    lines.append(f"| {source} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def take_per_source(examples: Sequence[data.Example], limit: int) -> list[data.Example]:
+  """The first `limit` questions of every data source (all when `limit` is 0), in file order."""
+  if limit <= 0:
+    return list(examples)
+  seen = collections.Counter()
+  out = []
+  for ex in examples:
+    if seen[ex.data_source] < limit:
+      seen[ex.data_source] += 1
+      out.append(ex)
+  return out
+
+
+def eval_rollout_config(cfg: RolloutConfig, *, max_turns: int,
+                        greedy: bool = True) -> RolloutConfig:
+  """The paper's evaluation: same rollout, `max_turns` (4), greedy unless sampling is asked for."""
+  return dataclasses.replace(cfg, max_turns=max_turns, **({"temperature": 0.0} if greedy else {}))
