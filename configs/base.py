@@ -24,6 +24,13 @@ def get_config():
   c.model.dtype = "bfloat16"  # compute dtype of matmuls (softmax/norm/log-sum-exp stay float32)
   c.model.param_dtype = "float32"  # master weights
   c.model.remat = "full"  # none | full | dots: block rematerialization in the update
+  # Supervised format warm-up before RL (llds_jax/sft.py): steps of masked NLL on ideal
+  # search-then-answer trajectories built from the training questions; 0 = off (the paper
+  # starts RL from the released checkpoints). Deterministic, so a resumed run redoes it
+  # to rebuild the same reference model.
+  c.model.format_warmup_steps = 0
+  c.model.format_warmup_lr = 1e-3
+  c.model.format_warmup_batch = 16  # rows per warm-up step (a multiple of data × fsdp)
   # Random-init architecture (used only when path == ""): HF config.json fields.
   c.model.random = ml_collections.ConfigDict(dict(
       architectures=["Qwen2ForCausalLM"], vocab_size=1000, hidden_size=64, intermediate_size=128,

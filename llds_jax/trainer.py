@@ -19,7 +19,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from llds_jax import checkpoint, data, evaluation, hf_io, losses, metrics as mlib, rewards
+from llds_jax import checkpoint, data, evaluation, hf_io, losses, metrics as mlib, rewards, sft
 from llds_jax import sharding as shd
 from llds_jax.model import ModelConfig, Transformer
 from llds_jax.retriever import BM25Index
@@ -152,10 +152,18 @@ def train(c) -> list[dict]:
       f.write(c.to_json_best_effort(indent=2))
   mesh = shd.make_mesh(dict(c.mesh))
   model, cfg, tokenizer = load_policy(c, mesh)
-  graphdef, params = nnx.split(model)
-  ref_params = jax.tree.map(lambda x: x.copy(), params) if c.rl.kl_coef else None
   retriever = load_retriever(c.retriever.index)
   examples = data.load_examples(c.data.train.split(","))
+  if c.model.format_warmup_steps:
+    model, sft_losses = sft.format_warmup(
+        model, tokenizer, retriever, examples, steps=c.model.format_warmup_steps,
+        lr=c.model.format_warmup_lr, batch_size=c.model.format_warmup_batch, seed=c.seed,
+        mesh=mesh, topk=c.retriever.topk, max_obs_tokens=c.rollout.max_obs_tokens)
+    logging.warning("format warm-up: NLL %.3f -> %.3f over %d steps", sft_losses[0],
+                    sft_losses[-1], len(sft_losses))
+  graphdef, params = nnx.split(model)
+  # The frozen reference of the KL term is the policy RL starts from.
+  ref_params = jax.tree.map(lambda x: x.copy(), params) if c.rl.kl_coef else None
   # Each process rolls out its own share of every global batch.
   nproc, pid = jax.process_count(), jax.process_index()
   if c.rollout.prompts % nproc:

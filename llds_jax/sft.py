@@ -1,0 +1,163 @@
+"""Supervised format warm-up: teach a policy the Search-R1 action format before RL.
+
+Dims: N trajectories in the pool, B rows per step, P prompt and R response tokens.
+
+A random (or weak) policy almost never emits a well-formed `<search>…</search>` or
+`<answer>…</answer>`, so GRPO sees all-zero rewards and learns nothing. `format_warmup` builds
+ideal trajectories from QA examples,
+
+  <think> … </think>\\n<search> query </search>  + the real `<information>` observation
+  … (one block per planned search)
+  <think> … </think>\\n<answer> gold </answer>
+
+and fits them with masked next-token NLL. Every token is laid out exactly as `rollout` would
+produce it: the chat-templated prompt (`data.encode_prompt`), actions encoded as ordinary text
+(`loss_mask` 1), observations from the same retriever and `rollout.encode_observations` (special
+tokens not parsed, cut to `max_obs_tokens`, `loss_mask` 0), in the `[left-padded prompt |
+right-padded response]` layout of `trainer.build_batch`. So the warmed-up policy starts RL on
+exactly the inputs it was fitted on, and the loss is the trainer's own fused log-prob.
+
+A fraction `direct_frac` of trajectories answers without searching, so the policy also knows that
+action and RL has the search-or-answer choice to learn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from llds_jax import data, losses, rollout as rl, sharding as shd
+from llds_jax.sampler import bucket
+from llds_jax.train_step import response_logprobs
+
+SEARCH_THINK = "<think> I need to search for {query}. </think>\n<search> {query} </search>"
+ANSWER_THINK = "<think> The results give the answer. </think>\n<answer> {answer} </answer>"
+DIRECT_THINK = "<think> I know the answer. </think>\n<answer> {answer} </answer>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Trajectory:
+  """One ideal episode as token ids; `loss_mask` is 1 on action tokens, 0 on observations."""
+  prompt_ids: list[int]
+  response_ids: list[int]
+  loss_mask: list[float]
+
+
+def question_plan(example: data.Example) -> list[str]:
+  """Default plan: one search whose query is the question itself (any Search-R1 dataset)."""
+  if example.question:
+    return [example.question.strip()]
+  return [m["content"] for m in example.messages if m["role"] == "user"][-1:]
+
+
+def build_trajectory(tokenizer, retriever, example: data.Example, queries: Sequence[str], *,
+                     topk: int = 3, max_obs_tokens: int = 500) -> Trajectory:
+  """Searches `queries` in order (real observations), then answers with the first gold."""
+  prompt = data.encode_prompt(example.messages, tokenizer)
+  resp, mask = [], []
+
+  def act(text):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    resp.extend(ids)
+    mask.extend([1.0] * len(ids))
+
+  passages = retriever.retrieve_text(list(queries), topk) if queries else []
+  obs = rl.encode_observations(tokenizer, [rl.information_block(p) for p in passages],
+                               max_obs_tokens)
+  for query, obs_ids in zip(queries, obs):
+    act(SEARCH_THINK.format(query=query))
+    resp.extend(obs_ids)
+    mask.extend([0.0] * len(obs_ids))
+  act((ANSWER_THINK if queries else DIRECT_THINK).format(answer=example.golds[0]))
+  return Trajectory(prompt, resp, mask)
+
+
+def build_pool(tokenizer, retriever, examples: Sequence[data.Example], *,
+               plan: Callable[[data.Example], Sequence[str]] = question_plan,
+               direct_frac: float = 0.0, seed: int = 0, topk: int = 3,
+               max_obs_tokens: int = 500) -> dict[str, np.ndarray]:
+  """All trajectories as `[left-padded prompt | right-padded response]` host arrays."""
+  rng = np.random.default_rng(seed)
+  direct = rng.random(len(examples)) < direct_frac
+  trajs = [build_trajectory(tokenizer, retriever, ex, [] if d else plan(ex), topk=topk,
+                            max_obs_tokens=max_obs_tokens) for ex, d in zip(examples, direct)]
+  P = max(len(t.prompt_ids) for t in trajs)
+  R = max(len(t.response_ids) for t in trajs)
+  ids = np.zeros((len(trajs), P + R), np.int32)
+  attn = np.zeros_like(ids)
+  mask = np.zeros((len(trajs), R), np.float32)
+  for i, t in enumerate(trajs):
+    p, r = len(t.prompt_ids), len(t.response_ids)
+    ids[i, P - p:P], ids[i, P:P + r] = t.prompt_ids, t.response_ids
+    attn[i, P - p:P + r] = 1
+    mask[i, :r] = t.loss_mask
+  return dict(input_ids=ids, attn_mask=attn, positions=np.maximum(np.cumsum(attn, 1) - 1, 0),
+              loss_mask=mask, direct=direct)
+
+
+def _nll(params, graphdef, batch: dict, chunk_size: int):
+  logp_BxR, _ = response_logprobs(graphdef, params, batch, resp_len=batch["loss_mask"].shape[1],
+                                  chunk_size=chunk_size, with_entropy=False)
+  return -losses.masked_mean(logp_BxR, batch["loss_mask"])
+
+
+def _sft_step(params, opt_state, batch: dict, *, graphdef, tx, chunk_size: int):
+  loss, grads = jax.value_and_grad(_nll)(params, graphdef, batch, chunk_size)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, loss
+
+
+def format_warmup(model: nnx.Module, tokenizer, retriever, examples: Sequence[data.Example], *,
+                  steps: int = 300, lr: float = 1e-3, batch_size: int = 16, seed: int = 0,
+                  mesh=None, plan: Callable[[data.Example], Sequence[str]] = question_plan,
+                  direct_frac: float = 0.0, topk: int = 3, max_obs_tokens: int = 500,
+                  weight_decay: float = 0.0, chunk_size: int = 256) -> tuple[nnx.Module, np.ndarray]:
+  """AdamW on masked NLL of ideal trajectories; returns (trained model, per-step losses).
+
+  The lr warms up linearly over the first 10% of steps, then decays by cosine to lr/10. Batches
+  are drawn uniformly with replacement from the pool (seeded), so the result is reproducible.
+  """
+  if steps < 1 or not examples:
+    raise ValueError(f"format_warmup needs steps ≥ 1 and examples, got {steps}, {len(examples)}")
+  mesh = mesh if mesh is not None else shd.make_mesh()
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % shards:
+    raise ValueError(f"batch_size={batch_size} must be a multiple of the mesh's {shards} row shards")
+  pool = build_pool(tokenizer, retriever, examples, plan=plan, direct_frac=direct_frac, seed=seed,
+                    topk=topk, max_obs_tokens=max_obs_tokens)
+  keys = ("input_ids", "attn_mask", "positions", "loss_mask")
+  graphdef, params = nnx.split(model)
+  sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps, lr / 10)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=weight_decay))
+  p_sh = shd.state_shardings(jax.eval_shape(lambda: params), mesh)
+  rep = shd.replicated(mesh)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), p_sh,
+                                 transform_non_params=lambda _: rep)
+  b_sh = {k: shd.batch_sharding(mesh, 2) for k in keys}
+  init = jax.jit(tx.init, out_shardings=opt_sh)
+  step = jax.jit(lambda p, o, b: _sft_step(p, o, b, graphdef=graphdef, tx=tx,
+                                           chunk_size=chunk_size),
+                 in_shardings=(p_sh, opt_sh, b_sh), out_shardings=(p_sh, opt_sh, rep),
+                 donate_argnums=(0, 1))
+  # Training must not donate the caller's live buffers: start from a copy of the parameters.
+  params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=p_sh)(params)
+  opt_state = init(params)
+  rng = np.random.default_rng(seed)
+  n, P = pool["input_ids"].shape[0], pool["input_ids"].shape[1] - pool["loss_mask"].shape[1]
+  resp_len = pool["loss_mask"].shape[1] - np.argmax(pool["attn_mask"][:, ::-1] > 0, axis=1)
+  out = []
+  for _ in range(steps):
+    rows = rng.integers(0, n, batch_size)
+    # Responses are right-padded: cut the batch at a bucketed width (few compiled shapes).
+    R = min(bucket(int(resp_len[rows].max())), pool["loss_mask"].shape[1])
+    batch = {k: jax.device_put(pool[k][rows][:, :R if k == "loss_mask" else P + R], b_sh[k])
+             for k in keys}
+    params, opt_state, loss = step(params, opt_state, batch)
+    out.append(loss)  # device scalars: fetched once at the end, so dispatch never blocks
+  return nnx.merge(graphdef, params), np.asarray(jax.device_get(out), np.float32)
