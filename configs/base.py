@@ -102,4 +102,5 @@ def get_config():
   c.log.eval_limit = 0  # validation questions (0 = all)
   c.log.tensorboard = True
   c.log.progress = True  # tqdm bars
+  c.log.lld_patience = 5  # warn when preserving log-likelihood falls this many steps in a row
   return c

@@ -7,6 +7,7 @@ resumed run is the stream an uninterrupted run would have written.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 
@@ -85,3 +86,43 @@ def summarize_minibatches(per_step: list[dict]) -> dict:
   out["grad_norm_max"] = float(max(m["grad_norm"] for m in host))
   out["update/optimizer_steps"] = len(host)
   return out
+
+
+def repeat_fraction(response_ids_NxR: np.ndarray, loss_mask_NxR: np.ndarray) -> float:
+  """Share of sampled tokens equal to the sampled token before them (the "!!!!" collapse)."""
+  same = (response_ids_NxR[:, 1:] == response_ids_NxR[:, :-1])
+  both = (loss_mask_NxR[:, 1:] > 0) & (loss_mask_NxR[:, :-1] > 0)
+  return float((same & both).sum() / max(both.sum(), 1))
+
+
+class LLDMonitor:
+  """Warns when the preserving responses' log-likelihood falls `patience` steps in a row.
+
+  That sustained fall is the paper's phase II (PAPER.md §A.5), which precedes collapse while the
+  reward still rises; a high repeated-token fraction signals the degenerate outputs of phase III.
+  """
+
+  def __init__(self, patience: int = 5, repeat_threshold: float = 0.5):
+    self.patience, self.repeat_threshold = patience, repeat_threshold
+    self.last, self.falling = None, 0
+
+  def restore(self, records: list[dict]) -> None:
+    """Continues from the metric records of the steps already done (on resume)."""
+    if records and "lld/falling_steps" in records[-1]:
+      self.last = float(records[-1]["lld/preserving_logp"])
+      self.falling = int(records[-1]["lld/falling_steps"])
+
+  def update(self, step: int, preserving_logp: float, repeat_frac: float) -> dict:
+    if self.last is not None and np.isfinite(preserving_logp) and preserving_logp < self.last:
+      self.falling += 1
+    elif np.isfinite(preserving_logp):
+      self.falling = 0
+    self.last = preserving_logp if np.isfinite(preserving_logp) else self.last
+    if self.patience and self.falling == self.patience:
+      logging.warning("step %d: log-likelihood of preserving (A >= 0) responses fell %d steps in a "
+                      "row (now %.4f): lazy likelihood displacement; consider raising "
+                      "rl.llds_lambda", step, self.falling, preserving_logp)
+    if repeat_frac >= self.repeat_threshold:
+      logging.warning("step %d: %.0f%% of sampled tokens repeat the previous token: degenerate "
+                      "outputs", step, 100 * repeat_frac)
+    return {"lld/falling_steps": self.falling, "rollout/repeat_frac": repeat_frac}

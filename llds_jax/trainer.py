@@ -188,6 +188,9 @@ def train(c) -> list[dict]:
   if c.log.eval_limit:
     val = val[:c.log.eval_limit]
   records = []
+  monitor = mlib.LLDMonitor(patience=c.log.lld_patience)
+  if start and os.path.exists(writer.path):  # continue the streak an uninterrupted run would see
+    monitor.restore(mlib.read_metrics(writer.path))
   bar = tqdm.tqdm(range(start, c.total_steps), desc="train", initial=start, total=c.total_steps,
                   disable=not c.log.progress)
   for step in bar:
@@ -231,6 +234,8 @@ def train(c) -> list[dict]:
           rollout_cfg=evaluation.eval_rollout_config(rcfg, max_turns=c.log.eval_max_turns),
           batch_size=max(c.rollout.prompts, 1), mesh=mesh, seed=c.seed, progress=c.log.progress)
       m.update({f"val/{src}/{k}": v for src, row in table.items() for k, v in row.items()})
+    m.update(monitor.update(done, m["lld/preserving_logp"],
+                            mlib.repeat_fraction(ro.response_ids, ro.loss_mask)))
     m["time/step_s"] = time.perf_counter() - t0
     rec = writer.write(done, m)
     records.append(rec)

@@ -105,3 +105,21 @@ def test_bad_config_names_the_field(override, field, tmp_path):
   c[section][name] = type(c[section][name])(value)
   with pytest.raises((ValueError, FileNotFoundError), match=field):
     trainer.validate(c)
+
+
+def test_lld_monitor_warns_on_sustained_fall_and_degeneration(caplog):
+  import numpy as np
+  mon = mlib.LLDMonitor(patience=3, repeat_threshold=0.5)
+  with caplog.at_level("WARNING"):
+    out = [mon.update(s, lp, 0.0) for s, lp in enumerate([-1.0, -1.1, -1.2, -1.1, -1.3, -1.4, -1.5])]
+  assert [o["lld/falling_steps"] for o in out] == [0, 1, 2, 0, 1, 2, 3]
+  assert sum("fell 3 steps in a row" in r.message for r in caplog.records) == 1
+  resumed = mlib.LLDMonitor(patience=3)
+  resumed.restore([{"lld/preserving_logp": -1.5, "lld/falling_steps": 3}])
+  assert resumed.update(7, -1.6, 0.0)["lld/falling_steps"] == 4
+  ids = np.array([[5, 5, 5, 5, 7, 9], [1, 2, 3, 4, 5, 6]])
+  mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+  assert mlib.repeat_fraction(ids, mask) == 3 / 8
+  with caplog.at_level("WARNING"):
+    mon.update(8, -1.0, 0.75)
+  assert any("degenerate" in r.message for r in caplog.records)
