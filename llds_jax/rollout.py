@@ -132,7 +132,8 @@ def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, gr
   n_rows = len(prompt_rows)
   longest = max(map(len, prompt_rows))
   worst = (cfg.max_turns + 1) * cfg.max_turn_tokens + cfg.max_turns * cfg.max_obs_tokens
-  cap = min(cfg.max_context, longest + worst)  # tokens per row; also the cache slots
+  # Bucketed, so a new longest prompt does not recompile the sampler each step.
+  cap = min(cfg.max_context, smp.bucket(longest) + worst)  # tokens per row; also cache slots
   if longest >= cap:
     raise ValueError(f"rollout: a prompt of {longest} tokens leaves no room under "
                      f"max_context={cap}")
