@@ -117,7 +117,8 @@ def format_warmup(model: nnx.Module, tokenizer, retriever, examples: Sequence[da
                   steps: int = 300, lr: float = 1e-3, batch_size: int = 16, seed: int = 0,
                   mesh=None, plan: Callable[[data.Example], Sequence[str]] = question_plan,
                   direct_frac: float = 0.0, topk: int = 3, max_obs_tokens: int = 500,
-                  weight_decay: float = 0.0, chunk_size: int = 256) -> tuple[nnx.Module, np.ndarray]:
+                  weight_decay: float = 0.0,
+                  chunk_size: int = 256) -> tuple[nnx.Module, np.ndarray]:
   """AdamW on masked NLL of ideal trajectories; returns (trained model, per-step losses).
 
   The lr warms up linearly over the first 10% of steps, then decays by cosine to lr/10. Batches
@@ -128,7 +129,8 @@ def format_warmup(model: nnx.Module, tokenizer, retriever, examples: Sequence[da
   mesh = mesh if mesh is not None else shd.make_mesh()
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % shards:
-    raise ValueError(f"batch_size={batch_size} must be a multiple of the mesh's {shards} row shards")
+    raise ValueError(f"batch_size={batch_size} must be a multiple of the mesh's {shards} row "
+                     "shards")
   pool = build_pool(tokenizer, retriever, examples, plan=plan, direct_frac=direct_frac, seed=seed,
                     topk=topk, max_obs_tokens=max_obs_tokens)
   keys = ("input_ids", "attn_mask", "positions", "loss_mask")

@@ -1,0 +1,116 @@
+"""LLD testbed: the synthetic world, the warm-up's token layout and fit, the smoke pipeline."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import lld_experiment as lx  # noqa: E402
+from llds_jax import data, metrics as mlib, rewards, rollout as rl, sft  # noqa: E402
+from llds_jax import sharding as shd, trainer  # noqa: E402
+from llds_jax.model import ModelConfig, Transformer  # noqa: E402
+
+SMOKE_KEYS = ("reward/mean", "lld/preserving_logp", "lld/nonpreserving_logp", "entropy",
+              "grad_norm", "grad_norm_max", "llds/active_frac", "loss/llds", "loss/llds_last",
+              "rollout/searches_per_traj", "rollout/answered")
+
+
+@pytest.fixture(scope="module")
+def testbed(tmp_path_factory):
+  """A small testbed (corpus, tokenizer, parquets) and its loaded pieces."""
+  from transformers import AutoTokenizer
+  out = str(tmp_path_factory.mktemp("testbed"))
+  a = lx.parse_args(["--smoke"])
+  lx.build_testbed(out, a)
+  tok = AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
+  return dict(dir=out, tok=tok, retriever=trainer.load_retriever(os.path.join(out, "corpus.jsonl")),
+              examples=data.load_examples(os.path.join(out, "warmup.parquet")))
+
+
+def test_world_answers_are_only_in_the_right_document():
+  people, docs = lx.make_world(seed=3, n_people=60)
+  qs = lx.make_questions(people, two_hop_frac=0.5, seed=3)
+  assert len({p["name"] for p in people}) == 60
+  assert len(qs) == 60 * len(lx.QUESTIONS) + 30
+  assert len({q.key for q in qs}) == len(qs)
+  from llds_jax.retriever import BM25Index
+  index = BM25Index.build(docs)
+  for q in qs[:80]:
+    # The ideal queries retrieve, top-ranked, the documents that hold each hop's fact ...
+    hops = [index.retrieve([query], 3)[0] for query in q.queries]
+    for query, docs_k in zip(q.queries, hops):
+      assert docs_k[0].title == f'"{query.rsplit(" ", 1)[0]}"', (query, docs_k[0].title)
+    assert q.gold in hops[-1][0].contents
+    # ... and the question alone never names the answer.
+    assert q.gold not in q.text
+
+
+def test_trajectory_tokens_match_what_the_rollout_feeds(testbed):
+  tok, ret = testbed["tok"], testbed["retriever"]
+  import pyarrow.parquet as pq
+  rows = pq.read_table(os.path.join(testbed["dir"], "warmup.parquet")).to_pylist()
+  ex = testbed["examples"][0]
+  queries = [rows[0]["extra_info"]["queries"][0], rows[1]["extra_info"]["queries"][0]]
+  t = sft.build_trajectory(tok, ret, ex, queries, topk=3, max_obs_tokens=400)
+  assert t.prompt_ids == data.encode_prompt(ex.messages, tok)
+  ids, mask = np.array(t.response_ids), np.array(t.loss_mask)
+  # Contiguous runs: action, observation, action, observation, action.
+  edges = np.flatnonzero(np.diff(mask)) + 1
+  runs = np.split(np.arange(len(ids)), edges)
+  assert [mask[r[0]] for r in runs] == [1, 0, 1, 0, 1]
+  passages = ret.retrieve_text(queries, 3)
+  for run, text in zip(runs[1::2], passages):
+    assert ids[run].tolist() == rl.encode_observations(tok, [rl.information_block(text)], 400)[0]
+  actions = [tok.decode(ids[r].tolist()) for r in runs[0::2]]
+  assert actions[:2] == [sft.SEARCH_THINK.format(query=q) for q in queries]
+  assert rewards.parse_action(actions[0]) == ("search", queries[0])
+  full = tok.decode(ids.tolist(), skip_special_tokens=False)
+  assert rewards.exact_match(full, ex.golds) == 1.0
+  direct = sft.build_trajectory(tok, ret, ex, [], topk=3)
+  assert min(direct.loss_mask) == 1.0
+  assert rewards.parse_action(tok.decode(direct.response_ids))[0] == "answer"
+
+
+def test_format_warmup_fits_the_pool(testbed):
+  tok = testbed["tok"]
+  cfg = ModelConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=8, rope_theta=1e4, dtype="float32",
+                    param_dtype="float32")
+  mesh = shd.make_mesh()
+  model = shd.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+  embed = lambda m: np.array(nnx.split(m)[1]["embed"][...])  # noqa: E731
+  before = embed(model)
+  examples = testbed["examples"][:8]
+  trained, losses = sft.format_warmup(model, tok, testbed["retriever"], examples, steps=40, lr=1e-2,
+                                      batch_size=8, seed=0, mesh=mesh, max_obs_tokens=64,
+                                      chunk_size=64)
+  assert losses.shape == (40,) and np.all(np.isfinite(losses))
+  assert losses[-5:].mean() < 0.5 * losses[:3].mean()
+  # The caller's model is untouched (its buffers were not donated) and the result differs.
+  np.testing.assert_array_equal(embed(model), before)
+  assert not np.allclose(embed(trained), before)
+  with pytest.raises(ValueError, match="batch_size"):
+    sft.format_warmup(model, tok, testbed["retriever"], examples, steps=1, batch_size=3, mesh=mesh)
+
+
+def test_smoke_experiment_writes_both_arms_and_the_figure(tmp_path):
+  workdirs = lx.main(["--smoke", f"--outdir={tmp_path}", "--arms=grpo,llds_action"])
+  assert set(workdirs) == {"grpo", "llds_action"}
+  assert os.path.exists(tmp_path / "testbed" / "warm_model" / "model.safetensors")
+  recs = {arm: mlib.read_metrics(os.path.join(wd, "metrics.jsonl")) for arm, wd in workdirs.items()}
+  for arm, rs in recs.items():
+    assert [r["step"] for r in rs] == [1, 2], arm
+    for key in SMOKE_KEYS:
+      assert all(np.isfinite(float(r[key])) for r in rs), (arm, key)
+  assert all(r["loss/llds"] == 0.0 for r in recs["grpo"])
+  assert max(r["loss/llds_last"] for r in recs["llds_action"]) > 0  # acts after minibatch 1
+  # Matched seeds: both arms start from the same rollout batch.
+  assert recs["grpo"][0]["rollout/tokens"] == recs["llds_action"][0]["rollout/tokens"]
+  assert "| llds_action | 2 |" in (tmp_path / "summary.md").read_text()
+  png = tmp_path / "lld_comparison.png"
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

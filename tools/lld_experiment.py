@@ -1,0 +1,350 @@
+"""Lazy likelihood displacement on a CPU-scale testbed: GRPO vs GRPO + LLDS, matched seeds.
+
+  nice -n 15 python tools/lld_experiment.py --outdir=/tmp/lld_hi   # warm-up + 4 arms, 25-45 min
+  python tools/lld_experiment.py --outdir=/tmp/lld_smoke --smoke  # plumbing, ~1 min
+
+Stages (each skipped when its output already exists, so arms can be added to a finished run):
+1. testbed/: a seeded knowledge base of fictional people (one Search-R1 corpus document each),
+   single- and two-hop questions whose answers are only in the documents, a byte-level BPE
+   tokenizer trained on that text (small vocab → tiny embedding, short sequences), and the
+   question split: warm-up questions and RL questions never share a (person, attribute) pair.
+2. testbed/warm_model/: a random Qwen2-shaped policy after `sft.format_warmup` on ideal
+   trajectories of the warm-up questions, saved as a HF dir with the tokenizer.
+3. <arm>/: `trainer.train` from that policy with configs/lld_testbed.py and the arm's LLDS
+   settings; every arm uses the same seed, so step 1's rollout batch is identical across arms.
+4. lld_comparison.png: reward, preserving-response log-likelihood, entropy, grad norm, LLDS
+   activity and searches per arm over steps; summary.md: first/last-window means per arm.
+Settings and observed numbers: docs/lld-testbed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from configs import lld_testbed  # noqa: E402
+from llds_jax import data  # noqa: E402
+
+ARMS = {  # name -> rl overrides
+    "grpo": dict(llds_lambda=0.0),
+    "llds_action": dict(llds_lambda=0.2, llds_gate="action"),
+    "llds_response": dict(llds_lambda=0.2, llds_gate="response"),
+    "llds_token": dict(llds_lambda=0.2, llds_gate="token"),
+}
+COLORS = {"grpo": "tab:blue", "llds_action": "tab:red", "llds_response": "tab:green",
+          "llds_token": "tab:purple"}
+SYLLABLES = ("zor", "bel", "vant", "kir", "mol", "tan", "rix", "del", "sha", "vor", "lum", "pek",
+             "tis", "gar", "nol", "fen", "dra", "qui", "mar", "bo")
+CITIES = ("Lima", "Oslo", "Cairo", "Quito", "Dakar", "Hanoi", "Perth", "Riga", "Tunis", "Bern",
+          "Accra", "Sofia")
+JOBS = ("baker", "pilot", "tailor", "farmer", "nurse", "judge", "miner", "potter", "sailor",
+        "chemist", "painter", "glazier")
+INSTRUMENTS = ("harp", "violin", "flute", "drums", "cello", "banjo", "oboe", "tuba", "lute",
+               "piano")
+# attribute -> (question, search query); the answer sits in the person's document only.
+QUESTIONS = {
+    "city": ("Where was {name} born?", "{name} born"),
+    "job": ("What is the job of {name}?", "{name} job"),
+    "instrument": ("Which instrument does {name} play?", "{name} instrument"),
+    "mentor": ("Who is the mentor of {name}?", "{name} mentor"),
+}
+TWO_HOP = "Where was the mentor of {name} born?"
+SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+                 r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")  # Qwen2's pre-tokenizer split
+# Short stand-ins for Search-R1's 110-word prompt and Qwen's default system prompt: the policy is
+# random before the warm-up, so the long instructions carry nothing for it and would be ~75% of
+# every row's tokens. Same tags, same chat framing.
+PROMPT = ("Answer the question. Search with <search> query </search> to get results in "
+          "<information> and </information>. Answer with <answer> and </answer>. "
+          "Question: {question}\n")
+CHAT_TEMPLATE = (  # ChatML as Qwen2.5 renders it, without the default system turn
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+  text: str
+  gold: str
+  queries: tuple[str, ...]  # the ideal searches, in order
+  key: tuple[str, str]  # (person, attribute): warm-up and RL never share one
+
+
+def make_world(seed: int, n_people: int) -> tuple[list[dict], list[tuple[str, str]]]:
+  """People with shared first/last names (BM25 distractors) and their corpus documents."""
+  rng = np.random.default_rng(seed)
+  first = sorted({(a + b).capitalize() for a in SYLLABLES for b in SYLLABLES if a != b})
+  last = sorted({(a + b).capitalize() for a in SYLLABLES[::2] for b in SYLLABLES[1::2]})
+  first = list(rng.choice(first, 16, replace=False))
+  last = list(rng.choice(last, 16, replace=False))
+  pairs = rng.choice(len(first) * len(last), n_people, replace=False)
+  names = [f"{first[p // len(last)]} {last[p % len(last)]}" for p in pairs]
+  people = []
+  for i, name in enumerate(names):
+    people.append(dict(name=name, city=str(rng.choice(CITIES)), job=str(rng.choice(JOBS)),
+                       instrument=str(rng.choice(INSTRUMENTS)),
+                       mentor=names[(i + 1 + rng.integers(n_people - 1)) % n_people]))
+  docs = []
+  for i, p in enumerate(people):
+    n = p["name"]
+    text = (f"{n} was born in {p['city']}, works as a {p['job']}, plays the {p['instrument']} "
+            f"and has the mentor {p['mentor']}.")
+    docs.append((str(i), f'"{n}"\n{text}'))
+  return people, docs
+
+
+def make_questions(people: list[dict], two_hop_frac: float, seed: int) -> list[Question]:
+  """Every (person, attribute) single-hop question plus a share of two-hop ones, shuffled."""
+  by_name = {p["name"]: p for p in people}
+  qs = []
+  for p in people:
+    for attr, (q, query) in QUESTIONS.items():
+      qs.append(Question(q.format(name=p["name"]), p[attr], (query.format(name=p["name"]),),
+                         (p["name"], attr)))
+  rng = np.random.default_rng(seed)
+  for p in rng.permutation(people)[:int(two_hop_frac * len(people))]:
+    m = by_name[p["mentor"]]
+    qs.append(Question(TWO_HOP.format(name=p["name"]), m["city"],
+                       (f"{p['name']} mentor", f"{m['name']} born"), (p["name"], "mentor_city")))
+  return [qs[i] for i in rng.permutation(len(qs))]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+  """Byte-level BPE with Qwen's split, specials and chat template, fitted on the testbed text."""
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+  from tokenizers import trainers
+  from transformers import PreTrainedTokenizerFast
+
+  tok = Tokenizer(models.BPE())
+  tok.normalizer = normalizers.NFC()
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(texts, trainers.BpeTrainer(
+      vocab_size=vocab_size - len(SPECIALS), min_frequency=2, show_progress=False,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+  hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>", clean_up_tokenization_spaces=False)
+  hf.chat_template = CHAT_TEMPLATE
+  return hf
+
+
+def write_parquet(questions: list[Question], split: str, path: str):
+  """Search-R1 parquet rows (DESIGN.md §Data) with the short PROMPT, data_source "lld_testbed"."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  rows = [{"data_source": "lld_testbed", "question": q.text,
+           "prompt": [{"role": "user", "content": PROMPT.format(question=q.text)}],
+           "ability": "fact-reasoning",
+           "reward_model": {"style": "rule", "ground_truth": {"target": [q.gold]}},
+           "extra_info": {"split": split, "index": i, "queries": list(q.queries)}}
+          for i, q in enumerate(questions)]
+  pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def build_testbed(out: str, a) -> list[Question]:
+  """Corpus, tokenizer and parquet files in `out`; returns the warm-up questions."""
+  from llds_jax import retriever as rt, rollout as rl, sft
+  people, docs = make_world(a.seed, a.people)
+  qs = make_questions(people, a.two_hop_frac, a.seed)
+  n_warm = int(a.warm_frac * len(qs))
+  warm, rl_qs = qs[:n_warm], qs[n_warm:]
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "corpus.jsonl"), "w") as f:
+    for doc_id, contents in docs:
+      f.write(json.dumps({"id": doc_id, "contents": contents}) + "\n")
+  texts = [c for _, c in docs] + [rl.information_block(rt.format_observation([c])) for _, c in docs]
+  texts += [PROMPT.format(question=q.text) for q in qs] + [CHAT_TEMPLATE] * 20
+  texts += [sft.SEARCH_THINK.format(query=x) for q in qs for x in q.queries]
+  texts += [sft.ANSWER_THINK.format(answer=q.gold) for q in qs] + [sft.DIRECT_THINK] * 20
+  train_tokenizer(texts, a.vocab).save_pretrained(os.path.join(out, "tokenizer"))
+  write_parquet(warm, "warmup", os.path.join(out, "warmup.parquet"))
+  write_parquet(rl_qs, "train", os.path.join(out, "rl_train.parquet"))
+  return warm
+
+
+def model_config(a, eos_id: int) -> dict:
+  return dict(architectures=["Qwen2ForCausalLM"], vocab_size=a.vocab, hidden_size=a.hidden,
+              intermediate_size=2 * a.hidden, num_hidden_layers=a.layers, num_attention_heads=4,
+              num_key_value_heads=2, rope_theta=1e4, tie_word_embeddings=True,
+              max_position_embeddings=2048, eos_token_id=eos_id)
+
+
+def warm_up(out: str, a) -> dict:
+  """Random policy → `sft.format_warmup` on the warm-up questions → HF dir `out/warm_model`."""
+  import pyarrow.parquet as pq
+  from flax import nnx
+  from transformers import AutoTokenizer
+
+  from llds_jax import hf_io, sft, sharding as shd, trainer
+  from llds_jax.model import ModelConfig, Transformer
+  tok = AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
+  examples = data.load_examples(os.path.join(out, "warmup.parquet"))
+  queries = [r["extra_info"]["queries"] for r in
+             pq.read_table(os.path.join(out, "warmup.parquet")).to_pylist()]
+  if len(tok) > a.vocab:
+    raise ValueError(f"tokenizer has {len(tok)} tokens, the model vocab is {a.vocab}")
+  rc = lld_testbed.get_config(out)  # observations exactly as the RL rollouts will show them
+  mesh = shd.make_mesh()
+  cfg = ModelConfig.from_hf(model_config(a, tok.eos_token_id), param_dtype="float32",
+                            dtype="float32", remat="none")
+  model = shd.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(a.seed)), mesh)
+  retriever = trainer.load_retriever(rc.retriever.index)
+  t0 = time.perf_counter()
+  model, losses = sft.format_warmup(
+      model, tok, retriever, examples, steps=a.warmup_steps, lr=a.warmup_lr, batch_size=a.batch,
+      seed=a.seed, mesh=mesh, plan=lambda ex: queries[ex.uid], direct_frac=a.direct_frac,
+      topk=rc.retriever.topk, max_obs_tokens=rc.rollout.max_obs_tokens, chunk_size=128)
+  hf_io.save_pretrained(model, cfg, os.path.join(out, "warm_model"), tokenizer=tok)
+  k = max(len(losses) // 10, 1)
+  summary = {"warmup/steps": len(losses), "warmup/loss_first": float(losses[:k].mean()),
+             "warmup/loss_last": float(losses[-k:].mean()),
+             "warmup/seconds": time.perf_counter() - t0}
+  with open(os.path.join(out, "warmup.json"), "w") as f:
+    json.dump({**summary, "args": vars(a), "losses": losses.tolist()}, f)
+  return summary
+
+
+def arm_config(arm: str, testbed: str, workdir: str, a):
+  c = lld_testbed.get_config(testbed)
+  c.workdir, c.seed, c.total_steps = workdir, a.seed, a.steps
+  c.opt.lr = a.lr
+  for k, v in ARMS[arm].items():
+    c.rl[k] = v
+  if a.smoke:  # every stage, tiny: 16 rows in two minibatches so LLDS acts
+    c.rollout.prompts, c.rollout.group_size, c.rollout.max_turn_tokens = 4, 4, 16
+    c.rl.minibatch_size = c.rl.micro_batch_size = 8
+    c.rollout.max_context = 320  # < shortest prompt + worst case: one KV-cache size, one compile
+  return c
+
+
+def smooth(y: np.ndarray, k: int) -> np.ndarray:
+  """Trailing moving average (the first points average what exists)."""
+  c = np.cumsum(np.insert(y, 0, 0.0))
+  n = np.minimum(np.arange(1, len(y) + 1), k)
+  return (c[1:] - c[np.arange(1, len(y) + 1) - n]) / n
+
+
+PANELS = (("reward/mean", "reward (EM)"),
+          ("lld/preserving_logp", "log-lik. of preserving (Â≥0) responses\n(token mean, π_old)"),
+          ("entropy", "token entropy"), ("grad_norm_max", "grad norm (max over minibatches)"),
+          ("llds/active_frac", "LLDS gate active fraction"),
+          ("rollout/searches_per_traj", "valid searches / trajectory"))
+
+
+def plot(workdirs: dict[str, str], path: str, window: int = 5):
+  """One panel per metric, one line per arm (raw faint, moving average solid)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from llds_jax import metrics as mlib
+  fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), constrained_layout=True)
+  for arm, wd in workdirs.items():
+    recs = mlib.read_metrics(os.path.join(wd, "metrics.jsonl"))
+    steps = np.array([r["step"] for r in recs])
+    for ax, (key, title) in zip(axes.flat, PANELS):
+      y = np.array([float(r.get(key, np.nan)) for r in recs])
+      color = COLORS.get(arm)
+      ax.plot(steps, y, color=color, alpha=0.25, lw=0.8)
+      ax.plot(steps, smooth(y, window), color=color, lw=1.6, label=arm)
+      ax.set_title(title, fontsize=9)
+      ax.set_xlabel("step", fontsize=8)
+      if key.startswith("grad_norm"):
+        ax.set_yscale("log")
+  axes.flat[0].legend(fontsize=8)
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
+SUMMARY = ("reward/mean", "lld/preserving_logp", "entropy", "grad_norm_max", "llds/active_frac",
+           "loss/llds_last")
+
+
+def summarize(workdirs: dict[str, str], k: int = 10) -> str:
+  """Markdown table: each metric's mean over the first and the last `k` steps, per arm."""
+  from llds_jax import metrics as mlib
+  head = "| arm | steps | " + " | ".join(f"{m} first→last {k}" for m in SUMMARY) + " |"
+  lines = [head, "|" + "---|" * (len(SUMMARY) + 2)]
+  for arm, wd in workdirs.items():
+    recs = mlib.read_metrics(os.path.join(wd, "metrics.jsonl"))
+    cells = []
+    for m in SUMMARY:
+      y = np.array([float(r.get(m, np.nan)) for r in recs])
+      cells.append(f"{np.mean(y[:k]):.3g} → {np.mean(y[-k:]):.3g}")
+    lines.append(f"| {arm} | {len(recs)} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--outdir", default="/tmp/lld")
+  p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {list(ARMS)}")
+  p.add_argument("--steps", type=int, default=60, help="RL steps per arm")
+  p.add_argument("--lr", type=float, default=1e-3, help="RL learning rate (paper: 1e-6)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--people", type=int, default=240, help="fictional people = corpus documents")
+  p.add_argument("--two_hop_frac", type=float, default=0.25,
+                 help="share of people with a two-hop Q")
+  p.add_argument("--warm_frac", type=float, default=0.5, help="share of questions for warm-up")
+  p.add_argument("--vocab", type=int, default=768)
+  p.add_argument("--hidden", type=int, default=64)
+  p.add_argument("--layers", type=int, default=3)
+  p.add_argument("--warmup_steps", type=int, default=600)
+  p.add_argument("--warmup_lr", type=float, default=3e-3)
+  p.add_argument("--batch", type=int, default=16, help="warm-up batch")
+  p.add_argument("--direct_frac", type=float, default=0.1, help="warm-up answers without search")
+  p.add_argument("--smoke", action="store_true", help="tiny sizes, 2 steps: a plumbing check")
+  a = p.parse_args(argv)
+  if a.smoke:
+    a.steps, a.people, a.vocab, a.hidden, a.layers = min(a.steps, 2), 40, 512, 32, 2
+    a.warmup_steps, a.batch = 4, 8
+  unknown = set(a.arms.split(",")) - set(ARMS)
+  if unknown:
+    p.error(f"unknown arms {sorted(unknown)}; known: {list(ARMS)}")
+  return a
+
+
+def main(argv=None) -> dict[str, str]:
+  """Runs the missing stages; returns {arm: workdir}."""
+  a = parse_args(argv)
+  from llds_jax import metrics as mlib, trainer
+  testbed = os.path.join(a.outdir, "testbed")
+  if not os.path.exists(os.path.join(testbed, "rl_train.parquet")):
+    build_testbed(testbed, a)
+  if not os.path.exists(os.path.join(testbed, "warm_model", "config.json")):
+    print("warm-up:", warm_up(testbed, a), flush=True)
+  workdirs = {}
+  for arm in a.arms.split(","):
+    workdirs[arm] = os.path.join(a.outdir, arm)
+    done = os.path.join(workdirs[arm], "metrics.jsonl")
+    if os.path.exists(done) and len(mlib.read_metrics(done)) >= a.steps:
+      continue
+    t0 = time.perf_counter()
+    recs = trainer.train(arm_config(arm, testbed, workdirs[arm], a))
+    print(f"{arm}: {len(recs)} steps in {time.perf_counter() - t0:.0f}s, reward "
+          f"{recs[0]['reward/mean']:.2f} -> {recs[-1]['reward/mean']:.2f}", flush=True)
+  plot(workdirs, os.path.join(a.outdir, "lld_comparison.png"))
+  table = summarize(workdirs)
+  with open(os.path.join(a.outdir, "summary.md"), "w") as f:
+    f.write(table + "\n")
+  print(table)
+  return workdirs
+
+
+if __name__ == "__main__":
+  main()
