@@ -11,9 +11,7 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,16 +23,6 @@ from flax import nnx
 from llds_jax import hf_io
 
 import results
-
-def _time(fn, repeats):
-  fn()  # warm-up / compile
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
 
 def main():
   ap = argparse.ArgumentParser()
@@ -62,13 +50,13 @@ def main():
     ref = tm(ids_t).logits.numpy()
   diff = float(np.abs(np.asarray(fwd(state, ids_j)) - ref).max())
 
-  ours = _time(lambda: fwd(state, ids_j).block_until_ready(), args.repeats)
+  ours = results.median_time(lambda: fwd(state, ids_j).block_until_ready(), args.repeats)
 
   def torch_fwd():
     with torch.no_grad():
       tm(ids_t)
 
-  theirs = _time(torch_fwd, args.repeats)
+  theirs = results.median_time(torch_fwd, args.repeats)
   tokens = args.batch * args.seq
   row = (f"| {datetime.date.today()} | {platform.processor() or platform.machine()}, "
          f"{os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()}), torch "

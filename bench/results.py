@@ -1,6 +1,8 @@
-"""Appending a row to a table of bench/RESULTS.md (the table is created on first use)."""
+"""Shared by the bench scripts: median wall time, and a row appended to a table of RESULTS.md."""
 
 import os
+import statistics
+import time
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
@@ -18,3 +20,14 @@ def append_row(title: str, columns: list[str], row: str, path: str = RESULTS) ->
   text = text[:end].rstrip("\n") + "\n" + row + text[end:]
   with open(path, "w") as f:
     f.write(text if text.endswith("\n") else text + "\n")
+
+
+def median_time(fn, repeats: int) -> float:
+  """Median seconds of `fn()` over `repeats` calls after one warm-up (compile) call."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)

@@ -12,8 +12,6 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,20 +25,10 @@ from llds_jax.train_step import StepConfig, Updater, place_batch
 
 import results
 
-def _median_time(fn, repeats):
-  fn()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
 def matmul_peak(n=2048, repeats=5, dtype=jnp.float32):
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda x: x @ x)
-  return 2 * n**3 / _median_time(lambda: f(a).block_until_ready(), repeats)
+  return 2 * n**3 / results.median_time(lambda: f(a).block_until_ready(), repeats)
 
 
 def main():
@@ -82,7 +70,7 @@ def main():
     holder["s"], m = up.step(holder["s"], placed)
     jax.block_until_ready(m)
 
-  step_s = _median_time(step, args.repeats)
+  step_s = results.median_time(step, args.repeats)
   peak = matmul_peak()
   tokens = n * (P + R)
   mfu = flops / step_s / peak

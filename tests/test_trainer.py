@@ -95,7 +95,6 @@ def test_corrupt_newest_checkpoint_falls_back(uninterrupted, tmp_path):
 ])
 def test_bad_config_names_the_field(override, field, tmp_path):
   from llds_jax import trainer
-  from ml_collections import config_flags  # noqa: F401
   sys.path.insert(0, ROOT)
   from configs import tiny
   c = tiny.get_config()
