@@ -102,5 +102,6 @@ def get_config():
   c.log.eval_limit = 0  # validation questions (0 = all)
   c.log.tensorboard = True
   c.log.progress = True  # tqdm bars
+  c.log.plots = True  # at the end, render metrics.jsonl to WORKDIR/plots/*.png (tools/plot.py)
   c.log.lld_patience = 5  # warn when preserving log-likelihood falls this many steps in a row
   return c

@@ -56,6 +56,13 @@ class Checkpointer:
     self.manager.close()
 
 
+def saved_steps(directory: str) -> list[int]:
+  """Steps with a checkpoint directory under `directory` (orbax names them by step), sorted."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
 def abstract_like(tree, shardings):
   """ShapeDtypeStructs (with shardings) of `tree`, the restore target."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

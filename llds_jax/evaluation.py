@@ -10,10 +10,11 @@ import collections
 import dataclasses
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 import tqdm
 
-from llds_jax import data, rewards
+from llds_jax import data, hosts, rewards
 from llds_jax.rollout import Rollout, RolloutConfig, rollout
 
 # Table columns: record field averaged per source, or (numerator, denominator) summed per source.
@@ -53,13 +54,17 @@ def evaluate(model, tokenizer, retriever, examples: Sequence[data.Example], *,
   bar = tqdm.tqdm(total=len(examples), desc="evaluate", unit="q", disable=not progress)
   for start in range(0, len(examples), batch_size):
     chunk = list(examples[start:start + batch_size])
-    prompts = [data.encode_prompt(ex.messages, tokenizer) for ex in chunk]
+    # Each process rolls out a contiguous share; a short chunk is padded with repeats of its last
+    # question so it divides over the processes, and the repeats' records are dropped.
+    mine = hosts.split(chunk + chunk[-1:] * (-len(chunk) % jax.process_count()))
+    prompts = [data.encode_prompt(ex.messages, tokenizer) for ex in mine]
     ro = rollout(model, tokenizer, retriever, prompts, group_size=1, cfg=rollout_cfg,
                  seed=seed + start, mesh=mesh, progress=progress)
     invalid = invalid_actions(ro, tokenizer)
-    for i, ex in enumerate(chunk):
+    local = []
+    for i, ex in enumerate(mine):
       text = ro.response_text[i]
-      records.append({
+      local.append({
           "data_source": ex.data_source, "index": ex.index, "question": ex.question,
           "golds": list(ex.golds), "response": text, "answer": rewards.extract_answer(text),
           # Not `answer is not None`: like Search-R1's, the text scored by EM includes the
@@ -69,6 +74,7 @@ def evaluate(model, tokenizer, retriever, examples: Sequence[data.Example], *,
           "searches": int(ro.valid_searches[i]), "turns": int(ro.turns[i]),
           "invalid_actions": int(invalid[i]), "finish_reason": str(ro.finish_reason[i]),
       })
+    records += hosts.gather_objects(local)[:len(chunk)]
     bar.update(len(chunk))
     em = np.mean([r["em"] for r in records])
     bar.set_postfix(em=f"{em:.3f}")

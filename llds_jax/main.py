@@ -13,6 +13,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config(
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", None, "Call jax.distributed.initialize() (default: when a TPU pod / cluster "
     "environment is detected).")
+# Explicit cluster description, for machines jax cannot auto-detect (e.g. GPU hosts or several
+# local CPU processes): passed straight to jax.distributed.initialize.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def main(argv):
@@ -27,7 +32,10 @@ def main(argv):
     multi = any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS",
                                           "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")) and (
         len(os.environ.get("TPU_WORKER_HOSTNAMES", "a,b").split(",")) > 1)
-  if multi:
+  if _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  elif multi:
     jax.distributed.initialize()
   logging.info("process %d/%d, %d devices", jax.process_index(), jax.process_count(),
                jax.device_count())

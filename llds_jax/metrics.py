@@ -68,8 +68,22 @@ class MetricWriter:
 
 
 def read_metrics(path: str) -> list[dict]:
+  """The records of a metrics.jsonl (possibly none); a missing file or bad line raises naming it."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file")
+  records = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg}): {line[:80]!r}") from e
+      if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+        raise ValueError(f"{path}:{line_no}: not a metrics record (needs an integer 'step')")
+      records.append(rec)
+  return records
 
 
 def summarize_minibatches(per_step: list[dict]) -> dict:
@@ -88,11 +102,17 @@ def summarize_minibatches(per_step: list[dict]) -> dict:
   return out
 
 
-def repeat_fraction(response_ids_NxR: np.ndarray, loss_mask_NxR: np.ndarray) -> float:
-  """Share of sampled tokens equal to the sampled token before them (the "!!!!" collapse)."""
+def repeat_counts(response_ids_NxR: np.ndarray, loss_mask_NxR: np.ndarray) -> tuple[int, int]:
+  """(sampled tokens equal to the sampled token before them, sampled tokens after a sampled one)."""
   same = (response_ids_NxR[:, 1:] == response_ids_NxR[:, :-1])
   both = (loss_mask_NxR[:, 1:] > 0) & (loss_mask_NxR[:, :-1] > 0)
-  return float((same & both).sum() / max(both.sum(), 1))
+  return int((same & both).sum()), int(both.sum())
+
+
+def repeat_fraction(response_ids_NxR: np.ndarray, loss_mask_NxR: np.ndarray) -> float:
+  """Share of sampled tokens equal to the sampled token before them (the "!!!!" collapse)."""
+  same, both = repeat_counts(response_ids_NxR, loss_mask_NxR)
+  return same / max(both, 1)
 
 
 class LLDMonitor:

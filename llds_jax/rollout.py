@@ -30,12 +30,11 @@ import re
 import time
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 import tqdm
 from flax import nnx
 
-from llds_jax import rewards
+from llds_jax import hosts, rewards
 from llds_jax import sampler as smp
 
 STOP_STRINGS = ("</search>", "</answer>")
@@ -130,7 +129,8 @@ def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, gr
   if not prompt_rows or min(map(len, prompt_rows)) == 0:
     raise ValueError("rollout: need at least one prompt and no empty prompt")
   n_rows = len(prompt_rows)
-  longest = max(map(len, prompt_rows))
+  # Shapes (and whether a jitted call happens at all) are agreed over processes: see hosts.py.
+  (longest,) = hosts.agree_max(max(map(len, prompt_rows)))
   worst = (cfg.max_turns + 1) * cfg.max_turn_tokens + cfg.max_turns * cfg.max_obs_tokens
   # Bucketed, so a new longest prompt does not recompile the sampler each step.
   cap = min(cfg.max_context, smp.bucket(longest) + worst)  # tokens per row; also cache slots
@@ -139,10 +139,10 @@ def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, gr
                      f"max_context={cap}")
   scfg = smp.SampleConfig(cfg.temperature, cfg.top_p, cfg.top_k,
                           tuple(eos_ids) if eos_ids is not None else _eos_ids(model, tokenizer))
-  table_QxMxV = smp.put_replicated(
+  table_QxMxV = hosts.put_replicated(
       smp.cached_stop_table(tokenizer, STOP_STRINGS, model.cfg.vocab_size), mesh)
   graphdef, params = nnx.split(model)
-  padded = smp.padded_rows(n_rows, mesh)
+  (padded,) = hosts.agree_max(hosts.padded_rows(n_rows, mesh))
   state = smp.init_state(model.cfg, padded, cap, cfg.max_turn_tokens, len(STOP_STRINGS), seed=seed,
                          cache_dtype=cfg.cache_dtype, mesh=mesh)
 
@@ -170,10 +170,13 @@ def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, gr
       else:
         limit_B[n] = min(cfg.max_turn_tokens, cap - total[n])
     rows = np.flatnonzero(live)
-    if not len(rows):
+    # Attend to (and write) only the slots this turn can reach: cost follows the context, not `cap`.
+    any_live, width, need = hosts.agree_max(
+        len(rows) > 0, smp.bucket(max((len(block[n]) for n in rows), default=1)),
+        max((total[n] + int(limit_B[n]) for n in rows), default=1))
+    if not any_live:
       break
     bar.set_postfix(live=len(rows))
-    width = smp.bucket(max(len(block[n]) for n in rows))
     tokens_BxT = np.zeros((padded, width), np.int32)
     len_B = np.zeros(padded, np.int32)
     for n in rows:
@@ -181,16 +184,14 @@ def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, gr
       count["prefill"] += len(block[n])
       count["reprefill"] += total[n] if turn else len(block[n])  # re-prefilling every turn
 
-    # Attend to (and write) only the slots this turn can reach: cost follows the context, not `cap`.
-    need = max(total[n] + int(limit_B[n]) for n in rows)
     view = min(cap, max(MIN_VIEW, 1 << (need - 1).bit_length()))
     t0 = time.perf_counter()
-    put = functools.partial(smp.put_rows, mesh=mesh)
+    put = functools.partial(hosts.put_rows, mesh=mesh)
     state = smp.feed(graphdef, params, state, put(tokens_BxT), put(len_B), put(limit_B),
                      table_QxMxV, scfg, view)
     state = smp.decode(graphdef, params, state, table_QxMxV, scfg, view)
-    toks_BxN, logp_BxN, num_B, stop_B = jax.device_get(
-        (state.tokens_BxN, state.logp_BxN, state.num_B, state.stop_B))
+    toks_BxN, logp_BxN, num_B, stop_B = map(
+        hosts.local_rows, (state.tokens_BxN, state.logp_BxN, state.num_B, state.stop_B))
     secs["model"] += time.perf_counter() - t0
 
     # The segment's last token is pending (not in the cache): it opens the next block, unless it is
@@ -242,17 +243,22 @@ def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, gr
   tok_bytes = smp.cached_token_bytes(tokenizer, model.cfg.vocab_size)
   answer_mask = _pad([answer_span_mask(r, tok_bytes) for r in resp], width, np.float32)
   answer_mask *= loss_mask  # a span quoted inside a retrieved document is not the model's answer
-  generated = int(loss_mask.sum())
+  # Statistics over every process's rows (each process returns only its own rows).
+  per_row = hosts.gather_rows(np.stack([searches, invalid, turns,
+                                        [f == "answer" for f in finish]], 1).astype(np.int64))
+  generated, obs_tokens, prefill, reprefill = hosts.gather_rows(np.array(
+      [[loss_mask.sum(), count["obs_tokens"], count["prefill"], count["reprefill"]]],
+      np.int64)).sum(0).tolist()
   stats = {
-      "rollout/searches_per_traj": float(searches.mean()),
-      "rollout/invalid_action_rate": float(invalid.sum() / turns.sum()),
-      "rollout/turns": float(turns.mean()),
-      "rollout/answered": float(np.mean([f == "answer" for f in finish])),
+      "rollout/searches_per_traj": float(per_row[:, 0].mean()),
+      "rollout/invalid_action_rate": float(per_row[:, 1].sum() / per_row[:, 2].sum()),
+      "rollout/turns": float(per_row[:, 2].mean()),
+      "rollout/answered": float(per_row[:, 3].mean()),
       "rollout/generated_tokens": generated,
-      "rollout/observation_tokens": count["obs_tokens"],
-      "rollout/tokens": generated + count["obs_tokens"],
-      "rollout/prefill_tokens": count["prefill"],
-      "rollout/reprefill_tokens": count["reprefill"],
+      "rollout/observation_tokens": obs_tokens,
+      "rollout/tokens": generated + obs_tokens,
+      "rollout/prefill_tokens": prefill,
+      "rollout/reprefill_tokens": reprefill,
       "time/rollout_model_s": secs["model"],
       "time/rollout_retrieval_s": secs["retrieval"],
   }

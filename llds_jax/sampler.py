@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from llds_jax import hosts
 from llds_jax import sharding as shd
 from llds_jax.model import KVCache, ModelConfig, Transformer
 
@@ -200,9 +201,14 @@ class SamplingState:
 
 def init_state(cfg: ModelConfig, batch: int, slots: int, segment: int, num_stops: int, *,
                seed: int = 0, row_offset: int = 0, cache_dtype=None, mesh=None) -> SamplingState:
-  """An empty state, created directly in its row shards when `mesh` is given."""
-  make = _state_maker(cfg, batch, slots, segment, num_stops, cache_dtype, mesh)
-  return make(put_replicated(np.asarray([seed, row_offset], np.int32), mesh))
+  """An empty state, created directly in its row shards when `mesh` is given.
+
+  `batch` is this process's rows; the global state has `batch × process_count` rows, and row r's
+  sampling key is `fold_in(key(seed), row_offset + r)` for its global index r.
+  """
+  rows = batch * (jax.process_count() if mesh is not None else 1)
+  make = _state_maker(cfg, rows, slots, segment, num_stops, cache_dtype, mesh)
+  return make(hosts.put_replicated(np.asarray([seed, row_offset], np.int32), mesh))
 
 
 @functools.lru_cache(maxsize=32)
@@ -266,8 +272,9 @@ def _sample(logits_BxV, key_B, pos_B, cfg: SampleConfig):
 def _record(state: SamplingState, tok_B, logp_B, active_B, table_QxMxV, cfg: SampleConfig):
   """Append the sampled token of active rows and update their stop status."""
   B, N = state.tokens_BxN.shape
-  rows_B = jnp.arange(B)
-  col_B = jnp.where(active_B, state.num_B, N)  # inactive rows write out of range: dropped
+  # A one-hot select rather than a scatter: it stays row-local, so the compiler keeps the buffers
+  # sharded by row (a scatter made them replicated, i.e. all-gathered on every decode step).
+  write_BxN = active_B[:, None] & (jnp.arange(N)[None, :] == state.num_B[:, None])
   num_B = state.num_B + active_B
   is_eos_B = jnp.zeros((B,), bool)
   if cfg.eos_ids:
@@ -281,8 +288,8 @@ def _record(state: SamplingState, tok_B, logp_B, active_B, table_QxMxV, cfg: Sam
   reason_B = jnp.select([is_eos_B, hit_B, num_B >= state.limit_B], [EOS, STOP_STRING, LENGTH],
                         RUNNING)
   return state.replace(
-      tokens_BxN=state.tokens_BxN.at[rows_B, col_B].set(tok_B, mode="drop"),
-      logp_BxN=state.logp_BxN.at[rows_B, col_B].set(logp_B, mode="drop"),
+      tokens_BxN=jnp.where(write_BxN, tok_B[:, None], state.tokens_BxN),
+      logp_BxN=jnp.where(write_BxN, logp_B[:, None], state.logp_BxN),
       num_B=num_B,
       last_B=jnp.where(active_B, tok_B, state.last_B),
       done_B=state.done_B | (active_B & (reason_B != RUNNING)),
@@ -348,21 +355,6 @@ def decode(graphdef, params, state: SamplingState, table_QxMxV, cfg: SampleConfi
   return out.replace(cache=_widen(state.cache, out.cache))
 
 
-def put_rows(x, mesh=None):
-  """Host array → device, rows sharded over the mesh's batch axes when a mesh is given."""
-  return jax.device_put(x, None if mesh is None else shd.batch_sharding(mesh, np.ndim(x)))
-
-
-def put_replicated(x, mesh=None):
-  return jax.device_put(x, None if mesh is None else shd.replicated(mesh))
-
-
-def padded_rows(n: int, mesh=None) -> int:
-  """Rows rounded up to a multiple of the mesh's batch shards (the extra rows stay idle)."""
-  shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-  return -(-n // shards) * shards
-
-
 # ---------------------------------------------------------------------------------------------
 # Host API.
 
@@ -394,7 +386,8 @@ def sample(model: Transformer, prompt_ids: Sequence[Sequence[int]], *, max_new_t
     table = np.zeros((0, 1, cfg.vocab_size), np.int8)
   scfg = SampleConfig(float(temperature), float(top_p), int(top_k),
                       tuple(int(t) for t in stop_token_ids))
-  rows, width = padded_rows(len(prompts), mesh), bucket(max(map(len, prompts)))
+  rows, width = hosts.agree_max(hosts.padded_rows(len(prompts), mesh),
+                                bucket(max(map(len, prompts))))
   tokens_BxT = np.zeros((rows, width), np.int32)
   len_B = np.zeros((rows,), np.int32)
   for b, p in enumerate(prompts):
@@ -403,12 +396,13 @@ def sample(model: Transformer, prompt_ids: Sequence[Sequence[int]], *, max_new_t
   graphdef, params = nnx.split(model)
   state = init_state(cfg, rows, width + max_new_tokens, max_new_tokens, table.shape[0], seed=seed,
                      cache_dtype=cache_dtype, mesh=mesh)
-  table_QxMxV = put_replicated(table, mesh)
-  state = feed(graphdef, params, state, put_rows(tokens_BxT, mesh), put_rows(len_B, mesh),
-               put_rows(limit_B, mesh), table_QxMxV, scfg)
+  table_QxMxV = hosts.put_replicated(table, mesh)
+  put = functools.partial(hosts.put_rows, mesh=mesh)
+  state = feed(graphdef, params, state, put(tokens_BxT), put(len_B), put(limit_B), table_QxMxV,
+               scfg)
   state = decode(graphdef, params, state, table_QxMxV, scfg)
-  toks, logps, num, stop = jax.device_get(
-      (state.tokens_BxN, state.logp_BxN, state.num_B, state.stop_B))
+  toks, logps, num, stop = map(hosts.local_rows,
+                               (state.tokens_BxN, state.logp_BxN, state.num_B, state.stop_B))
   n = range(len(prompts))
   return Generation(tokens=[toks[b, :num[b]].tolist() for b in n],
                     logprobs=[logps[b, :num[b]].tolist() for b in n],

@@ -19,7 +19,8 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from llds_jax import checkpoint, data, evaluation, hf_io, losses, metrics as mlib, rewards, sft
+from llds_jax import checkpoint, data, evaluation, hf_io, hosts, losses, metrics as mlib, plots
+from llds_jax import rewards, sft
 from llds_jax import sharding as shd
 from llds_jax.model import ModelConfig, Transformer
 from llds_jax.retriever import BM25Index
@@ -62,10 +63,20 @@ def validate(c) -> None:
   if jax.device_count() % mesh_devices:
     raise ValueError(f"config.mesh={dict(c.mesh)} does not fit {jax.device_count()} devices")
   data_shards = shd.make_mesh(dict(c.mesh)).shape
+  row_shards = data_shards["data"] * data_shards["fsdp"]
   per_micro = c.rl.micro_batch_size
-  if per_micro % (data_shards["data"] * data_shards["fsdp"]):
+  if per_micro % row_shards:
     raise ValueError(f"config.rl.micro_batch_size={per_micro} must be a multiple of the mesh's "
-                     f"data × fsdp = {data_shards['data'] * data_shards['fsdp']} row shards")
+                     f"data × fsdp = {row_shards} row shards")
+  nproc = jax.process_count()  # every host rolls out an equal, contiguous share of the prompts
+  if c.rollout.prompts % nproc:
+    raise ValueError(f"config.rollout.prompts={c.rollout.prompts} must divide over {nproc} hosts")
+  if row_shards % nproc:
+    raise ValueError(f"config.mesh={dict(c.mesh)}: data × fsdp = {row_shards} row shards must be "
+                     f"a multiple of the {nproc} hosts (each host holds whole row shards)")
+  if not c.resume and checkpoint.saved_steps(os.path.join(c.workdir, "checkpoints")):
+    raise ValueError(f"config.resume=False but {c.workdir}/checkpoints already holds checkpoints: "
+                     "use a new config.workdir or delete that directory (nothing is overwritten)")
 
 
 def load_policy(c, mesh):
@@ -117,9 +128,13 @@ def step_config(c) -> StepConfig:
 
 
 def build_batch(ro, adv_N: np.ndarray, answer_weight_NxR: np.ndarray) -> dict:
-  """`[left-padded prompt | right-padded response]` rows; P and R bucketed to bound recompiles."""
+  """`[left-padded prompt | right-padded response]` rows; P and R bucketed to bound recompiles.
+
+  P and R are agreed over processes: every host's rows go into one global array.
+  """
   n = len(adv_N)
-  P, R = bucket(int(ro.prompt_len.max())), bucket(max(int(ro.response_len.max()), 1))
+  P, R = hosts.agree_max(bucket(int(ro.prompt_len.max())),
+                         bucket(max(int(ro.response_len.max()), 1)))
   ids = np.zeros((n, P + R), np.int32)
   attn = np.zeros((n, P + R), np.int32)
   for i in range(n):
@@ -164,10 +179,6 @@ def train(c) -> list[dict]:
   graphdef, params = nnx.split(model)
   # The frozen reference of the KL term is the policy RL starts from.
   ref_params = jax.tree.map(lambda x: x.copy(), params) if c.rl.kl_coef else None
-  # Each process rolls out its own share of every global batch.
-  nproc, pid = jax.process_count(), jax.process_index()
-  if c.rollout.prompts % nproc:
-    raise ValueError(f"config.rollout.prompts={c.rollout.prompts} must divide over {nproc} hosts")
   it = data.PromptIterator(examples, c.rollout.prompts, seed=c.seed, shuffle=c.data.shuffle)
   updater = Updater(graphdef, jax.eval_shape(lambda: params), opt=c.opt, step_cfg=step_config(c),
                     mesh=mesh)
@@ -195,7 +206,7 @@ def train(c) -> list[dict]:
                   disable=not c.log.progress)
   for step in bar:
     t0 = time.perf_counter()
-    batch = next(it)[pid::nproc]
+    batch = hosts.split(next(it))  # this process's prompts: a contiguous share
     prompts = [data.encode_prompt(ex.messages, tokenizer) for ex in batch]
     too_long = [len(p) for p in prompts if len(p) > c.rollout.max_prompt_tokens]
     if too_long:
@@ -208,23 +219,26 @@ def train(c) -> list[dict]:
     rows, group_ids = data.repeat_groups(batch, c.rollout.group_size)
     reward_N = np.array([rewards.exact_match(t, ex.golds) for t, ex in zip(ro.response_text, rows)],
                         np.float32)
-    adv_N = np.asarray(losses.grpo_advantages(reward_N, group_ids))
-    beta = answer_beta(c, float(ro.valid_searches.mean()))
+    # Batch statistics over every host's rows; this host keeps its own slice of the advantages.
+    reward_all, group_all = hosts.gather_rows(reward_N), hosts.gather_rows(group_ids)
+    mine = slice(jax.process_index() * len(reward_N), (jax.process_index() + 1) * len(reward_N))
+    adv_N = np.asarray(losses.grpo_advantages(reward_all, group_all))[mine]
+    beta = answer_beta(c, float(hosts.gather_rows(ro.valid_searches).mean()))
     answer_w = np.where(ro.answer_mask > 0, beta, 1.0)
     host_batch = build_batch(ro, adv_N, answer_w)
     progress = (lambda s: tqdm.tqdm(s, desc="update", leave=False)) if c.log.progress else None
     shuffle = c.seed * 7919 + step if c.rl.shuffle_minibatches else None
     state, per_mb, batch_stats = update_phase(updater, state, host_batch, ref_params,
-                                 minibatch=c.rl.minibatch_size // nproc,
+                                 minibatch=c.rl.minibatch_size,
                                  ppo_epochs=c.rl.ppo_epochs, shuffle_seed=shuffle,
                                  progress=progress)
     m = mlib.summarize_minibatches(per_mb)
     m.update({k: float(v) for k, v in jax.device_get(batch_stats).items()})
     m.update(ro.stats)
-    m.update({"reward/mean": float(reward_N.mean()), "reward/max_group_std": float(
-        max(np.std(reward_N[group_ids == g]) for g in np.unique(group_ids))),
+    m.update({"reward/mean": float(reward_all.mean()), "reward/max_group_std": float(
+        max(np.std(reward_all[group_all == g]) for g in np.unique(group_all))),
               "llds/answer_beta": beta, "time/rollout_s": t_roll,
-              "rollout/response_tokens_mean": float(ro.response_len.mean())})
+              "rollout/response_tokens_mean": float(hosts.gather_rows(ro.response_len).mean())})
     done = step + 1
     if done % c.ckpt.every == 0 or done == c.total_steps:
       ckpt.save(done, state, {"data": it.state(), "step": done})
@@ -234,13 +248,17 @@ def train(c) -> list[dict]:
           rollout_cfg=evaluation.eval_rollout_config(rcfg, max_turns=c.log.eval_max_turns),
           batch_size=max(c.rollout.prompts, 1), mesh=mesh, seed=c.seed, progress=c.log.progress)
       m.update({f"val/{src}/{k}": v for src, row in table.items() for k, v in row.items()})
-    m.update(monitor.update(done, m["lld/preserving_logp"],
-                            mlib.repeat_fraction(ro.response_ids, ro.loss_mask)))
+    same, both = hosts.gather_rows(np.array([mlib.repeat_counts(ro.response_ids, ro.loss_mask)
+                                             ])).sum(0)
+    m.update(monitor.update(done, m["lld/preserving_logp"], float(same / max(both, 1))))
     m["time/step_s"] = time.perf_counter() - t0
     rec = writer.write(done, m)
     records.append(rec)
     bar.set_postfix(reward=f"{rec['reward/mean']:.3f}", llds=f"{rec['loss/llds']:.2e}")
   ckpt.close()
   writer.close()
+  if c.log.plots and jax.process_index() == 0 and records:
+    written = plots.plot(writer.path, os.path.join(c.workdir, "plots"))
+    logging.warning("wrote %d plots to %s", len(written), os.path.join(c.workdir, "plots"))
   return records
 

@@ -21,7 +21,7 @@ import torch
 import transformers
 from flax import nnx
 
-from llds_jax import data, evaluation, hf_io, restore, rewards, rollout, sharding, trainer
+from llds_jax import data, evaluation, hf_io, plots, restore, rewards, rollout, sharding, trainer
 from llds_jax.model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -313,7 +313,7 @@ def _pngs(out):
 def test_plot_real_metrics(run_dir, tmp_path):
   metrics = tmp_path / "metrics.jsonl"
   shutil.copy(os.path.join(run_dir, "metrics.jsonl"), metrics)
-  written = plot_tool.plot(str(metrics), str(tmp_path / "plots"))
+  written = plots.plot(str(metrics), str(tmp_path / "plots"))
   # Every panel but validation (the run did not validate) finds its keys in the trainer's output.
   assert _pngs(tmp_path / "plots") == sorted(f"{p}.png" for p in PANELS + ["overview"])
   assert written[-1].endswith("overview.png")
@@ -328,13 +328,13 @@ def test_plot_real_metrics(run_dir, tmp_path):
 def test_plot_skips_missing_keys_and_fails_loud(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 1, "reward/mean": 0.1}\n\n{"step": 2, "reward/mean": 0.3}\n')
-  plot_tool.plot(str(path), str(tmp_path / "out"))
+  plots.plot(str(path), str(tmp_path / "out"))
   assert _pngs(tmp_path / "out") == ["overview.png", "reward.png"]
   recs = [{"step": 1, "lld/nonpreserving_logp": 0.0, "reward/mean": 0.0},
           {"step": 2, "lld/nonpreserving_logp": -2.5, "reward/mean": "inf"}, {"step": 3}]
-  assert np.isnan(plot_tool.series(recs, "lld/nonpreserving_logp")[1]).tolist() == [True, False]
-  assert plot_tool.series(recs, "reward/mean")[1][0] == 0.0  # a zero reward is a value
-  assert np.isnan(plot_tool.series(recs, "reward/mean")[1][1])
+  assert np.isnan(plots.series(recs, "lld/nonpreserving_logp")[1]).tolist() == [True, False]
+  assert plots.series(recs, "reward/mean")[1][0] == 0.0  # a zero reward is a value
+  assert np.isnan(plots.series(recs, "reward/mean")[1][1])
   for text, match in [("", "no metric records"),
                       ('{"step": 1}\n{"step": 2, "reward/mean": 0.1\n',
                        r"metrics.jsonl:2: invalid JSON"),
@@ -342,7 +342,7 @@ def test_plot_skips_missing_keys_and_fails_loud(tmp_path):
                       ('{"step": 1, "foo": 2}\n', "none of the plotted metrics")]:
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
-      plot_tool.plot(str(path), str(tmp_path / "bad"))
+      plots.plot(str(path), str(tmp_path / "bad"))
   with pytest.raises(SystemExit, match="plot: .*no metric records"):
     path.write_text("\n")
     plot_tool.main([str(path)])

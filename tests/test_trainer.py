@@ -46,7 +46,7 @@ def uninterrupted(tmp_path_factory):
   return workdir
 
 
-def test_tiny_run_writes_metrics_and_checkpoints(uninterrupted):
+def test_tiny_run_writes_metrics_checkpoints_and_plots(uninterrupted):
   recs = mlib.read_metrics(os.path.join(uninterrupted, "metrics.jsonl"))
   assert [r["step"] for r in recs] == [1, 2, 3]
   for key in mlib.REQUIRED_KEYS:
@@ -55,6 +55,47 @@ def test_tiny_run_writes_metrics_and_checkpoints(uninterrupted):
   assert all(r["skipped_nonfinite"] == 0 for r in recs)
   assert sorted(os.listdir(os.path.join(uninterrupted, "checkpoints")))[-1] == "3"
   assert json.load(open(os.path.join(uninterrupted, "config.json")))["rl"]["llds_lambda"] == 0.2
+  plots = sorted(os.listdir(os.path.join(uninterrupted, "plots")))
+  assert {"overview.png", "reward.png", "lld.png", "losses.png"} <= set(plots), plots
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(uninterrupted, tmp_path):
+  """Two jax.distributed CPU processes × 4 devices == one process × 8 devices, same (2,2,2) mesh.
+
+  Each process rolls out its own prompt (contiguous share) with its own retriever; the rows meet in
+  one global batch. Step 1 must agree to float noise. From step 2 on only the rollout is compared:
+  on the first minibatch of a step old == current policy, so LLDS's gate is decided by ~1e-8
+  differences in summation order (gloo vs in-process collectives) and the update legitimately
+  drifts; the sampled tokens do not.
+  """
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "llds_jax.main", "--config=configs/tiny.py",
+       f"--config.workdir={tmp_path}", *FAST, "--config.total_steps=2", "--config.log.eval_every=2",
+       "--config.log.eval_limit=3", f"--coordinator_address=127.0.0.1:{port}",
+       "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=900)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  two, one = _stream(tmp_path), _stream(uninterrupted)[:2]
+  assert [r["step"] for r in two] == [1, 2]
+  for key, value in one[0].items():
+    assert two[0][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+  for key in [k for k in one[1] if k.startswith(("rollout/", "reward/"))]:
+    assert two[1][key] == pytest.approx(one[1][key], rel=1e-6), key
+  # Validation: 3 questions padded to 4 over the two processes, the repeat dropped.
+  assert two[1]["val/all/n"] == 3
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
 
 
 def test_sigkill_then_resume_matches_uninterrupted(uninterrupted, tmp_path):
@@ -92,6 +133,7 @@ def test_corrupt_newest_checkpoint_falls_back(uninterrupted, tmp_path):
     ("--config.rl.llds_gate=chunk", "rl.llds_gate"),
     ("--config.data.train=/nonexistent.parquet", "data.train"),
     ("--config.mesh.tensor=3", "config.mesh"),
+    ("--config.resume=False", "config.resume"),
 ])
 def test_bad_config_names_the_field(override, field, tmp_path):
   from llds_jax import trainer
@@ -99,9 +141,15 @@ def test_bad_config_names_the_field(override, field, tmp_path):
   from configs import tiny
   c = tiny.get_config()
   c.workdir = str(tmp_path)
+  c.mesh.update(data=2, fsdp=2, tensor=2)  # valid on the 8 test devices, as in FAST
+  c.rl.micro_batch_size = 4
+  os.makedirs(tmp_path / "checkpoints" / "2")  # a previous run's, which resume=False must not wipe
   key, value = override[len("--config."):].split("=")
-  section, name = key.split(".")
-  c[section][name] = type(c[section][name])(value)
+  if "." in key:
+    section, name = key.split(".")
+    c[section][name] = type(c[section][name])(value)
+  else:
+    c[key] = value == "True"
   with pytest.raises((ValueError, FileNotFoundError), match=field):
     trainer.validate(c)
 
