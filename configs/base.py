@@ -80,6 +80,9 @@ def get_config():
   c.rl.minibatch_size = 256  # trajectories per optimizer step (10 steps per rollout batch)
   c.rl.micro_batch_size = 64  # trajectories per gradient-accumulation micro-batch (global)
   c.rl.shuffle_minibatches = False  # official: no shuffle
+  # Rows per block of the old/reference log-prob passes over the whole rollout batch (verl's
+  # log_prob_micro_batch_size; Search-R1's scripts use 128); 0 = all rows in one call.
+  c.rl.logprob_micro_batch_size = 128
   c.rl.logprob_chunk = 256  # tokens per chunk of the fused log-prob (bounds B×chunk×V memory)
 
   c.opt = ml_collections.ConfigDict()

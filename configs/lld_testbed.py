@@ -41,6 +41,7 @@ def get_config(testbed: str = "/tmp/lld/testbed"):
   c.rollout.cache_dtype = "float32"
   c.rl.minibatch_size = 10  # 4 optimizer steps per rollout batch: LLDS acts on 3 of them
   c.rl.micro_batch_size = 10  # two whole groups, so every micro-batch has preserving rows
+  c.rl.logprob_micro_batch_size = 0  # 40 rows: one call
   c.rl.logprob_chunk = 128
   c.opt.lr = 1e-3  # raised from 1e-6: vanilla GRPO collapses by step ~20 (5e-4: ~step 60 dip)
   c.opt.warmup_steps = 5

@@ -39,6 +39,7 @@ def get_config():
   c.rollout.cache_dtype = "float32"
   c.rl.minibatch_size = 4  # 4 optimizer steps per rollout batch, so LLDS acts
   c.rl.micro_batch_size = 2
+  c.rl.logprob_micro_batch_size = 4
   c.rl.logprob_chunk = 64
   c.opt.lr = 1e-3
   c.opt.warmup_steps = 0

@@ -88,6 +88,7 @@ class StepConfig:
   num_micro: int
   chunk_size: int = 256
   temperature: float = 1.0
+  logprob_rows: int = 0  # rows per block of the old/ref log-prob pass; 0 = the whole batch at once
 
 
 def _micro_loss(params, graphdef, micro: dict, sc: StepConfig):
@@ -101,6 +102,35 @@ def _micro_loss(params, graphdef, micro: dict, sc: StepConfig):
   return total, metrics
 
 
+def _blocks(x, num: int, mesh: Mesh | None):
+  """[N, ...] → [num, N/num, ...] with the rows of every block still sharded over the mesh."""
+  x = x.reshape(num, x.shape[0] // num, *x.shape[1:])
+  if mesh is not None:
+    x = jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, P(None, ("data", "fsdp"), *([None] * (x.ndim - 2)))))
+  return x
+
+
+def blocked_logprobs(graphdef, params, batch: dict, *, resp_len: int, sc: StepConfig,
+                     mesh: Mesh | None = None):
+  """`response_logprobs` over blocks of `sc.logprob_rows` rows, one after another.
+
+  The no-grad passes (old and reference policy) see the whole rollout batch (512 × 5 rows in the
+  paper's setting); in one block their activations would dwarf the update's. Blocks bound that
+  like the official `log_prob_micro_batch_size`.
+  """
+  n = batch["input_ids"].shape[0]
+  rows = sc.logprob_rows or n
+  if n % rows:
+    raise ValueError(f"{n} rollout rows do not split into log-prob blocks of {rows} rows")
+  fn = lambda b: response_logprobs(graphdef, params, b, resp_len=resp_len,  # noqa: E731
+                                   chunk_size=sc.chunk_size, temperature=sc.temperature)
+  if rows == n:
+    return fn(batch)
+  out = jax.lax.map(fn, {k: _blocks(v, n // rows, mesh) for k, v in batch.items()})
+  return jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), out)
+
+
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, sc: StepConfig,
                mesh: Mesh | None = None) -> tuple[TrainState, dict]:
   """One optimizer update on a minibatch, accumulated over `sc.num_micro` micro-batches.
@@ -109,15 +139,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, sc: St
   over micro-batches, as the official actor does (`loss / grad_accum` then backward).
   """
   A = sc.num_micro
-
-  def split(x):
-    x = x.reshape(A, x.shape[0] // A, *x.shape[1:])
-    if mesh is not None:  # keep rows sharded inside each micro-batch
-      x = jax.lax.with_sharding_constraint(
-          x, NamedSharding(mesh, P(None, ("data", "fsdp"), *([None] * (x.ndim - 2)))))
-    return x
-
-  micros = {k: split(batch[k]) for k in BATCH_KEYS}
+  micros = {k: _blocks(batch[k], A, mesh) for k in BATCH_KEYS}
   grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
 
   def accumulate(carry, micro):
@@ -176,9 +198,8 @@ class Updater:
         out_shardings=(self.state_shardings, rep), donate_argnames=("s",))
     lp_keys = ("input_ids", "attn_mask", "positions")
     self._logprobs = jax.jit(
-        lambda p, b, resp_len: response_logprobs(graphdef, p, b, resp_len=resp_len,
-                                                 chunk_size=step_cfg.chunk_size,
-                                                 temperature=step_cfg.temperature),
+        lambda p, b, resp_len: blocked_logprobs(graphdef, p, b, resp_len=resp_len, sc=step_cfg,
+                                                mesh=mesh),
         in_shardings=(self.param_shardings, {k: self.batch_shardings[k] for k in lp_keys}),
         out_shardings=(row(2), row(2)), static_argnums=2)
     self.lp_keys = lp_keys

@@ -68,6 +68,10 @@ def validate(c) -> None:
   if per_micro % row_shards:
     raise ValueError(f"config.rl.micro_batch_size={per_micro} must be a multiple of the mesh's "
                      f"data × fsdp = {row_shards} row shards")
+  lp_rows = c.rl.logprob_micro_batch_size
+  if lp_rows < 0 or (lp_rows and (rows % lp_rows or lp_rows % row_shards)):
+    raise ValueError(f"config.rl.logprob_micro_batch_size={lp_rows} must divide the rollout rows "
+                     f"({rows}) and be a multiple of the mesh's {row_shards} row shards (0 = off)")
   nproc = jax.process_count()  # every host rolls out an equal, contiguous share of the prompts
   if c.rollout.prompts % nproc:
     raise ValueError(f"config.rollout.prompts={c.rollout.prompts} must divide over {nproc} hosts")
@@ -124,25 +128,30 @@ def step_config(c) -> StepConfig:
   rl["agg"] = rl["agg"] or None
   return StepConfig(loss=losses.LossConfig.from_config(rl),
                     num_micro=c.rl.minibatch_size // c.rl.micro_batch_size,
-                    chunk_size=c.rl.logprob_chunk, temperature=c.rollout.temperature or 1.0)
+                    chunk_size=c.rl.logprob_chunk, temperature=c.rollout.temperature or 1.0,
+                    logprob_rows=c.rl.logprob_micro_batch_size)
 
 
-def build_batch(ro, adv_N: np.ndarray, answer_weight_NxR: np.ndarray) -> dict:
+def build_batch(ro, adv_N: np.ndarray, answer_weight_NxR: np.ndarray,
+                max_len: int | None = None) -> dict:
   """`[left-padded prompt | right-padded response]` rows; P and R bucketed to bound recompiles.
 
-  P and R are agreed over processes: every host's rows go into one global array.
+  P and R are agreed over processes: every host's rows go into one global array. Bucketing both
+  could make rows longer than the rollout's `max_len` (e.g. 384 + 4096 for a 4096 context); then
+  R is cut back to `max_len − P`, or to the longest response rounded up to 64 if that is longer.
   """
   n = len(adv_N)
-  P, R = hosts.agree_max(bucket(int(ro.prompt_len.max())),
-                         bucket(max(int(ro.response_len.max()), 1)))
+  longest = max(int(ro.response_len.max()), 1)
+  P, R, longest = hosts.agree_max(bucket(int(ro.prompt_len.max())), bucket(longest), longest)
+  if max_len and P + R > max_len:
+    R = max(max_len - P, -(-longest // 64) * 64)
   ids = np.zeros((n, P + R), np.int32)
   attn = np.zeros((n, P + R), np.int32)
   for i in range(n):
     p, r = int(ro.prompt_len[i]), int(ro.response_len[i])
     ids[i, P - p:P], ids[i, P:P + r] = ro.prompt_ids[i, :p], ro.response_ids[i, :r]
     attn[i, P - p:P + r] = 1
-  width = ro.response_ids.shape[1]
-  pad = lambda x: np.pad(x, ((0, 0), (0, R - width)))  # noqa: E731
+  pad = lambda x: np.pad(x[:, :R], ((0, 0), (0, R - min(x.shape[1], R))))  # noqa: E731
   return dict(input_ids=ids, attn_mask=attn, positions=np.maximum(np.cumsum(attn, 1) - 1, 0),
               loss_mask=pad(ro.loss_mask).astype(np.float32), adv=adv_N.astype(np.float32),
               answer_weight=pad(answer_weight_NxR).astype(np.float32))
@@ -225,7 +234,7 @@ def train(c) -> list[dict]:
     adv_N = np.asarray(losses.grpo_advantages(reward_all, group_all))[mine]
     beta = answer_beta(c, float(hosts.gather_rows(ro.valid_searches).mean()))
     answer_w = np.where(ro.answer_mask > 0, beta, 1.0)
-    host_batch = build_batch(ro, adv_N, answer_w)
+    host_batch = build_batch(ro, adv_N, answer_w, max_len=c.rollout.max_context)
     progress = (lambda s: tqdm.tqdm(s, desc="update", leave=False)) if c.log.progress else None
     shuffle = c.seed * 7919 + step if c.rl.shuffle_minibatches else None
     state, per_mb, batch_stats = update_phase(updater, state, host_batch, ref_params,

@@ -40,11 +40,12 @@ def fake_batch(seed=0, n=N):
               answer_weight=np.ones((n, R), np.float32))
 
 
-def _updater(mesh_shape, lr=1e-3, num_micro=2, **loss_kw):
+def _updater(mesh_shape, lr=1e-3, num_micro=2, cfg=CFG, logprob_rows=0, **loss_kw):
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(list(mesh_shape.values())))])
-  model = sharding.init_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), mesh)
+  model = sharding.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
   graphdef, params = nnx.split(model)
-  sc = StepConfig(loss=losses.LossConfig(**loss_kw), num_micro=num_micro, chunk_size=4)
+  sc = StepConfig(loss=losses.LossConfig(**loss_kw), num_micro=num_micro, chunk_size=4,
+                  logprob_rows=logprob_rows)
   up = Updater(graphdef, jax.eval_shape(lambda: params), opt=_opt(lr), step_cfg=sc, mesh=mesh)
   return up, up.init_state(params), params
 
@@ -64,6 +65,23 @@ def test_sharded_equals_single_device():
     results.append(_host(state.params))
   for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_remat_and_blocked_logprobs_give_the_same_update():
+  """Rematerialized blocks and a log-prob pass in row blocks change memory, not results."""
+  import dataclasses
+  shape = {"data": 2, "fsdp": 2, "tensor": 2}
+  results = []
+  for remat, rows in (("none", 0), ("full", 4), ("dots", 4)):
+    up, state, ref = _updater(shape, cfg=dataclasses.replace(CFG, remat=remat), logprob_rows=rows,
+                              llds_lambda=0.0)
+    batch = fake_batch()
+    placed = {k: jax.device_put(v, up.batch_shardings[k]) for k, v in batch.items()}
+    results.append((_host(up.logprobs(state.params, placed)),
+                    _host(update_phase(up, state, batch, ref, minibatch=4)[0].params)))
+  for got in results[1:]:
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(got)):
+      np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_nonfinite_update_is_skipped_and_counted():

@@ -170,3 +170,29 @@ def test_lld_monitor_warns_on_sustained_fall_and_degeneration(caplog):
   with caplog.at_level("WARNING"):
     mon.update(8, -1.0, 0.75)
   assert any("degenerate" in r.message for r in caplog.records)
+
+
+def test_build_batch_layout_and_length_cap():
+  import types
+
+  import numpy as np
+  from llds_jax import trainer
+  rng = np.random.RandomState(0)
+  plen, rlen = np.array([5, 40]), np.array([300, 7])
+  ro = types.SimpleNamespace(
+      prompt_len=plen, response_len=rlen, prompt_ids=rng.randint(1, 99, (2, 40)),
+      response_ids=rng.randint(1, 99, (2, 320)), loss_mask=np.ones((2, 320)),
+  )
+  adv, weight = np.array([0.5, -0.5]), np.full((2, 320), 0.2)
+  free = trainer.build_batch(ro, adv, weight)
+  capped = trainer.build_batch(ro, adv, weight, max_len=320)
+  # Buckets: P = 48, R = 384 uncapped (432 > 320); capped R = max(320 − 48, 300 → 320) = 320.
+  assert free["input_ids"].shape == (2, 48 + 384)
+  assert capped["input_ids"].shape == (2, 48 + 320) and capped["loss_mask"].shape == (2, 320)
+  for b in (free, capped):
+    P = b["input_ids"].shape[1] - b["loss_mask"].shape[1]
+    for i in range(2):
+      np.testing.assert_array_equal(b["input_ids"][i, P - plen[i]:P], ro.prompt_ids[i, :plen[i]])
+      np.testing.assert_array_equal(b["input_ids"][i, P:P + rlen[i]], ro.response_ids[i, :rlen[i]])
+      assert b["attn_mask"][i].sum() == plen[i] + rlen[i]
+      assert b["positions"][i, P + rlen[i] - 1] == plen[i] + rlen[i] - 1
