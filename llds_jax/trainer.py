@@ -157,6 +157,25 @@ def build_batch(ro, adv_N: np.ndarray, answer_weight_NxR: np.ndarray,
               answer_weight=pad(answer_weight_NxR).astype(np.float32))
 
 
+def compute_dtype_weights(c, param_shardings):
+  """params → the rollout's copy: matrices in the compute dtype, same shards.
+
+  Decoding reads every weight once per generated token, so with float32 master weights and
+  bfloat16 compute it would move twice the bytes it needs. Every matmul casts its weight to the
+  compute dtype anyway, so casting once per rollout is exact; norms and biases (1-D) stay as
+  they are because the model applies them in float32.
+  """
+  dtype = jnp.dtype(c.model.dtype)
+  if dtype == jnp.dtype(c.model.param_dtype):
+    return lambda params: params
+
+  def cast(x):
+    floating = jnp.issubdtype(x.dtype, jnp.floating)
+    return x.astype(dtype) if floating and x.ndim >= 2 else x
+
+  return jax.jit(lambda params: jax.tree.map(cast, params), out_shardings=param_shardings)
+
+
 def answer_beta(c, mean_valid_searches: float) -> float:
   """LLDS-MA β for this step (PAPER.md §B.4); 1.0 (no effect) when mask_answer is off."""
   if not c.rl.mask_answer:
@@ -192,6 +211,7 @@ def train(c) -> list[dict]:
   updater = Updater(graphdef, jax.eval_shape(lambda: params), opt=c.opt, step_cfg=step_config(c),
                     mesh=mesh)
   state = updater.init_state(params)
+  sampling_weights = compute_dtype_weights(c, updater.param_shardings)
   ckpt = checkpoint.Checkpointer(os.path.join(c.workdir, "checkpoints"), keep=c.ckpt.keep,
                                  async_save=c.ckpt.async_save)
   start = 0
@@ -221,7 +241,7 @@ def train(c) -> list[dict]:
     if too_long:
       raise ValueError(f"step {step}: prompt of {too_long[0]} tokens exceeds "
                        f"config.rollout.max_prompt_tokens={c.rollout.max_prompt_tokens}")
-    policy = nnx.merge(graphdef, state.params)
+    policy = nnx.merge(graphdef, sampling_weights(state.params))
     ro = rollout(policy, tokenizer, retriever, prompts, group_size=c.rollout.group_size, cfg=rcfg,
                  seed=c.seed * 1_000_003 + step, mesh=mesh, progress=c.log.progress)
     t_roll = time.perf_counter() - t0
@@ -253,7 +273,7 @@ def train(c) -> list[dict]:
       ckpt.save(done, state, {"data": it.state(), "step": done})
     if val and c.log.eval_every and (done % c.log.eval_every == 0 or done == c.total_steps):
       table, _ = evaluation.evaluate(
-          nnx.merge(graphdef, state.params), tokenizer, retriever, val,
+          nnx.merge(graphdef, sampling_weights(state.params)), tokenizer, retriever, val,
           rollout_cfg=evaluation.eval_rollout_config(rcfg, max_turns=c.log.eval_max_turns),
           batch_size=max(c.rollout.prompts, 1), mesh=mesh, seed=c.seed, progress=c.log.progress)
       m.update({f"val/{src}/{k}": v for src, row in table.items() for k, v in row.items()})

@@ -196,3 +196,27 @@ def test_build_batch_layout_and_length_cap():
       np.testing.assert_array_equal(b["input_ids"][i, P:P + rlen[i]], ro.response_ids[i, :rlen[i]])
       assert b["attn_mask"][i].sum() == plen[i] + rlen[i]
       assert b["positions"][i, P + rlen[i] - 1] == plen[i] + rlen[i] - 1
+
+
+def test_sampling_weights_in_compute_dtype_are_exact():
+  import jax
+  import ml_collections
+  import numpy as np
+  from flax import nnx
+  from llds_jax import sharding, trainer
+  from llds_jax.model import ModelConfig, Transformer
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=8, dtype="bfloat16", param_dtype="float32",
+                    attention_bias=True)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  graphdef, params = nnx.split(sharding.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)),
+                                                     mesh))
+  c = ml_collections.ConfigDict({"model": {"dtype": "bfloat16", "param_dtype": "float32"}})
+  cast = trainer.compute_dtype_weights(c, sharding.state_shardings(params, mesh))(params)
+  dtypes = {str(x.dtype) for x in jax.tree.leaves(cast) if x.ndim >= 2}
+  assert dtypes == {"bfloat16"}
+  assert {str(x.dtype) for x in jax.tree.leaves(cast) if x.ndim == 1} == {"float32"}
+  ids = np.random.RandomState(0).randint(0, 64, (4, 12))
+  want = nnx.merge(graphdef, params)(ids)
+  got = nnx.merge(graphdef, cast)(ids)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
