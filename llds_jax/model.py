@@ -12,6 +12,8 @@ position -1. A query attends to a key iff `0 <= pos_k <= pos_q`. Because positio
 row, this is the causal mask for left-padded, right-padded and ragged-append batches alike. The
 cache stores keys/values in per-row slots together with each slot's position, so the rollout can
 append observation tokens to each row at its own offset without re-prefilling.
+Long inputs attend in blocks of `attn_chunk` queries (`_attention`); the residual stream is pinned
+to row sharding (`sharding.constrain`) after the embedding lookup and after every block.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
+
+from llds_jax import sharding as shd
 
 ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully-masked rows give no NaN
@@ -52,10 +57,12 @@ class ModelConfig:
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
   pad_token_id: int | None = None
-  # Ours, not HF: storage dtype of params, compute dtype of matmuls, block rematerialization.
+  # Ours, not HF: storage dtype of params, compute dtype of matmuls, block rematerialization,
+  # and the query block of attention over longer inputs (0 = all queries at once).
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: str = "none"  # none | full | dots (save matmul outputs)
+  attn_chunk: int = 512
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
@@ -66,6 +73,8 @@ class ModelConfig:
       raise ValueError(f"head_dim={self.head_dim} must be even for rotate-half RoPE")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"ModelConfig.remat={self.remat!r}: expected none | full | dots")
+    if self.attn_chunk < 0:
+      raise ValueError(f"ModelConfig.attn_chunk={self.attn_chunk} must be ≥ 0 (0 = off)")
     rope_type = dict(self.rope_scaling or {}).get("rope_type", "default")
     if rope_type not in ("default", "linear", "llama3"):
       raise ValueError(f"rope_scaling rope_type={rope_type!r} is not supported (default, linear, llama3)")
@@ -281,14 +290,41 @@ class Block(nnx.Module):
       keys = _scatter_rows(k_buf, k, slot_BxT)
       values = _scatter_rows(v_buf, v, slot_BxT)
       new_kv = (keys, values)
-    attn = _attention(q, keys.astype(dt), values.astype(dt), pos_BxT, kpos_BxS)
+    attn = _attention(q, keys.astype(dt), values.astype(dt), pos_BxT, kpos_BxS, cfg.attn_chunk)
     x_BxTxD = x_BxTxD + jnp.einsum("bthk,hkd->btd", attn, w(self.o))
     h = rms_norm(x_BxTxD, self.mlp_norm[...], cfg.rms_norm_eps)
     ff = jax.nn.silu(h @ w(self.gate)) * (h @ w(self.up))
     return x_BxTxD + ff @ w(self.down), new_kv
 
 
-def _attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, qpos_BxT, kpos_BxS):
+def _attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, qpos_BxT, kpos_BxS, chunk: int = 0):
+  """Position-masked softmax attention; with T > `chunk` > 0, one block of queries at a time.
+
+  Each of N blocks (C ≤ chunk queries, padding < N) attends to every key under the same mask, so
+  the result is the dense one up to rounding. A `lax.map` under `jax.checkpoint` keeps one block's
+  `B×H×C×S` float32 scores alive, and the backward pass recomputes them block by block.
+  """
+  B, T, H, Dh = q_BxTxHxDh.shape
+  if not chunk or T <= chunk:
+    return _dense_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, qpos_BxT, kpos_BxS)
+  n = -(-T // chunk)
+  c = -(-T // n)
+  pad = n * c - T
+  # Padded queries get position -1: they see no key, stay finite and are sliced off (no gradient).
+  q_BxTxHxDh = jnp.pad(q_BxTxHxDh, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  qpos_BxT = jnp.pad(qpos_BxT, ((0, 0), (0, pad)), constant_values=-1)
+  q_NxBxCxHxDh = jnp.swapaxes(q_BxTxHxDh.reshape(B, n, c, H, Dh), 0, 1)
+  qpos_NxBxC = jnp.swapaxes(qpos_BxT.reshape(B, n, c), 0, 1)
+
+  @jax.checkpoint
+  def block(xs):
+    return _dense_attention(xs[0], k_BxSxKxDh, v_BxSxKxDh, xs[1], kpos_BxS)
+
+  out_NxBxCxHxDh = lax.map(block, (q_NxBxCxHxDh, qpos_NxBxC))
+  return jnp.swapaxes(out_NxBxCxHxDh, 0, 1).reshape(B, n * c, H, Dh)[:, :T]
+
+
+def _dense_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, qpos_BxT, kpos_BxS):
   B, T, H, Dh = q_BxTxHxDh.shape
   K = k_BxSxKxDh.shape[2]
   q = q_BxTxHxDh.reshape(B, T, K, H // K, Dh)
@@ -333,6 +369,10 @@ class Transformer(nnx.Module):
     pos_BxT = jnp.where(valid_BxT, positions_BxT, -1).astype(jnp.int32)
     inv_freq = rope_inv_freq(cfg)
     x = self.embed[...].astype(jnp.dtype(cfg.dtype))[tokens_BxT]
+    # Rows over (data, fsdp), D whole: otherwise the table's D-sharding flows into every
+    # activation after the lookup, and FSDP turns into all-reducing full-batch activations.
+    act = ("batch", "length", "act_embed")
+    x = shd.constrain(x, act)
     if cache is not None:
       slot_BxT = _write_slots(valid_BxT, cache.end_B, cache.slots)
       kpos_BxS = _scatter_rows(cache.pos_BxS, pos_BxT, slot_BxT)
@@ -340,6 +380,7 @@ class Transformer(nnx.Module):
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i], kpos_BxS, slot_BxT)
       x, layer_kv = _maybe_remat(layer, cfg.remat)(x, pos_BxT, inv_freq, kv)
+      x = shd.constrain(x, act)  # and again per block, so the backward pass keeps it too
       if cache is not None:
         new_k.append(layer_kv[0])
         new_v.append(layer_kv[1])
@@ -363,4 +404,12 @@ def _maybe_remat(layer: Block, policy: str):
     return layer
   # "dots" keeps matmul outputs and recomputes the cheap elementwise ops; "full" keeps only inputs.
   pol = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots" else None
-  return functools.partial(nnx.remat(Block.__call__, policy=pol), layer)
+  # Plain jax.checkpoint over the layer's split state: `nnx.remat` refuses to run when the step
+  # nests a trace around the model (train_step's eval_shape of the micro-batch loss inside jit).
+  graphdef, state = nnx.split(layer)
+
+  @functools.partial(jax.checkpoint, policy=pol)
+  def run(state, *args):
+    return nnx.merge(graphdef, state)(*args)
+
+  return functools.partial(run, state)

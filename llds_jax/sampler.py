@@ -314,6 +314,9 @@ def _widen(full: KVCache, part: KVCache) -> KVCache:
                  pos_BxS=put(full.pos_BxS, part.pos_BxS), end_B=part.end_B)
 
 
+# OnMesh without a mesh: each call traces under the mesh its arrays are sharded on (none on one
+# device), so the model keeps rows sharded in the rollout and in the dry run's `lower` alike.
+@shd.OnMesh
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "view"), donate_argnames=("state",))
 def feed(graphdef, params, state: SamplingState, tokens_BxT, len_B, limit_B, table_QxMxV,
          cfg: SampleConfig, view: int | None = None) -> SamplingState:
@@ -336,6 +339,7 @@ def feed(graphdef, params, state: SamplingState, tokens_BxT, len_B, limit_B, tab
   return _record(state, tok_B, logp_B, active_B, table_QxMxV, cfg)
 
 
+@shd.OnMesh
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "view"), donate_argnames=("state",))
 def decode(graphdef, params, state: SamplingState, table_QxMxV, cfg: SampleConfig,
            view: int | None = None) -> SamplingState:

@@ -2,11 +2,18 @@
 
 Mesh axes: `data` (pure data parallel), `fsdp` (data parallel + parameter sharding), `tensor`
 (Megatron-style head/mlp/vocab split). Weights declare logical axes (`model.py`); activations are
-constrained only at a few named points (the batch of the train step and the sampler).
+constrained only at a few named points (`constrain`: the model's residual stream, the batch of the
+train step and the sampler).
+
+`constrain` reads the mesh from context (`jax.set_mesh`) while tracing, so the model needs no mesh
+argument and stays mesh-free on one device. Jitted callers activate it with `OnMesh`, around both
+calls and `lower` (jit's cache is keyed on the context mesh, so the two never share a trace).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -28,6 +35,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("norm", None),
     ("length", None),
+    ("act_embed", None),  # the residual stream's D: whole on every device, rows split instead
 )
 
 
@@ -117,3 +125,49 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], rules=DEFAULT_RULES) -> jax.Array:
+  """Pin an activation to the layout its logical axes give on the active mesh; no mesh: no-op.
+
+  Without it the partitioner lets the embedding table's `embed -> fsdp` layout flow into the
+  residual stream: every device then holds all rows with a slice of D and all-reduces full-batch
+  activations. Axes that do not divide (e.g. a 1-row call on 8 row shards) are replicated.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, rules))
+
+
+def mesh_of(tree) -> Mesh | None:
+  """The mesh of the first leaf placed by a NamedSharding (arrays or ShapeDtypeStructs), if any."""
+  for leaf in jax.tree.leaves(tree):
+    s = getattr(leaf, "sharding", None)
+    if isinstance(s, NamedSharding) and isinstance(s.mesh, Mesh):
+      return s.mesh
+  return None
+
+
+class OnMesh:
+  """A jitted function that is called and lowered with a mesh active, so `constrain` applies.
+
+  `mesh=None` takes the mesh from the arguments (`mesh_of`): a call on unsharded arrays then
+  traces without a mesh, exactly as before.
+  """
+
+  def __init__(self, jitted, mesh: Mesh | None = None):
+    self._jitted, self._mesh = jitted, mesh
+    functools.update_wrapper(self, jitted, updated=())
+
+  def _context(self, args, kwargs):
+    mesh = self._mesh if self._mesh is not None else mesh_of((args, kwargs))
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+  def __call__(self, *args, **kwargs):
+    with self._context(args, kwargs):
+      return self._jitted(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with self._context(args, kwargs):
+      return self._jitted.lower(*args, **kwargs)

@@ -203,6 +203,8 @@ class Updater:
         in_shardings=(self.param_shardings, {k: self.batch_shardings[k] for k in lp_keys}),
         out_shardings=(row(2), row(2)), static_argnums=2)
     self.lp_keys = lp_keys
+    # The model pins its activations to row sharding only while a mesh is active (shd.constrain).
+    self._step, self._logprobs = shd.OnMesh(self._step, mesh), shd.OnMesh(self._logprobs, mesh)
     kl = bool(step_cfg.loss.kl_coef)
     self._lld_stats = jax.jit(
         lambda old, adv, mask, ref: losses.lld_stats(old, adv, mask, ref if kl else None))

@@ -107,6 +107,10 @@ def test_config_roundtrip_and_rope_forms():
                                 num_key_value_heads=1).to_dict()
   cfg = ModelConfig.from_hf(hf)
   assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+  # Our own fields (here the attention query block) never reach config.json.
+  chunked = ModelConfig.from_hf(hf, attn_chunk=64)
+  assert chunked.to_hf() == cfg.to_hf() and "attn_chunk" not in json.dumps(cfg.to_hf())
+  assert ModelConfig.from_hf(chunked.to_hf(), attn_chunk=64) == chunked
   old_style = dict(hf)
   old_style.pop("rope_parameters", None)
   old_style["rope_theta"] = cfg.rope_theta
