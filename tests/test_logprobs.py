@@ -141,3 +141,44 @@ def test_rejects_bad_shapes():
     logprobs.token_logprobs(hidden, unembed, targets[:, :-1])
   with pytest.raises(ValueError):
     logprobs.token_logprobs(hidden, unembed, targets, chunk_size=0)
+
+
+def _collectives_by_place(hlo: str) -> tuple[list[int], list[int]]:
+  """Element counts of all-reduce / reduce-scatter results inside while-loop bodies, and outside."""
+  import math
+  import re
+  bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+  inside, outside, current = [], [], None
+  for line in hlo.splitlines():
+    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if head:
+      current = head.group(1)
+    op = re.search(r"= (\w+)\[([\d,]*)\][^ ]* (all-reduce|all-reduce-start|reduce-scatter)\(", line)
+    if op:
+      size = math.prod(int(d) for d in op.group(2).split(",") if d)
+      (inside if current in bodies else outside).append(size)
+  return inside, outside
+
+
+def test_unembedding_gradient_is_reduced_once_not_per_chunk():
+  """Row-sharded dW partial sums: one reduction after the chunk scan, same gradients."""
+  from llds_jax import sharding
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  b, t, d, v = 8, 64, 32, 256
+  rng = np.random.RandomState(0)
+  rows = NamedSharding(mesh, P(("data", "fsdp")))
+  h = jax.device_put(rng.randn(b, t, d).astype(np.float32), rows)
+  w = jax.device_put(rng.randn(d, v).astype(np.float32) * 0.1,
+                     NamedSharding(mesh, P("fsdp", "tensor")))
+  y = jax.device_put(rng.randint(0, v, (b, t)), rows)
+  loss = lambda h, w: jnp.sum(logprobs.token_logprobs(h, w, y, chunk_size=8)[0])  # noqa: E731
+  grad = jax.jit(jax.grad(loss, (0, 1)))
+  on_mesh = sharding.OnMesh(grad, mesh)
+  inside, outside = _collectives_by_place(on_mesh.lower(h, w).compile().as_text())
+  dw_per_device = d * v // 2  # vocab split over tensor=2
+  assert max(inside, default=0) < dw_per_device, inside  # no dW-sized reduction per chunk
+  assert max(outside, default=0) >= dw_per_device, outside  # ...but one after the scan
+  # Without a mesh context the partitioner reduces dW on every chunk: the test can tell.
+  assert max(_collectives_by_place(grad.lower(h, w).compile().as_text())[0]) >= dw_per_device
+  for a, b_ in zip(on_mesh(h, w), grad(h, w)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-5)
