@@ -1,6 +1,6 @@
 """Data: Search-R1 template, parquet reader and its errors, resumable iterator, prompt encoding, assets."""
 
-import importlib.util
+import tool_loader
 import json
 import os
 
@@ -163,10 +163,7 @@ def test_asset_paths(tmp_path, monkeypatch):
 
 
 def _fetch_assets_module():
-  spec = importlib.util.spec_from_file_location("fetch_assets", os.path.join(ROOT, "tools", "fetch_assets.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return tool_loader.load("tools/fetch_assets.py", "fetch_assets")
 
 
 def test_fanoutqa_conversion(tmp_path):

@@ -5,7 +5,7 @@ tests. Evaluation EM is checked on a hand-built "bigram" model whose greedy outp
 `<answer> Paris </answer>`, so per-source EM is known exactly from the fixture's gold answers.
 """
 
-import importlib.util
+import tool_loader
 import json
 import os
 import shutil
@@ -36,11 +36,7 @@ EXPECTED = {  # source: (n, em, f1); "Paris" vs "Paris France" has F1 2/3
     "all": (6, 0.5, 11 / 18)}
 
 
-def _load(path, name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+_load = tool_loader.load
 
 
 export_hf = _load("tools/export_hf.py", "export_hf")
@@ -53,6 +49,7 @@ def _config(workdir=""):
   c = _load("configs/tiny.py", "tiny_config").get_config()
   c.workdir = str(workdir)
   c.total_steps = 1
+  c.model.format_warmup_steps = 0
   c.rollout.prompts, c.rollout.group_size, c.rollout.max_turns = 2, 4, 1
   c.rollout.max_turn_tokens, c.rollout.max_obs_tokens = 12, 24
   c.rl.minibatch_size = c.rl.micro_batch_size = 4

@@ -1,0 +1,194 @@
+"""tools/dry_run.py and llds_jax/roofline.py on 8 simulated CPU devices.
+
+The dry run of a tiny config must report exactly the memory of the step the trainer compiles
+from real arrays; the HLO parser must find known collectives and matmul FLOPs (weighted by loop
+trip counts); the roofline must reproduce hand-computed predictions.
+"""
+
+import tool_loader
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from llds_jax import roofline, sharding
+from llds_jax.model import Transformer
+from llds_jax.train_step import BATCH_KEYS, Updater
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+_load = tool_loader.load
+
+
+dry_run = _load("tools/dry_run.py", "dry_run_tool")
+
+
+def _tiny_pod():
+  """configs/tiny.py on a 2×2×2 mesh with pod-style sections (hardware, micro-batches)."""
+  c = _load("configs/tiny.py", "tiny_config").get_config()
+  c.mesh.data = c.mesh.fsdp = c.mesh.tensor = 2
+  c.rl.minibatch_size, c.rl.micro_batch_size = 8, 4
+  c.rollout.max_turn_tokens, c.rollout.max_obs_tokens, c.rollout.max_context = 16, 24, 256
+  return c
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+  c = _tiny_pod()
+  return c, dry_run.run(c, devices=jax.devices()[:8], prompt_tokens=40, chip="v5p",
+                        log=lambda _: None)
+
+
+def test_dry_run_compiles_every_program_and_predicts(tiny_run):
+  _, out = tiny_run
+  assert out["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  # P = bucket(40) = 48; worst response 3·16 + 2·24 = 96 ≤ cap − 1 = 143 → R = bucket(96) = 96.
+  assert (out["shapes"]["P"], out["shapes"]["R"], out["shapes"]["cap"]) == (48, 96, 144)
+  assert out["shapes"]["views"] == [144, 144, 144]  # MIN_VIEW 256 > cap
+  for name in dry_run.PROGRAMS:
+    p = out["programs"][name]
+    assert p["memory"]["argument"] > 0 and p["dot_flops"] > 0, name
+  # The update step's matmuls run once per micro-batch: the HLO count is 2× one body's.
+  assert out["programs"]["train_step"]["dot_flops"] > out["programs"]["train_step"]["xla_flops"]
+  assert out["programs"]["train_step"]["collectives"]["all-reduce"]["count"] > 0
+  pred = out["prediction"]
+  assert pred["chip"] == "v5p" and pred["step_s"] > 0
+  assert pred["counts"]["update_steps"] == 16 // 8
+  assert all(pred["memory"][k]["fits"] for k in dry_run.PROGRAMS)
+  assert "PREDICTED on v5p" in dry_run.report(out)
+
+
+def test_dry_run_memory_equals_the_real_compiled_step(tiny_run):
+  c, out = tiny_run
+  mesh = sharding.make_mesh(dict(c.mesh), jax.devices()[:8])
+  cfg = dry_run.model_config(c)
+  model = sharding.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+  graphdef, params = nnx.split(model)
+  from llds_jax import trainer
+  up = Updater(graphdef, jax.eval_shape(lambda: params), opt=c.opt,
+               step_cfg=trainer.step_config(c), mesh=mesh)
+  state = up.init_state(params)
+  s, mb = out["shapes"], c.rl.minibatch_size
+  ints = ("input_ids", "attn_mask", "positions")
+  host = {k: np.zeros((mb,) if k == "adv" else (mb, s["L"] if k in ints else s["R"]),
+                      np.int32 if k in ints else np.float32) for k in BATCH_KEYS}
+  batch = {k: jax.device_put(v, up.batch_shardings[k]) for k, v in host.items()}
+  real = up._step.lower(state, batch).compile().memory_analysis()
+  dry = out["programs"]["train_step"]["memory"]
+  for k in ("argument", "output", "alias", "temp"):
+    assert dry[k] == getattr(real, f"{k}_size_in_bytes"), k
+  # The reported sizes are per device: the arguments are exactly this device's shards.
+  shard_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves((state, batch)))
+  assert dry["argument"] == shard_bytes
+  assert out["resident"]["train_state"] == sum(
+      x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state))
+
+
+def _mesh8():
+  return jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+
+
+def test_collective_parser_on_a_known_all_reduce_in_a_loop():
+  mesh = _mesh8()
+
+  @jax.jit
+  def f(a_MxK, b_KxN):
+    def body(a, _):  # contraction over the sharded K: one all-reduce of the M×N partials
+      a = a * 2.0  # the carry feeds the matmul, so XLA cannot hoist the all-reduce out of the loop
+      part = jax.shard_map(lambda x, y: jax.lax.psum(x @ y, "x"), mesh=mesh,
+                           in_specs=(P(None, "x"), P("x", None)), out_specs=P(),
+                           check_vma=False)(a, b_KxN)
+      return a, part
+    return jax.lax.scan(body, a_MxK, None, length=3)[1]
+
+  a = jax.ShapeDtypeStruct((64, 128), jnp.float32, sharding=NamedSharding(mesh, P(None, "x")))
+  b = jax.ShapeDtypeStruct((128, 32), jnp.float32, sharding=NamedSharding(mesh, P("x", None)))
+  stats = roofline.hlo_stats(f.lower(a, b).compile().as_text(), 8)
+  ar = stats["collectives"]["all-reduce"]
+  assert ar["count"] == 1 and ar["weighted_count"] == 3  # one instruction, run 3 times
+  assert ar["max_group"] == 8
+  assert ar["operand_bytes"] == 3 * 64 * 32 * 4
+  assert ar["link_bytes"] == pytest.approx(3 * 2 * 64 * 32 * 4 * 7 / 8)
+  assert stats["dot_flops"] == 3 * 2 * 64 * (128 // 8) * 32  # per device, per iteration × 3
+  assert all(v["count"] == 0 for k, v in stats["collectives"].items() if k != "all-reduce")
+
+
+def test_collective_parser_all_gather_and_loop_free_flops_match_xla():
+  mesh = _mesh8()
+
+  @jax.jit
+  def g(x_NxD, w_DxF):
+    full = jax.shard_map(lambda x: jax.lax.all_gather(x, "x", tiled=True), mesh=mesh,
+                         in_specs=P("x", None), out_specs=P(), check_vma=False)(x_NxD)
+    return full @ w_DxF
+
+  x = jax.ShapeDtypeStruct((256, 64), jnp.float32, sharding=NamedSharding(mesh, P("x", None)))
+  w = jax.ShapeDtypeStruct((64, 48), jnp.float32, sharding=NamedSharding(mesh, P()))
+  compiled = g.lower(x, w).compile()
+  stats = roofline.hlo_stats(compiled.as_text(), 8)
+  ag = stats["collectives"]["all-gather"]
+  assert ag["weighted_count"] == 1 and ag["result_bytes"] == 256 * 64 * 4
+  assert ag["link_bytes"] == 256 * 64 * 4 * 7 / 8
+  assert stats["dot_flops"] == 2 * 256 * 64 * 48
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  assert stats["dot_flops"] == pytest.approx(cost["flops"], rel=0.02)
+
+
+def test_shape_bytes_and_link_bytes():
+  assert roofline.shape_bytes("f32[2,3]{1,0}") == 24
+  assert roofline.shape_bytes("(s32[], bf16[4]{0})") == 12
+  assert roofline.link_bytes("all-reduce", 800, 800, 4) == 1200  # 2 · 800 · 3/4
+  assert roofline.link_bytes("reduce-scatter", 800, 200, 4) == 600
+  assert roofline.link_bytes("all-gather", 200, 800, 4) == 600
+  assert roofline.link_bytes("all-gather", 200, 200, 1) == 0
+
+
+def test_roofline_prediction_by_hand():
+  chip = roofline.Chip("toy", peak_flops=1e12, hbm_bytes=10e9, hbm_bw=1e11, ici_bidir_bw=4e10,
+                       links=4, source="test")
+  a = roofline.Assumptions(mfu=0.5, prefill_mfu=0.25, hbm_eff=0.5, ici_eff=0.5, headroom=0.1)
+  assert chip.ring_bw == 1e10
+  pred = roofline.predict_step(
+      chip,
+      decode=dict(dot_flops=1e9, link_bytes=1e8, hbm_bytes_per_token=[1e9, 3e9]),
+      prefill=dict(dot_flops=1e10, link_bytes=5e8, weight_bytes=1e9),
+      logprobs=dict(dot_flops=2e12, link_bytes=1e9),
+      update=dict(dot_flops=4e12, link_bytes=2e9),
+      counts=dict(decode_steps=[10, 20], fed_tokens=100, feed_calls=2, logprob_passes=2,
+                  update_steps=3),
+      resident_bytes=4e9, peaks={"train_step": 9e9, "decode": 9.5e9}, a=a)
+  # decode: memory (10·1e9 + 20·3e9)/(1e11·0.5) = 1.4 s; compute 30·1e9/1e12 = 0.03 s;
+  # collectives 30·1e8/(1e10·0.5) = 0.6 s.
+  assert pred["decode"]["memory_s"] == pytest.approx(1.4)
+  assert pred["decode"]["compute_lower_bound_s"] == pytest.approx(0.03)
+  assert pred["decode"]["collective_s"] == pytest.approx(0.6)
+  assert pred["decode"]["total_s"] == pytest.approx(2.0)
+  # prefill: max(100·1e10/(1e12·0.25) = 4 s, 2·1e9/(1e11·0.5) = 0.04 s) + 2·5e8/5e9 = 0.2 s.
+  assert pred["prefill"]["total_s"] == pytest.approx(4.2)
+  # log-probs: 2·2e12/(1e12·0.5) = 8 s + 2·1e9/5e9 = 0.4 s; update: 3·4e12/5e11 = 24 s + 1.2 s.
+  assert pred["logprobs"]["total_s"] == pytest.approx(8.4)
+  assert pred["update"]["total_s"] == pytest.approx(25.2)
+  assert pred["step_s"] == pytest.approx(2.0 + 4.2 + 8.4 + 25.2)
+  assert pred["memory"]["budget_bytes"] == pytest.approx(9e9)
+  assert pred["memory"]["train_step"]["fits"] and not pred["memory"]["decode"]["fits"]
+
+
+def test_chip_table_is_vendor_peaks():
+  v5p = roofline.CHIPS["v5p"]
+  assert (v5p.peak_flops, v5p.hbm_bw, v5p.ring_bw) == (459e12, 2765e9, 200e9)
+  assert {"v4", "v5e", "v5p", "v6e", "H100"} <= set(roofline.CHIPS)
+
+
+def test_device_count_from_config():
+  c = _tiny_pod()
+  assert dry_run.device_count(c) == 8
+  c.mesh.data = -1
+  with pytest.raises(ValueError, match="hardware.devices"):
+    dry_run.device_count(c)
+  assert dry_run.device_count(c, 16) == 16

@@ -1,0 +1,371 @@
+"""AOT dry run of a pod config: compile the trainer's programs on simulated CPU devices.
+
+  python tools/dry_run.py --config=configs/pod_qwen3b_v5p.py [--devices N] [--json out.json]
+
+Nothing is downloaded and no weight is materialized: the architecture comes from
+`config.model.path`/config.json when that file exists, else from `config.model.random`, and every
+array is a `jax.ShapeDtypeStruct` that carries the sharding the trainer gives it. Four programs
+are lowered and compiled on `sharding.make_mesh(config.mesh)` over N simulated devices (N = the
+mesh size, or --devices): the update step (`train_step.Updater`, one minibatch with its
+micro-batch scan, GRPO + LLDS + KL + entropy, AdamW, donated state), the log-prob pass (old and
+reference log-probs of the whole rollout batch), and the sampler's prefill (`sampler.feed`, the
+first turn's prompt block) and decode loop (`sampler.decode`, at the last turn's full view).
+
+For each program it prints XLA's per-device memory analysis, XLA's cost analysis (a while body
+counted once), and from the optimized HLO the trip-count-weighted matmul FLOPs and collectives
+(llds_jax/roofline.py); then a step-time and memory-fit prediction for `config.hardware.chip`.
+Measured-by-XLA numbers are for the CPU compiler: a TPU compile fuses and schedules differently.
+Every `--config.a.b=v` override works as in llds_jax/main.py. docs/scaling.md has the results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Pod config (get_config() file).",
+                                          lock_config=True)
+_DEVICES = flags.DEFINE_integer("devices", None, "Simulated devices (default: the mesh size, "
+                                "or config.hardware.devices when an axis is -1).")
+_JSON = flags.DEFINE_string("json", None, "Write every measured and predicted number here.")
+_PROGRAMS = flags.DEFINE_list("programs", "train_step,logprobs,prefill,decode",
+                              "Programs to compile.")
+_PROMPT = flags.DEFINE_integer("prompt_tokens", 384, "Longest prompt of a rollout batch (tokens, "
+                               "before bucketing); Search-R1 prompts with the Qwen chat template "
+                               "are ~200-300 tokens.")
+_DUMP = flags.DEFINE_string("dump_hlo", None, "Directory for each program's optimized HLO text.")
+_CHIP = flags.DEFINE_string("chip", None, "Chip kind for the prediction (default: "
+                            "config.hardware.chip).")
+
+
+def device_count(c, devices: int | None = None) -> int:
+  """The devices the config's mesh needs (an axis of -1 takes config.hardware.devices)."""
+  if devices:
+    return int(devices)
+  sizes = [int(v) for v in c.mesh.values()]
+  if -1 in sizes:
+    hw = c.get("hardware")
+    if not hw or not hw.get("devices"):
+      raise ValueError(f"config.mesh={dict(c.mesh)} has a -1 axis: pass --devices or set "
+                       "config.hardware.devices")
+    return int(hw.devices)
+  return math.prod(sizes)
+
+
+def simulate_devices(n: int) -> None:
+  """Point JAX at n simulated CPU devices; only effective before jax is imported."""
+  if "jax" in sys.modules:
+    raise RuntimeError("simulate_devices must run before jax is imported")
+  kept = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+  os.environ["XLA_FLAGS"] = f"{kept} --xla_force_host_platform_device_count={n}".strip()
+  os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+if __name__ == "__main__":  # the device count depends on the config, so parse flags first
+  flags.mark_flags_as_required(["config"])
+  flags.FLAGS(sys.argv)
+  simulate_devices(device_count(flags.FLAGS.config, flags.FLAGS.devices))
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from llds_jax import roofline, sampler as smp, sharding as shd, trainer  # noqa: E402
+from llds_jax.model import ModelConfig, Transformer  # noqa: E402
+from llds_jax.rollout import MIN_VIEW, STOP_STRINGS  # noqa: E402
+from llds_jax.train_step import BATCH_KEYS, Updater  # noqa: E402
+
+PROGRAMS = ("train_step", "logprobs", "prefill", "decode")
+
+
+def model_config(c) -> ModelConfig:
+  """Architecture from `model.path`/config.json if it exists, else `model.random` (offline)."""
+  path = os.path.join(c.model.path, "config.json") if c.model.path else ""
+  if path and os.path.isfile(path):
+    with open(path) as f:
+      hf = json.load(f)
+  else:
+    hf = c.model.random.to_dict()
+  extra = {"attn_chunk": c.model.attn_chunk} if "attn_chunk" in c.model else {}
+  return ModelConfig.from_hf(hf, param_dtype=c.model.param_dtype, dtype=c.model.dtype,
+                             remat=c.model.remat, **extra)
+
+
+def shapes(c, prompt_tokens: int, mesh) -> dict:
+  """Rollout and update shapes the trainer would produce for the config's worst case.
+
+  Mirrors rollout.py (cache capacity `cap`, per-turn attention views) and trainer.build_batch:
+  the prompt width P and the response width R are each bucketed, and when P + R would pass
+  `max_context` R is cut back to `max_context − P` (or to the longest response rounded up to 64,
+  if that is longer), so an update row is at most `max_context` tokens.
+  """
+  r = c.rollout
+  P = smp.bucket(prompt_tokens)
+  worst = (r.max_turns + 1) * r.max_turn_tokens + r.max_turns * r.max_obs_tokens
+  cap = min(r.max_context, P + worst)
+  longest = min(worst, cap - prompt_tokens)  # the cache holds prompt + response of a row
+  R = smp.bucket(longest)
+  if P + R > r.max_context:
+    R = max(r.max_context - P, -(-longest // 64) * 64)
+  views, total = [], P
+  for _ in range(r.max_turns + 1):  # every turn runs to its token limit
+    need = total + r.max_turn_tokens
+    views.append(min(cap, max(MIN_VIEW, 1 << (need - 1).bit_length())))
+    total = need + r.max_obs_tokens
+  rows = r.prompts * r.group_size
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  return dict(P=P, R=R, L=P + R, cap=cap, views=views, rows=rows,
+              sampler_rows=-(-rows // shards) * shards, obs_block=smp.bucket(r.max_obs_tokens + 1))
+
+
+def compute_dtype(params, dtype):
+  """The rollout's weights (trainer.compute_dtype_weights): float matrices cast, 1-D kept."""
+  dtype = jnp.dtype(dtype)
+
+  def cast(x):
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2:
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x
+
+  return jax.tree.map(cast, params)
+
+
+def _sds(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      shardings)
+
+
+def device_bytes(tree) -> float:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    itemsize = 8 if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x.dtype.itemsize
+    total += math.prod(shard) * itemsize
+  return float(total)
+
+
+def build(c, mesh, prompt_tokens: int = 384) -> dict:
+  """The abstract inputs of every program, sharded as the trainer shards them."""
+  cfg = model_config(c)
+  graphdef, abs_params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  up = Updater(graphdef, abs_params, opt=c.opt, step_cfg=trainer.step_config(c), mesh=mesh)
+  params = _sds(abs_params, up.param_shardings)
+  state = _sds(jax.eval_shape(up._init_state, abs_params), up.state_shardings)
+  s = shapes(c, prompt_tokens, mesh)
+  L, R, mb = s["L"], s["R"], c.rl.minibatch_size
+
+  def batch(rows):
+    dims = {"adv": (rows,)} | {k: (rows, L) for k in ("input_ids", "attn_mask", "positions")}
+    return {k: jax.ShapeDtypeStruct(dims.get(k, (rows, R)),
+                                    jnp.int32 if k in ("input_ids", "attn_mask", "positions")
+                                    else jnp.float32, sharding=up.batch_shardings[k])
+            for k in BATCH_KEYS}
+
+  B = s["sampler_rows"]
+  rows_of = lambda shape, dt: jax.ShapeDtypeStruct(  # noqa: E731
+      shape, dt, sharding=shd.batch_sharding(mesh, len(shape)))
+  abs_samp = jax.eval_shape(lambda: smp.init_state(
+      cfg, B, s["cap"], c.rollout.max_turn_tokens, len(STOP_STRINGS),
+      cache_dtype=c.rollout.cache_dtype or None))
+  samp = jax.tree.map(lambda x: rows_of(x.shape, x.dtype), abs_samp)
+  eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, tuple) else (cfg.eos_token_id or 0,)
+  scfg = smp.SampleConfig(c.rollout.temperature, c.rollout.top_p, c.rollout.top_k, tuple(eos))
+  table = jax.ShapeDtypeStruct((len(STOP_STRINGS), max(map(len, STOP_STRINGS)), cfg.vocab_size),
+                               jnp.int8, sharding=shd.replicated(mesh))
+  return dict(cfg=cfg, graphdef=graphdef, updater=up, params=params, state=state, shapes=s,
+              sampler_params=compute_dtype(params, cfg.dtype),
+              minibatch=batch(mb), rollout_batch=batch(s["rows"]), sampler_state=samp,
+              scfg=scfg, table=table, prompt=rows_of((B, s["P"]), jnp.int32),
+              len_B=rows_of((B,), jnp.int32))
+
+
+def lower(name: str, b: dict):
+  """The jax `Lowered` of one program, called exactly as the trainer / rollout call it."""
+  up, s = b["updater"], b["shapes"]
+  if name == "train_step":
+    return up._step.lower(b["state"], b["minibatch"])
+  if name == "logprobs":
+    rb = b["rollout_batch"]
+    return up._logprobs.lower(b["params"], {k: rb[k] for k in up.lp_keys}, s["R"])
+  if name == "prefill":
+    return smp.feed.lower(b["graphdef"], b["sampler_params"], b["sampler_state"], b["prompt"],
+                          b["len_B"], b["len_B"], b["table"], b["scfg"], s["views"][0])
+  if name == "decode":
+    return smp.decode.lower(b["graphdef"], b["sampler_params"], b["sampler_state"], b["table"],
+                            b["scfg"], s["views"][-1])
+  raise ValueError(f"--programs: unknown program {name!r}; expected one of {PROGRAMS}")
+
+
+def analyze(compiled, num_devices: int, dump: str | None = None) -> dict:
+  """Per-device memory and cost from XLA, and trip-weighted HLO statistics."""
+  text = compiled.as_text()
+  if dump:
+    with open(dump, "w") as f:
+      f.write(text)
+  mem = compiled.memory_analysis()
+  m = {k: float(getattr(mem, f"{k}_size_in_bytes")) for k in
+       ("argument", "output", "alias", "temp", "generated_code")}
+  m["peak"] = m["argument"] + m["output"] - m["alias"] + m["temp"]
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  hlo = roofline.hlo_stats(text, num_devices)
+  return dict(memory=m, xla_flops=float(cost.get("flops", 0.0)),
+              xla_bytes_accessed=float(cost.get("bytes accessed", 0.0)), **hlo)
+
+
+def run(c, *, devices=None, programs=PROGRAMS, prompt_tokens: int = 384, chip: str | None = None,
+        log=print, dump_hlo: str | None = None) -> dict:
+  """Compile `programs` for config `c` on `devices` (default: all); measured + predicted dict."""
+  devices = list(jax.devices() if devices is None else devices)
+  mesh = shd.make_mesh(dict(c.mesh), devices[:device_count(c, len(devices))])
+  b = build(c, mesh, prompt_tokens)
+  out = dict(mesh=dict(mesh.shape), devices=mesh.size, shapes=b["shapes"], programs={},
+             model=dict(params=sum(math.prod(x.shape) for x in jax.tree.leaves(b["params"])),
+                        **{k: getattr(b["cfg"], k) for k in ("num_layers", "hidden_size",
+                                                             "num_heads", "num_kv_heads")}))
+  for name in programs:
+    t0 = time.perf_counter()
+    lowered = lower(name, b)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    out["programs"][name] = dict(lower_s=t1 - t0, compile_s=t2 - t1,
+                                 **analyze(compiled, mesh.size, dump_hlo and os.path.join(
+                                     dump_hlo, f"{name}.hlo.txt")))
+    log(f"compiled {name} in {t2 - t0:.1f} s")
+  out["resident"] = dict(train_state=device_bytes(b["state"]),
+                         params=device_bytes(b["params"]),
+                         ref_params=device_bytes(b["params"]) if c.rl.kl_coef else 0.0,
+                         sampler_params=device_bytes(b["sampler_params"]),
+                         rollout_batch=device_bytes(b["rollout_batch"]),
+                         sampler_state=device_bytes(b["sampler_state"]))
+  chip = chip or (c.get("hardware") or {}).get("chip")
+  if chip:  # memory fit for whatever was compiled; the step time needs every program
+    budget = roofline.CHIPS[chip].hbm_bytes * (1 - roofline.Assumptions().headroom)
+    out["memory_fit"] = dict(chip=chip, budget_bytes=budget, **{
+        k: dict(peak_bytes=p, fits=p <= budget) for k, p in memory_peaks(out).items()})
+  if chip and all(p in out["programs"] for p in PROGRAMS):
+    out["prediction"] = predict(c, b, out, roofline.CHIPS[chip])
+  return out
+
+
+def memory_peaks(out) -> dict:
+  """Per-device bytes while each compiled program runs: its own peak plus what stays resident.
+
+  The train state and the reference weights live for the whole run; the rollout's compute-dtype
+  copy of the weights is the sampler's argument and stays referenced (trainer.train's `policy`)
+  through the update until the next rollout; the rollout batch lives through the update phase.
+  A program's arguments are already in its peak, so the log-prob pass (whose argument is the
+  policy's or the reference's weights) counts one copy of the weights less.
+  """
+  progs, res = out["programs"], out["resident"]
+  beside = {
+      "train_step": res["ref_params"] + res["rollout_batch"] + res["sampler_params"],
+      "logprobs": res["train_state"] + res["ref_params"] - res["params"] + res["rollout_batch"]
+                  + res["sampler_params"],
+      "prefill": res["train_state"] + res["ref_params"],
+      "decode": res["train_state"] + res["ref_params"]}
+  return {k: progs[k]["memory"]["peak"] + v for k, v in beside.items() if k in progs}
+
+
+def predict(c, b, out, chip) -> dict:
+  """Roofline prediction of one training step from the measured programs (see roofline.py)."""
+  cfg, s, progs, res = b["cfg"], b["shapes"], out["programs"], out["resident"]
+  tensor = out["mesh"]["tensor"]
+  rows_dev = s["sampler_rows"] / (out["devices"] / tensor)
+  compute_b = jnp.dtype(cfg.dtype).itemsize
+  # Each device streams the (gathered) weights of its tensor slice once per decoded token, and the
+  # K/V of every slot of the turn's view (attention reads the whole view, masked).
+  weight_b = out["model"]["params"] * compute_b / tensor
+  kv_b = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(
+      c.rollout.cache_dtype or cfg.dtype).itemsize
+  decode = dict(dot_flops=progs["decode"]["dot_flops"], link_bytes=progs["decode"]["link_bytes"],
+                hbm_bytes_per_token=[weight_b + rows_dev * v * kv_b for v in s["views"]])
+  pf = progs["prefill"]
+  prefill = dict(dot_flops=pf["dot_flops"] / s["P"], link_bytes=pf["link_bytes"],
+                 weight_bytes=weight_b)
+  turns = c.rollout.max_turns + 1
+  counts = dict(decode_steps=[c.rollout.max_turn_tokens] * turns,
+                fed_tokens=s["P"] + c.rollout.max_turns * s["obs_block"], feed_calls=turns,
+                logprob_passes=2 if c.rl.kl_coef else 1,
+                update_steps=c.rl.ppo_epochs * s["rows"] // c.rl.minibatch_size)
+  pred = roofline.predict_step(chip, decode=decode, prefill=prefill, logprobs=progs["logprobs"],
+                               update=progs["train_step"], counts=counts,
+                               resident_bytes=res["train_state"] + res["ref_params"],
+                               peaks=memory_peaks(out))
+  pred.update(chip=chip.name, counts=counts)
+  return pred
+
+
+def _gb(x: float) -> str:
+  return f"{x / 1e9:8.2f}"
+
+
+def report(out: dict) -> str:
+  """Readable tables: measured per program, then the prediction."""
+  s = out["shapes"]
+  lines = [f"mesh {out['mesh']} ({out['devices']} devices) · {out['model']['params'] / 1e9:.2f}B "
+           f"params · rollout rows {s['rows']} (sampler {s['sampler_rows']}) · P+R = {s['P']}+"
+           f"{s['R']} = {s['L']} · cache {s['cap']} slots · turn views {s['views']}",
+           "", "MEASURED by XLA (CPU compiler, per device; GB = 1e9 bytes; FLOPs per call)",
+           f"{'program':<11}{'args':>9}{'out':>9}{'alias':>9}{'temp':>9}{'peak':>9}"
+           f"{'xlaTFLOP':>10}{'hloTFLOP':>10}{'xlaGBacc':>10}{'compile_s':>10}"]
+  for name, p in out["programs"].items():
+    m = p["memory"]
+    lines.append(f"{name:<11}{_gb(m['argument'])} {_gb(m['output'])} {_gb(m['alias'])} "
+                 f"{_gb(m['temp'])} {_gb(m['peak'])} {p['xla_flops'] / 1e12:9.3f} "
+                 f"{p['dot_flops'] / 1e12:9.3f} {p['xla_bytes_accessed'] / 1e9:9.2f} "
+                 f"{p['compile_s']:9.1f}")
+  lines += ["", "collectives (trip-weighted count / GB moved per device over links, ring):"]
+  for name, p in out["programs"].items():
+    cells = [f"{k} {v['weighted_count']:.0f}/{v['link_bytes'] / 1e9:.2f}"
+             for k, v in p["collectives"].items() if v["count"]]
+    lines.append(f"  {name:<11}" + (" · ".join(cells) or "none"))
+    for lb, kind, typ, src in p["top_collectives"][:3]:
+      lines.append(f"      {lb / 1e9:9.2f} GB  {kind} {typ}  ← {src[-90:]}")
+  if "prediction" in out:
+    pr = out["prediction"]
+    lines += ["", f"PREDICTED on {pr['chip']} (vendor peaks × assumptions "
+              f"{pr['assumptions']}):"]
+    for k in ("decode", "prefill", "logprobs", "update"):
+      lines.append(f"  {k:<9} " + " ".join(f"{a}={v:.1f}" for a, v in pr[k].items()))
+    lines.append(f"  step ≈ {pr['step_s']:.1f} s")
+  if "memory_fit" in out:
+    fit, res = out["memory_fit"], out["resident"]
+    lines += ["", f"MEMORY on {fit['chip']} (measured program peak + resident beside it; budget "
+              f"{_gb(fit['budget_bytes']).strip()} GB = HBM − 10 %):",
+              "  resident " + " · ".join(f"{k} {_gb(v).strip()}" for k, v in res.items())]
+    for k in PROGRAMS:
+      if k in fit:
+        lines.append(f"  {k:<11} peak {_gb(fit[k]['peak_bytes'])} GB  "
+                     f"{'fits' if fit[k]['fits'] else 'DOES NOT FIT'}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  c = _CONFIG.value
+  if _DUMP.value:
+    os.makedirs(_DUMP.value, exist_ok=True)
+  out = run(c, programs=_PROGRAMS.value, prompt_tokens=_PROMPT.value, chip=_CHIP.value,
+            dump_hlo=_DUMP.value)
+  out["config"] = json.loads(c.to_json_best_effort())
+  print(report(out))
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(out, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=lambda argv: argv)  # already parsed above
