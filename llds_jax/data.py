@@ -13,6 +13,7 @@ import io
 import json
 import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -160,22 +161,27 @@ class PromptIterator:
 # ---- retrieval corpus: Search-R1 jsonl in, id/contents blobs out ----
 
 
-def read_corpus(path: str) -> Iterator[tuple[str, str]]:
-  """Streams (id, contents) from a Search-R1 corpus jsonl; bad rows raise naming file and line."""
+def iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
+  """(1-based line number, value) per non-blank line; invalid JSON raises naming file and line."""
   with open(path, encoding="utf-8") as f:
     for line_no, line in enumerate(f, 1):
       if not line.strip():
         continue
       try:
-        row = json.loads(line)
+        yield line_no, json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{line_no}: invalid JSON: {e.msg} (column {e.colno})") from None
-      if not isinstance(row, dict) or "contents" not in row:
-        raise ValueError(f"{path}:{line_no}: row has no 'contents' field")
-      if not isinstance(row["contents"], str):
-        raise ValueError(f"{path}:{line_no}: 'contents' is {type(row['contents']).__name__}, not str")
-      # A missing id falls back to the 0-based line number (Search-R1 corpora always have one).
-      yield str(row.get("id", line_no - 1)), row["contents"]
+
+
+def read_corpus(path: str) -> Iterator[tuple[str, str]]:
+  """Streams (id, contents) from a Search-R1 corpus jsonl; bad rows raise naming file and line."""
+  for line_no, row in iter_jsonl(path):
+    if not isinstance(row, dict) or "contents" not in row:
+      raise ValueError(f"{path}:{line_no}: row has no 'contents' field")
+    if not isinstance(row["contents"], str):
+      raise ValueError(f"{path}:{line_no}: 'contents' is {type(row['contents']).__name__}, not str")
+    # A missing id falls back to the 0-based line number (Search-R1 corpora always have one).
+    yield str(row.get("id", line_no - 1)), row["contents"]
 
 
 class DocStore:

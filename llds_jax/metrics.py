@@ -14,6 +14,8 @@ import os
 import jax
 import numpy as np
 
+from llds_jax import data
+
 REQUIRED_KEYS = ("step", "reward/mean", "loss/total", "loss/pg", "loss/llds", "loss/kl", "entropy",
                  "grad_norm", "skipped_nonfinite", "lld/preserving_logp",
                  "rollout/searches_per_traj", "rollout/tokens", "time/step_s")
@@ -72,17 +74,10 @@ def read_metrics(path: str) -> list[dict]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such file")
   records = []
-  with open(path) as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg}): {line[:80]!r}") from e
-      if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
-        raise ValueError(f"{path}:{line_no}: not a metrics record (needs an integer 'step')")
-      records.append(rec)
+  for line_no, rec in data.iter_jsonl(path):
+    if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+      raise ValueError(f"{path}:{line_no}: not a metrics record (needs an integer 'step')")
+    records.append(rec)
   return records
 
 

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 from flax import nnx
 
 from llds_jax import data, losses, rollout as rl, sharding as shd
@@ -117,8 +118,8 @@ def format_warmup(model: nnx.Module, tokenizer, retriever, examples: Sequence[da
                   steps: int = 300, lr: float = 1e-3, batch_size: int = 16, seed: int = 0,
                   mesh=None, plan: Callable[[data.Example], Sequence[str]] = question_plan,
                   direct_frac: float = 0.0, topk: int = 3, max_obs_tokens: int = 500,
-                  weight_decay: float = 0.0,
-                  chunk_size: int = 256) -> tuple[nnx.Module, np.ndarray]:
+                  weight_decay: float = 0.0, chunk_size: int = 256,
+                  progress: bool = False) -> tuple[nnx.Module, np.ndarray]:
   """AdamW on masked NLL of ideal trajectories; returns (trained model, per-step losses).
 
   The lr warms up linearly over the first 10% of steps, then decays by cosine to lr/10. Batches
@@ -143,10 +144,10 @@ def format_warmup(model: nnx.Module, tokenizer, retriever, examples: Sequence[da
                                  transform_non_params=lambda _: rep)
   b_sh = {k: shd.batch_sharding(mesh, 2) for k in keys}
   init = jax.jit(tx.init, out_shardings=opt_sh)
-  step = jax.jit(lambda p, o, b: _sft_step(p, o, b, graphdef=graphdef, tx=tx,
-                                           chunk_size=chunk_size),
-                 in_shardings=(p_sh, opt_sh, b_sh), out_shardings=(p_sh, opt_sh, rep),
-                 donate_argnums=(0, 1))
+  step = shd.OnMesh(jax.jit(lambda p, o, b: _sft_step(p, o, b, graphdef=graphdef, tx=tx,
+                                                     chunk_size=chunk_size),
+                           in_shardings=(p_sh, opt_sh, b_sh), out_shardings=(p_sh, opt_sh, rep),
+                           donate_argnums=(0, 1)), mesh)
   # Training must not donate the caller's live buffers: start from a copy of the parameters.
   params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=p_sh)(params)
   opt_state = init(params)
@@ -154,7 +155,8 @@ def format_warmup(model: nnx.Module, tokenizer, retriever, examples: Sequence[da
   n, P = pool["input_ids"].shape[0], pool["input_ids"].shape[1] - pool["loss_mask"].shape[1]
   resp_len = pool["loss_mask"].shape[1] - np.argmax(pool["attn_mask"][:, ::-1] > 0, axis=1)
   out = []
-  for _ in range(steps):
+  bar = tqdm.tqdm(range(steps), desc="format warm-up", disable=not progress, leave=False)
+  for i in bar:
     rows = rng.integers(0, n, batch_size)
     # Responses are right-padded: cut the batch at a bucketed width (few compiled shapes).
     R = min(bucket(int(resp_len[rows].max())), pool["loss_mask"].shape[1])
@@ -162,4 +164,6 @@ def format_warmup(model: nnx.Module, tokenizer, retriever, examples: Sequence[da
              for k in keys}
     params, opt_state, loss = step(params, opt_state, batch)
     out.append(loss)  # device scalars: fetched once at the end, so dispatch never blocks
+    if progress and i % 25 == 24:  # ...except for an honest progress bar now and then
+      bar.set_postfix(nll=f"{float(loss):.3f}")
   return nnx.merge(graphdef, params), np.asarray(jax.device_get(out), np.float32)

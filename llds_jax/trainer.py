@@ -201,7 +201,8 @@ def train(c) -> list[dict]:
     model, sft_losses = sft.format_warmup(
         model, tokenizer, retriever, examples, steps=c.model.format_warmup_steps,
         lr=c.model.format_warmup_lr, batch_size=c.model.format_warmup_batch, seed=c.seed,
-        mesh=mesh, topk=c.retriever.topk, max_obs_tokens=c.rollout.max_obs_tokens)
+        mesh=mesh, topk=c.retriever.topk, max_obs_tokens=c.rollout.max_obs_tokens,
+        progress=c.log.progress and jax.process_index() == 0)
     logging.warning("format warm-up: NLL %.3f -> %.3f over %d steps", sft_losses[0],
                     sft_losses[-1], len(sft_losses))
   graphdef, params = nnx.split(model)
@@ -231,8 +232,9 @@ def train(c) -> list[dict]:
   monitor = mlib.LLDMonitor(patience=c.log.lld_patience)
   if start and os.path.exists(writer.path):  # continue the streak an uninterrupted run would see
     monitor.restore(mlib.read_metrics(writer.path))
+  show = c.log.progress and jax.process_index() == 0  # one set of progress bars per job
   bar = tqdm.tqdm(range(start, c.total_steps), desc="train", initial=start, total=c.total_steps,
-                  disable=not c.log.progress)
+                  disable=not show)
   for step in bar:
     t0 = time.perf_counter()
     batch = hosts.split(next(it))  # this process's prompts: a contiguous share
@@ -243,7 +245,8 @@ def train(c) -> list[dict]:
                        f"config.rollout.max_prompt_tokens={c.rollout.max_prompt_tokens}")
     policy = nnx.merge(graphdef, sampling_weights(state.params))
     ro = rollout(policy, tokenizer, retriever, prompts, group_size=c.rollout.group_size, cfg=rcfg,
-                 seed=c.seed * 1_000_003 + step, mesh=mesh, progress=c.log.progress)
+                 seed=c.seed * 1_000_003 + step, mesh=mesh, progress=show)
+    del policy  # the compute-dtype copy of the weights is not needed during the update
     t_roll = time.perf_counter() - t0
     rows, group_ids = data.repeat_groups(batch, c.rollout.group_size)
     reward_N = np.array([rewards.exact_match(t, ex.golds) for t, ex in zip(ro.response_text, rows)],
@@ -255,7 +258,7 @@ def train(c) -> list[dict]:
     beta = answer_beta(c, float(hosts.gather_rows(ro.valid_searches).mean()))
     answer_w = np.where(ro.answer_mask > 0, beta, 1.0)
     host_batch = build_batch(ro, adv_N, answer_w, max_len=c.rollout.max_context)
-    progress = (lambda s: tqdm.tqdm(s, desc="update", leave=False)) if c.log.progress else None
+    progress = (lambda s: tqdm.tqdm(s, desc="update", leave=False)) if show else None
     shuffle = c.seed * 7919 + step if c.rl.shuffle_minibatches else None
     state, per_mb, batch_stats = update_phase(updater, state, host_batch, ref_params,
                                  minibatch=c.rl.minibatch_size,
@@ -275,7 +278,7 @@ def train(c) -> list[dict]:
       table, _ = evaluation.evaluate(
           nnx.merge(graphdef, sampling_weights(state.params)), tokenizer, retriever, val,
           rollout_cfg=evaluation.eval_rollout_config(rcfg, max_turns=c.log.eval_max_turns),
-          batch_size=max(c.rollout.prompts, 1), mesh=mesh, seed=c.seed, progress=c.log.progress)
+          batch_size=max(c.rollout.prompts, 1), mesh=mesh, seed=c.seed, progress=show)
       m.update({f"val/{src}/{k}": v for src, row in table.items() for k, v in row.items()})
     same, both = hosts.gather_rows(np.array([mlib.repeat_counts(ro.response_ids, ro.loss_mask)
                                              ])).sum(0)
