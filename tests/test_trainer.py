@@ -14,8 +14,8 @@ from llds_jax import metrics as mlib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Smaller than configs/tiny.py so each run is a few seconds after compilation.
 FAST = ["--config.model.format_warmup_steps=0", "--config.rollout.prompts=2",
-        "--config.rollout.group_size=4", "--config.rollout.max_turns=1", "--config.rollout.max_turn_tokens=12",
-        "--config.rollout.max_obs_tokens=24", "--config.rl.minibatch_size=4",
+        "--config.rollout.group_size=4", "--config.rollout.max_turns=1",
+        "--config.rollout.max_turn_tokens=12", "--config.rollout.max_obs_tokens=24", "--config.rl.minibatch_size=4",
         "--config.rl.micro_batch_size=4", "--config.mesh.data=2", "--config.mesh.fsdp=2",
         "--config.mesh.tensor=2", "--config.log.eval_every=0", "--config.log.progress=False",
         "--config.log.tensorboard=False", "--config.ckpt.every=1", "--config.ckpt.keep=5"]
