@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
+from jax.sharding import NamedSharding
 
 from llds_jax import hosts
 from llds_jax import sharding as shd
@@ -231,6 +232,14 @@ def _state_maker(cfg, batch, slots, segment, num_stops, cache_dtype, mesh):
   if mesh is not None:
     shapes = jax.eval_shape(make, jax.ShapeDtypeStruct((2,), jnp.int32))
     shardings = jax.tree.map(lambda x: shd.batch_sharding(mesh, x.ndim), shapes)
+    # K/V also split their heads over `tensor` (where they divide), as the attention that
+    # writes them does: a rows-only cache would be replicated on every tensor shard, and its
+    # donated buffer could not be updated in place.
+    kv = lambda x: NamedSharding(mesh, shd.logical_to_spec(  # noqa: E731
+        ("batch", "length", "kv_heads", "head_dim"), x.shape, mesh))
+    shardings = shardings.replace(cache=KVCache(
+        k=tuple(map(kv, shapes.cache.k)), v=tuple(map(kv, shapes.cache.v)),
+        pos_BxS=shardings.cache.pos_BxS, end_B=shardings.cache.end_B))
   return jax.jit(make, out_shardings=shardings)
 
 

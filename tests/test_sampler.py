@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llds_jax import hf_io, sampler, sharding
+from llds_jax import hf_io, hosts, sampler, sharding
 from llds_jax.model import KVCache, ModelConfig, Transformer
 
 from hf_fixtures import torch, transformers
@@ -315,6 +315,21 @@ def test_sharded_generation_equals_single_device(rand_model):
   assert out.tokens == ref.tokens[:3]
   np.testing.assert_allclose(np.concatenate(out.logprobs), np.concatenate(ref.logprobs[:3]),
                              atol=1e-5)
+
+
+def test_cache_heads_split_over_tensor_and_updated_in_place(rand_model):
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  graphdef, params = nnx.split(rand_model)
+  params = jax.device_put(params, sharding.state_shardings(params, mesh))
+  state = sampler.init_state(CFG, 4, 32, 4, 0, mesh=mesh)
+  assert tuple(state.cache.k[0].sharding.spec) == (("data", "fsdp"), None, "tensor", None)
+  put = lambda x: hosts.put_rows(x, mesh)  # noqa: E731
+  args = (graphdef, params, state, put(np.ones((4, 8), np.int32)), put(np.full(4, 5, np.int32)),
+          put(np.full(4, 3, np.int32)), hosts.put_replicated(NO_STOPS, mesh),
+          sampler.SampleConfig(1.0, 1.0, 0, ()))
+  mem = sampler.feed.lower(*args).compile().memory_analysis()
+  per_device_kv = 2 * CFG.num_layers * state.cache.k[0].addressable_shards[0].data.nbytes
+  assert mem.alias_size_in_bytes >= per_device_kv  # the donated cache is written in place
 
 
 def test_bfloat16_cache(rand_model):
