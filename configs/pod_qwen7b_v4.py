@@ -5,9 +5,9 @@
       --config.model.path=/ckpts/Qwen2.5-7B-Instruct ...        # see configs/pod_base.py
 
 DOES NOT FIT (measured, docs/scaling.md). Mesh fsdp 16 × tensor 4, micro-batch 16 is the same
-compile as pod_qwen7b_v5p.py: train step 35.9 GB, prefill 65.6 GB, decode 71.4 GB per chip
-against the 30.9 GB budget of a 32 GiB chip (log-probs 12.8 GB fit); the KV cache alone is
-35.6 GB per chip (rows sharded 16 ways, replicated over tensor). λ = 0.3 (the paper's
+compile as pod_qwen7b_v5p.py: train step 35.9 GB and decode 35.8 GB per chip against the
+30.9 GB budget of a 32 GiB chip (prefill 28.7 GB and log-probs 12.8 GB fit); the KV cache is
+8.9 GB per chip (rows over fsdp 16, KV heads over tensor 4). λ = 0.3 (the paper's
 7B-Instruct value).
 """
 

@@ -6,8 +6,8 @@
 
 Mesh fsdp 16 × tensor 4, micro-batch 16 (one row per row shard), log-prob blocks of 128 rows,
 full remat, bf16 KV cache. MEASURED (tools/dry_run.py, CPU compiler, per chip, with the resident
-state beside each program): train step 35.9 GB, log-probs 12.8 GB, prefill 65.6 GB, decode
-71.4 GB of the 85.5 GB budget: FITS. PREDICTED step ≈ 274 s. λ = 0.3 (the paper's 7B-Instruct
+state beside each program): train step 35.9 GB, log-probs 12.8 GB, prefill 28.7 GB, decode
+35.8 GB of the 85.5 GB budget: FITS. PREDICTED step ≈ 274 s. λ = 0.3 (the paper's 7B-Instruct
 value).
 """
 

@@ -230,17 +230,22 @@ def _state_maker(cfg, batch, slots, segment, num_stops, cache_dtype, mesh):
 
   shardings = None
   if mesh is not None:
-    shapes = jax.eval_shape(make, jax.ShapeDtypeStruct((2,), jnp.int32))
-    shardings = jax.tree.map(lambda x: shd.batch_sharding(mesh, x.ndim), shapes)
-    # K/V also split their heads over `tensor` (where they divide), as the attention that
-    # writes them does: a rows-only cache would be replicated on every tensor shard, and its
-    # donated buffer could not be updated in place.
-    kv = lambda x: NamedSharding(mesh, shd.logical_to_spec(  # noqa: E731
-        ("batch", "length", "kv_heads", "head_dim"), x.shape, mesh))
-    shardings = shardings.replace(cache=KVCache(
-        k=tuple(map(kv, shapes.cache.k)), v=tuple(map(kv, shapes.cache.v)),
-        pos_BxS=shardings.cache.pos_BxS, end_B=shardings.cache.end_B))
+    shardings = state_shardings(jax.eval_shape(make, jax.ShapeDtypeStruct((2,), jnp.int32)), mesh)
   return jax.jit(make, out_shardings=shardings)
+
+
+def state_shardings(shapes: SamplingState, mesh) -> SamplingState:
+  """Every leaf's rows over (data, fsdp); K/V heads also over `tensor` where they divide.
+
+  As the attention that writes them does: a rows-only cache would be replicated on every tensor
+  shard, and its donated buffer could not be updated in place.
+  """
+  rows = jax.tree.map(lambda x: shd.batch_sharding(mesh, x.ndim), shapes)
+  kv = lambda x: NamedSharding(mesh, shd.logical_to_spec(  # noqa: E731
+      ("batch", "length", "kv_heads", "head_dim"), x.shape, mesh))
+  return rows.replace(cache=KVCache(
+      k=tuple(map(kv, shapes.cache.k)), v=tuple(map(kv, shapes.cache.v)),
+      pos_BxS=rows.cache.pos_BxS, end_B=rows.cache.end_B))
 
 
 def forward_block(model: Transformer, cache: KVCache, tokens_BxT, len_B, start_B):

@@ -178,7 +178,8 @@ def build(c, mesh, prompt_tokens: int = 384) -> dict:
   abs_samp = jax.eval_shape(lambda: smp.init_state(
       cfg, B, s["cap"], c.rollout.max_turn_tokens, len(STOP_STRINGS),
       cache_dtype=c.rollout.cache_dtype or None))
-  samp = jax.tree.map(lambda x: rows_of(x.shape, x.dtype), abs_samp)
+  samp = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                      abs_samp, smp.state_shardings(abs_samp, mesh))
   eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, tuple) else (cfg.eos_token_id or 0,)
   scfg = smp.SampleConfig(c.rollout.temperature, c.rollout.top_p, c.rollout.top_k, tuple(eos))
   table = jax.ShapeDtypeStruct((len(STOP_STRINGS), max(map(len, STOP_STRINGS)), cfg.vocab_size),
