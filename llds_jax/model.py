@@ -245,8 +245,10 @@ def _write_slots(valid_BxT: jax.Array, end_B: jax.Array, slots: int) -> jax.Arra
 
 
 def _scatter_rows(buf_BxS: jax.Array, new_BxT: jax.Array, slot_BxT: jax.Array) -> jax.Array:
-  rows_Bx1 = jnp.arange(buf_BxS.shape[0])[:, None]
-  return buf_BxS.at[rows_Bx1, slot_BxT].set(new_BxT.astype(buf_BxS.dtype), mode="drop")
+  # vmap over rows gives a scatter with a batch dimension, which the partitioner keeps local to
+  # each row shard; an explicit row index made it all-gather every row's new K/V (prefill).
+  put = lambda buf_S, new_T, slot_T: buf_S.at[slot_T].set(new_T, mode="drop")  # noqa: E731
+  return jax.vmap(put)(buf_BxS, new_BxT.astype(buf_BxS.dtype), slot_BxT)
 
 
 class Block(nnx.Module):

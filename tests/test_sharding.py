@@ -79,3 +79,24 @@ def test_constrain_without_mesh_is_identity():
   x = jnp.ones((3, 5, 7))
   assert sharding.constrain(x, ("batch", "length", "act_embed")) is x
   assert sharding.mesh_of({"a": np.ones(2), "b": x}) is None
+
+
+def test_prefill_cache_write_stays_within_row_shards():
+  """Writing a block into the KV cache must not gather every row's new keys/values."""
+  from llds_jax import hosts, sampler
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+  cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=16)
+  graphdef, params = nnx.split(sharding.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)),
+                                                     mesh))
+  rows, width = 16, 16
+  put = lambda x: hosts.put_rows(x, mesh)  # noqa: E731
+  args = (graphdef, params, sampler.init_state(cfg, rows, 64, 4, 0, mesh=mesh),
+          put(np.ones((rows, width), np.int32)), put(np.full(rows, 9, np.int32)),
+          put(np.full(rows, 3, np.int32)), hosts.put_replicated(np.zeros((0, 1, 256), np.int8), mesh),
+          sampler.SampleConfig(1.0, 1.0, 0, ()))
+  gathered = [shape for op, shape in _collectives(sampler.feed.lower(*args).compile().as_text())
+              if op == "all-gather"]
+  assert gathered  # the fsdp-sharded weights are gathered...
+  kv_block = (rows, width, cfg.num_kv_heads, cfg.head_dim)
+  assert kv_block not in gathered, gathered  # ...but not every row's new keys/values
