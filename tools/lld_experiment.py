@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import lld_testbed  # noqa: E402
-from llds_jax import data  # noqa: E402
+from llds_jax import bpe, data  # noqa: E402
 
 ARMS = {  # name -> rl overrides
     "grpo": dict(llds_lambda=0.0),
@@ -58,9 +58,6 @@ QUESTIONS = {
     "mentor": ("Who is the mentor of {name}?", "{name} mentor"),
 }
 TWO_HOP = "Where was the mentor of {name} born?"
-SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
-                 r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")  # Qwen2's pre-tokenizer split
 # Short stand-ins for Search-R1's 110-word prompt and Qwen's default system prompt: the policy is
 # random before the warm-up, so the long instructions carry nothing for it and would be ~75% of
 # every row's tokens. Same tags, same chat framing.
@@ -121,28 +118,6 @@ def make_questions(people: list[dict], two_hop_frac: float, seed: int) -> list[Q
   return [qs[i] for i in rng.permutation(len(qs))]
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-  """Byte-level BPE with Qwen's split, specials and chat template, fitted on the testbed text."""
-  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-  from tokenizers import trainers
-  from transformers import PreTrainedTokenizerFast
-
-  tok = Tokenizer(models.BPE())
-  tok.normalizer = normalizers.NFC()
-  tok.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-  tok.decoder = decoders.ByteLevel()
-  tok.train_from_iterator(texts, trainers.BpeTrainer(
-      vocab_size=vocab_size - len(SPECIALS), min_frequency=2, show_progress=False,
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
-  hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                               pad_token="<|endoftext|>", clean_up_tokenization_spaces=False)
-  hf.chat_template = CHAT_TEMPLATE
-  return hf
-
-
 def write_parquet(questions: list[Question], split: str, path: str):
   """Search-R1 parquet rows (DESIGN.md §Data) with the short PROMPT, data_source "lld_testbed"."""
   import pyarrow as pa
@@ -171,7 +146,7 @@ def build_testbed(out: str, a) -> list[Question]:
   texts += [PROMPT.format(question=q.text) for q in qs] + [CHAT_TEMPLATE] * 20
   texts += [sft.SEARCH_THINK.format(query=x) for q in qs for x in q.queries]
   texts += [sft.ANSWER_THINK.format(answer=q.gold) for q in qs] + [sft.DIRECT_THINK] * 20
-  train_tokenizer(texts, a.vocab).save_pretrained(os.path.join(out, "tokenizer"))
+  bpe.train_bpe(texts, a.vocab, CHAT_TEMPLATE).save_pretrained(os.path.join(out, "tokenizer"))
   write_parquet(warm, "warmup", os.path.join(out, "warmup.parquet"))
   write_parquet(rl_qs, "train", os.path.join(out, "rl_train.parquet"))
   return warm

@@ -2,10 +2,9 @@
 
   python tests/testdata/make_tiny_tokenizer.py
 
-Trained in-process (no network) with the `tokenizers` library on wiki_sample.jsonl plus the Search-R1
-prompt and tags, so real English text and the agent protocol tokenize into few pieces. Like Qwen2.5:
-NFC normalizer, Qwen's pre-tokenizer split regex, byte-level BPE (any string encodes, no unk), and the
-special tokens `<|endoftext|>` (pad), `<|im_start|>`, `<|im_end|>` (eos) as the last three ids.
+Trained in-process (no network) by llds_jax/bpe.py (Qwen2.5-like byte-level BPE) on
+wiki_sample.jsonl plus the Search-R1 prompt and tags, so real English text and the agent protocol
+tokenize into few pieces.
 The chat template renders Qwen2.5's default system prompt when none is given, so prompts look like
 the real model's. Load with `transformers.AutoTokenizer.from_pretrained(dir)` (offline).
 The output is committed; rerunning reproduces it byte for byte.
@@ -15,18 +14,11 @@ import json
 import os
 import sys
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-from llds_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llds_jax import bpe, data  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 VOCAB_SIZE = 1000
-SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-# Qwen2's pre-tokenizer: contractions, letter runs (with one leading non-letter), single digits,
-# punctuation runs, newlines, and whitespace not followed by a non-space.
-SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 CHAT_TEMPLATE = (
     "{%- if not messages or messages[0]['role'] != 'system' %}"
     "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -46,28 +38,9 @@ def training_texts() -> list[str]:
   return texts + [protocol] * 20
 
 
-def build() -> Tokenizer:
-  tok = Tokenizer(models.BPE())
-  tok.normalizer = normalizers.NFC()
-  tok.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE - len(SPECIALS), min_frequency=2,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
-  tok.train_from_iterator(training_texts(), trainer)
-  tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
-  return tok
-
-
 def main():
-  from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
   out = os.path.join(HERE, "tiny_tokenizer")
-  hf = PreTrainedTokenizerFast(tokenizer_object=build(), eos_token="<|im_end|>",
-                               pad_token="<|endoftext|>", model_max_length=32768,
-                               clean_up_tokenization_spaces=False)
-  hf.chat_template = CHAT_TEMPLATE
+  hf = bpe.train_bpe(training_texts(), VOCAB_SIZE, CHAT_TEMPLATE, model_max_length=32768)
   # Template inside tokenizer_config.json (not a separate .jinja) so older transformers read it too.
   hf.save_pretrained(out, save_jinja_files=False)
   # transformers 5 writes its internal class name; the public alias loads in 4.x and 5.x alike.
