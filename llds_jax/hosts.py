@@ -19,8 +19,8 @@ import numpy as np
 from llds_jax import sharding as shd
 
 
-def split(items: Sequence, num: int | None = None, index: int | None = None) -> list:
-  """This process's contiguous share; `len(items)` must divide evenly over the processes.
+def split(items: Sequence, num: int | None = None, index: int | None = None) -> Sequence:
+  """This process's contiguous share (a slice of `items`); `len(items)` must divide evenly.
 
   Contiguous (not strided) so that process p's rows are global rows [p·k, (p+1)·k): the global
   batch, its minibatches and every row's sampling key are then the same for any process count.
@@ -30,7 +30,7 @@ def split(items: Sequence, num: int | None = None, index: int | None = None) -> 
   if len(items) % num:
     raise ValueError(f"{len(items)} items do not divide over {num} processes")
   k = len(items) // num
-  return list(items[index * k:(index + 1) * k])
+  return items[index * k:(index + 1) * k]
 
 
 def local_batch_shards(mesh) -> int:

@@ -62,8 +62,8 @@ def validate(c) -> None:
   mesh_devices = np.prod([v for v in c.mesh.values() if v != -1])
   if jax.device_count() % mesh_devices:
     raise ValueError(f"config.mesh={dict(c.mesh)} does not fit {jax.device_count()} devices")
-  data_shards = shd.make_mesh(dict(c.mesh)).shape
-  row_shards = data_shards["data"] * data_shards["fsdp"]
+  mesh = shd.make_mesh(dict(c.mesh))
+  row_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   per_micro = c.rl.micro_batch_size
   if per_micro % row_shards:
     raise ValueError(f"config.rl.micro_batch_size={per_micro} must be a multiple of the mesh's "
@@ -75,9 +75,7 @@ def validate(c) -> None:
   nproc = jax.process_count()  # every host rolls out an equal, contiguous share of the prompts
   if c.rollout.prompts % nproc:
     raise ValueError(f"config.rollout.prompts={c.rollout.prompts} must divide over {nproc} hosts")
-  if row_shards % nproc:
-    raise ValueError(f"config.mesh={dict(c.mesh)}: data × fsdp = {row_shards} row shards must be "
-                     f"a multiple of the {nproc} hosts (each host holds whole row shards)")
+  hosts.local_batch_shards(mesh)  # each host must hold whole row shards; raises naming the mesh
   if not c.resume and checkpoint.saved_steps(os.path.join(c.workdir, "checkpoints")):
     raise ValueError(f"config.resume=False but {c.workdir}/checkpoints already holds checkpoints: "
                      "use a new config.workdir or delete that directory (nothing is overwritten)")
@@ -194,6 +192,7 @@ def train(c) -> list[dict]:
     with open(os.path.join(c.workdir, "config.json"), "w") as f:
       f.write(c.to_json_best_effort(indent=2))
   mesh = shd.make_mesh(dict(c.mesh))
+  show = c.log.progress and jax.process_index() == 0  # one set of progress bars per job
   model, cfg, tokenizer = load_policy(c, mesh)
   retriever = load_retriever(c.retriever.index)
   examples = data.load_examples(c.data.train.split(","))
@@ -202,7 +201,7 @@ def train(c) -> list[dict]:
         model, tokenizer, retriever, examples, steps=c.model.format_warmup_steps,
         lr=c.model.format_warmup_lr, batch_size=c.model.format_warmup_batch, seed=c.seed,
         mesh=mesh, topk=c.retriever.topk, max_obs_tokens=c.rollout.max_obs_tokens,
-        progress=c.log.progress and jax.process_index() == 0)
+        progress=show)
     logging.warning("format warm-up: NLL %.3f -> %.3f over %d steps", sft_losses[0],
                     sft_losses[-1], len(sft_losses))
   graphdef, params = nnx.split(model)
@@ -232,7 +231,6 @@ def train(c) -> list[dict]:
   monitor = mlib.LLDMonitor(patience=c.log.lld_patience)
   if start and os.path.exists(writer.path):  # continue the streak an uninterrupted run would see
     monitor.restore(mlib.read_metrics(writer.path))
-  show = c.log.progress and jax.process_index() == 0  # one set of progress bars per job
   bar = tqdm.tqdm(range(start, c.total_steps), desc="train", initial=start, total=c.total_steps,
                   disable=not show)
   for step in bar:
@@ -253,8 +251,7 @@ def train(c) -> list[dict]:
                         np.float32)
     # Batch statistics over every host's rows; this host keeps its own slice of the advantages.
     reward_all, group_all = hosts.gather_rows(reward_N), hosts.gather_rows(group_ids)
-    mine = slice(jax.process_index() * len(reward_N), (jax.process_index() + 1) * len(reward_N))
-    adv_N = np.asarray(losses.grpo_advantages(reward_all, group_all))[mine]
+    adv_N = hosts.split(np.asarray(losses.grpo_advantages(reward_all, group_all)))
     beta = answer_beta(c, float(hosts.gather_rows(ro.valid_searches).mean()))
     answer_w = np.where(ro.answer_mask > 0, beta, 1.0)
     host_batch = build_batch(ro, adv_N, answer_w, max_len=c.rollout.max_context)
