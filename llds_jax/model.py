@@ -13,7 +13,8 @@ row, this is the causal mask for left-padded, right-padded and ragged-append bat
 cache stores keys/values in per-row slots together with each slot's position, so the rollout can
 append observation tokens to each row at its own offset without re-prefilling.
 Long inputs attend in blocks of `attn_chunk` queries (`_attention`); the residual stream is pinned
-to row sharding (`sharding.constrain`) after the embedding lookup and after every block.
+to row sharding (`sharding.constrain`) after the embedding lookup and after every block. Without a
+cache the blocks run as one `lax.scan` (`scan_layers`); the stored weights stay one module per block.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class ModelConfig:
   dtype: str = "float32"
   remat: str = "none"  # none | full | dots (save matmul outputs)
   attn_chunk: int = 512
+  scan_layers: bool = True  # cache-free passes run the blocks as one lax.scan (`_scan_blocks`)
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
@@ -379,13 +381,16 @@ class Transformer(nnx.Module):
       slot_BxT = _write_slots(valid_BxT, cache.end_B, cache.slots)
       kpos_BxS = _scatter_rows(cache.pos_BxS, pos_BxT, slot_BxT)
     new_k, new_v = [], []
-    for i, layer in enumerate(self.layers):
-      kv = None if cache is None else (cache.k[i], cache.v[i], kpos_BxS, slot_BxT)
-      x, layer_kv = _maybe_remat(layer, cfg.remat)(x, pos_BxT, inv_freq, kv)
-      x = shd.constrain(x, act)  # and again per block, so the backward pass keeps it too
-      if cache is not None:
-        new_k.append(layer_kv[0])
-        new_v.append(layer_kv[1])
+    if cache is None and cfg.scan_layers:
+      x = _scan_blocks(self.layers, x, pos_BxT, inv_freq, act)
+    else:  # the cache path stays unrolled: a scan would carry (and copy) the whole cache
+      for i, layer in enumerate(self.layers):
+        kv = None if cache is None else (cache.k[i], cache.v[i], kpos_BxS, slot_BxT)
+        x, layer_kv = _maybe_remat(layer, cfg.remat)(x, pos_BxT, inv_freq, kv)
+        x = shd.constrain(x, act)  # and again per block, so the backward pass keeps it too
+        if cache is not None:
+          new_k.append(layer_kv[0])
+          new_v.append(layer_kv[1])
     h = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
     if cache is None:
       return h, None
@@ -401,17 +406,55 @@ class Transformer(nnx.Module):
     return self.logits(h)
 
 
+def _remat_policy(policy: str):
+  # "dots" keeps matmul outputs and recomputes the cheap elementwise ops; "full" keeps only inputs.
+  return jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots" else None
+
+
 def _maybe_remat(layer: Block, policy: str):
   if policy == "none":
     return layer
-  # "dots" keeps matmul outputs and recomputes the cheap elementwise ops; "full" keeps only inputs.
-  pol = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots" else None
   # Plain jax.checkpoint over the layer's split state: `nnx.remat` refuses to run when the step
   # nests a trace around the model (train_step's eval_shape of the micro-batch loss inside jit).
   graphdef, state = nnx.split(layer)
 
-  @functools.partial(jax.checkpoint, policy=pol)
+  @functools.partial(jax.checkpoint, policy=_remat_policy(policy))
   def run(state, *args):
     return nnx.merge(graphdef, state)(*args)
 
   return functools.partial(run, state)
+
+
+def _scan_blocks(layers, x_BxTxD, pos_BxT, inv_freq, act):
+  """Every block as one `lax.scan` step over the blocks' stacked weights (no cache).
+
+  Why: with L unrolled blocks the compiler may schedule all L rematerialized forwards before the
+  first backward matmul; the CPU compile of the 3B train step did, holding every block's
+  internals at once (~30 GB per 4096-token row per device). A scan's backward recomputes and
+  differentiates one block per iteration, so one block's internals live at a time; it also
+  compiles one block instead of L. Matrices are cast to the compute dtype before stacking, which
+  is what each block does on use, so the stacked copy is exact and costs half for f32 masters.
+  """
+  cfg = layers[0].cfg
+  graphdef = nnx.graphdef(layers[0])
+
+  def stack(*vs):
+    values = [v[...] for v in vs]
+    if values[0].ndim >= 2 and jnp.issubdtype(values[0].dtype, jnp.floating):
+      values = [x.astype(jnp.dtype(cfg.dtype)) for x in values]
+    axes = vs[0].get_metadata().get("logical_axes")
+    # Layer axis whole, each weight sharded as it is stored, so iteration i gathers one block.
+    value = jnp.stack(values)
+    return vs[0].replace(value if axes is None else shd.constrain(value, (None, *axes)))
+
+  stacked = jax.tree.map(stack, *[nnx.state(b) for b in layers],
+                         is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+  def body(x, state):
+    y, _ = nnx.merge(graphdef, state)(x, pos_BxT, inv_freq, None)
+    return shd.constrain(y, act), None
+
+  if cfg.remat != "none":
+    body = jax.checkpoint(body, policy=_remat_policy(cfg.remat))
+  x_BxTxD, _ = lax.scan(body, x_BxTxD, stacked)
+  return x_BxTxD

@@ -187,6 +187,43 @@ def test_chunked_attention_bounds_memory():
   assert temp[128] * 5 < temp[0], temp
 
 
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_blocks_equal_unrolled_blocks(remat):
+  # Padded rows, so the scan also carries the position mask; gradients reach every block.
+  scanned = Transformer(_with(remat=remat, num_layers=3), rngs=nnx.Rngs(0))
+  unrolled = Transformer(_with(remat=remat, num_layers=3, scan_layers=False), rngs=nnx.Rngs(0))
+  ids = _ids((2, 9), 9)
+  mask = jnp.asarray([[0, 0] + [1] * 7, [1] * 9])
+  pos = jnp.maximum(jnp.cumsum(mask, 1) - 1, 0)
+
+  def loss(m):
+    return jnp.mean(jax.nn.log_softmax(m(ids, pos, mask)) ** 2)
+
+  (l_s, g_s), (l_u, g_u) = (nnx.jit(nnx.value_and_grad(loss))(m) for m in (scanned, unrolled))
+  np.testing.assert_allclose(float(l_s), float(l_u), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_s), jax.tree.leaves(g_u)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_scanned_blocks_keep_one_block_of_activations():
+  # Unrolled, the CPU compiler schedules every block's rematerialized forward before the backward
+  # (~31 MB per extra block here); the scan may only add what each block must keep: its input
+  # residual, its stacked weights and their gradient.
+  B, T, D, F = 4, 256, 64, 1024
+  temp = {}
+  for layers in (2, 8):
+    cfg = _with(hidden_size=D, intermediate_size=F, num_layers=layers, remat="full", attn_chunk=0)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    loss = lambda s, ids: jnp.mean(nnx.merge(graphdef, s).hidden(ids)[0] ** 2)  # noqa: E731
+    compiled = jax.jit(jax.grad(loss)).lower(state, jax.ShapeDtypeStruct((B, T), jnp.int32))
+    temp[layers] = compiled.compile().memory_analysis().temp_size_in_bytes
+  block_params = sum(x.size for x in jax.tree.leaves(nnx.state(Transformer(
+      _with(hidden_size=D, intermediate_size=F, num_layers=1), rngs=nnx.Rngs(0)).layers)))
+  per_block = 4 * (B * T * D + 2 * block_params)  # float32 residual + weights + gradient
+  assert (temp[8] - temp[2]) / 6 < 1.5 * per_block, (temp, per_block)
+  assert B * T * F * 4 > 1.5 * per_block  # one MLP activation alone would break the bound
+
+
 def test_bf16_compute_stays_close():
   ids = _ids((2, 6))
   f32 = Transformer(CFG, rngs=nnx.Rngs(0))
