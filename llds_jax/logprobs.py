@@ -53,9 +53,18 @@ def _one_hot(tgt_BxC, v: int):
   return lax.broadcasted_iota(jnp.int32, (1, 1, v), 2) == tgt_BxC[:, :, None]
 
 
+def _gathered(w_DxV, opts: _Opts):
+  """The unembedding in compute dtype with D whole (V stays split over `tensor`).
+
+  Every chunk contracts over all of D. Left D-sharded (`embed` -> fsdp, as stored) the partitioner
+  all-gathers W inside the chunk scan, once per chunk and pass; gathered here it happens once.
+  """
+  return shd.constrain(w_DxV.astype(opts.compute_dtype), (None, "vocab"))
+
+
 def _fwd_scan(h_NxBxCxD, w_DxV, tgt_NxBxC, opts: _Opts):
   """(logp, entropy, lse) per token, each N×B×C float32."""
-  w_DxV = w_DxV.astype(opts.compute_dtype)
+  w_DxV = _gathered(w_DxV, opts)
   v = w_DxV.shape[1]
 
   def step(_, xs):
@@ -100,7 +109,7 @@ def _row_shards(b: int) -> int:
 def _fused_bwd(opts: _Opts, res, cts):
   h_NxBxCxD, w_DxV, tgt_NxBxC, lse_NxBxC, ent_NxBxC = res
   g_logp_NxBxC, g_ent_NxBxC = cts
-  w_cd_DxV = w_DxV.astype(opts.compute_dtype)
+  w_cd_DxV = _gathered(w_DxV, opts)
   b, v = h_NxBxCxD.shape[1], w_DxV.shape[1]
   # dW sums over rows, which are sharded: a D×V carry would be all-reduced on every chunk (the
   # 3B dry run: 154 GB per step). Each row shard keeps its own partial sum (S×D×V, S sharded

@@ -143,8 +143,9 @@ def test_rejects_bad_shapes():
     logprobs.token_logprobs(hidden, unembed, targets, chunk_size=0)
 
 
-def _collectives_by_place(hlo: str) -> tuple[list[int], list[int]]:
-  """Element counts of all-reduce / reduce-scatter results inside while-loop bodies, and outside."""
+def _collectives_by_place(hlo: str, ops: str = "all-reduce|all-reduce-start|reduce-scatter"
+                          ) -> tuple[list[int], list[int]]:
+  """Element counts of the results of `ops` inside while-loop bodies, and outside."""
   import math
   import re
   bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
@@ -153,7 +154,7 @@ def _collectives_by_place(hlo: str) -> tuple[list[int], list[int]]:
     head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
     if head:
       current = head.group(1)
-    op = re.search(r"= (\w+)\[([\d,]*)\][^ ]* (all-reduce|all-reduce-start|reduce-scatter)\(", line)
+    op = re.search(rf"= (\w+)\[([\d,]*)\][^ ]* ({ops})\(", line)
     if op:
       size = math.prod(int(d) for d in op.group(2).split(",") if d)
       (inside if current in bodies else outside).append(size)
@@ -181,4 +182,28 @@ def test_unembedding_gradient_is_reduced_once_not_per_chunk():
   # Without a mesh context the partitioner reduces dW on every chunk: the test can tell.
   assert max(_collectives_by_place(grad.lower(h, w).compile().as_text())[0]) >= dw_per_device
   for a, b_ in zip(on_mesh(h, w), grad(h, w)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-5)
+
+
+def test_unembedding_is_gathered_once():
+  """W stored D-sharded (embed -> fsdp): gathered once, before the chunk scans."""
+  from llds_jax import sharding
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+  b, t, d, v = 8, 64, 32, 256
+  rng = np.random.RandomState(1)
+  rows = NamedSharding(mesh, P(("data", "fsdp")))
+  h = jax.device_put(rng.randn(b, t, d).astype(np.float32), rows)
+  w = jax.device_put(rng.randn(d, v).astype(np.float32) * 0.1,
+                     NamedSharding(mesh, P("fsdp", "tensor")))
+  y = jax.device_put(rng.randint(0, v, (b, t)), rows)
+  loss = lambda h, w: jnp.sum(logprobs.token_logprobs(h, w, y, chunk_size=8)[0])  # noqa: E731
+  grad = sharding.OnMesh(jax.jit(jax.grad(loss, (0, 1))), mesh)
+  inside, outside = _collectives_by_place(grad.lower(h, w).compile().as_text(),
+                                          "all-gather|all-gather-start")
+  w_whole_d = d * v // 2  # D gathered, V still split over tensor=2
+  assert max(inside, default=0) < w_whole_d, inside
+  # One gather serves the forward scan and the backward scan (they used to gather separately).
+  assert sum(n >= w_whole_d for n in outside) == 1, outside
+  ref = jax.grad(loss, (0, 1))(np.asarray(h), np.asarray(w))
+  for a, b_ in zip(grad(h, w), ref):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-5)
