@@ -24,6 +24,9 @@ def get_config():
   c.model.dtype = "bfloat16"  # compute dtype of matmuls (softmax/norm/log-sum-exp stay float32)
   c.model.param_dtype = "float32"  # master weights
   c.model.remat = "full"  # none | full | dots: block rematerialization in the update
+  # Cache-free passes (update, log-probs) run the blocks as one lax.scan: one block's activations
+  # live at a time in the backward pass, and one block is compiled instead of num_layers.
+  c.model.scan_layers = True
   # Supervised format warm-up before RL (llds_jax/sft.py): steps of masked NLL on ideal
   # search-then-answer trajectories built from the training questions; 0 = off (the paper
   # starts RL from the released checkpoints). Deterministic, so a resumed run redoes it
@@ -60,6 +63,10 @@ def get_config():
   c.rollout.top_p = 0.95  # official yaml default (paper says 1.0)
   c.rollout.top_k = 0  # 0 = off
   c.rollout.cache_dtype = "bfloat16"  # KV cache storage
+  # Layout of the rollout's compute-dtype weights: "tensor" = split over the tensor axis only,
+  # whole on every data/fsdp shard (decode gathers no weights per token; costs params / tensor
+  # bytes per device); "train" = the training shards (smallest, but all-gathered every token).
+  c.rollout.weight_sharding = "tensor"
 
   c.rl = ml_collections.ConfigDict()
   c.rl.loss = "grpo"  # grpo (PPO-clip token ratio, Eq. 1) | gspo (sequence ratio)

@@ -38,6 +38,14 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_embed", None),  # the residual stream's D: whole on every device, rows split instead
 )
 
+# The rollout's copy of the weights: `embed` whole, so each data/fsdp shard holds its tensor slice
+# of every weight. The sampler's rows stay split over (data, fsdp), and decode then reads local
+# weights for each token instead of all-gathering every layer (what the training layout costs).
+TENSOR_ONLY_RULES = tuple((name, None if name == "embed" else axes) for name, axes in DEFAULT_RULES)
+
+# config.rollout.weight_sharding -> the rules of the rollout's copy of the weights.
+WEIGHT_LAYOUTS = {"tensor": TENSOR_ONLY_RULES, "train": DEFAULT_RULES}
+
 
 def make_mesh(shape: dict | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A (data, fsdp, tensor) mesh; one entry may be -1 to take the remaining devices."""

@@ -47,6 +47,9 @@ def validate(c) -> None:
                          ("adaptive_beta", ("", "code", "paper"))):
     if c.rl[field] not in allowed:
       raise ValueError(f"config.rl.{field}={c.rl[field]!r} not in {allowed}")
+  if c.rollout.weight_sharding not in shd.WEIGHT_LAYOUTS:
+    raise ValueError(f"config.rollout.weight_sharding={c.rollout.weight_sharding!r} not in "
+                     f"{tuple(shd.WEIGHT_LAYOUTS)}")
   if c.rl.mask_answer and c.rl.llds_lambda <= 0:
     raise ValueError("config.rl.mask_answer=True needs config.rl.llds_lambda > 0")
   for field in ("data.train", "retriever.index") + (("data.val",) if c.data.val else ()):
@@ -87,7 +90,7 @@ def load_policy(c, mesh):
 
   # The loaders' `dtype` sets compute and storage dtype; `param_dtype` then overrides storage.
   kw = dict(dtype=jnp.dtype(c.model.dtype), param_dtype=c.model.param_dtype, mesh=mesh,
-            remat=c.model.remat)
+            remat=c.model.remat, scan_layers=c.model.scan_layers)
   tokenizer = None
   if c.model.path.endswith(".gguf"):
     model, cfg, tokenizer = hf_io.load_gguf(c.model.path, **kw)
@@ -95,7 +98,8 @@ def load_policy(c, mesh):
     model, cfg = hf_io.load_pretrained(c.model.path, **kw)
   else:
     cfg = ModelConfig.from_hf(c.model.random.to_dict(), param_dtype=c.model.param_dtype,
-                              dtype=c.model.dtype, remat=c.model.remat)
+                              dtype=c.model.dtype, remat=c.model.remat,
+                              scan_layers=c.model.scan_layers)
     model = shd.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(c.seed)), mesh)
   tok_path = c.model.tokenizer or (c.model.path if tokenizer is None else "")
   if tok_path:
@@ -155,23 +159,41 @@ def build_batch(ro, adv_N: np.ndarray, answer_weight_NxR: np.ndarray,
               answer_weight=pad(answer_weight_NxR).astype(np.float32))
 
 
-def compute_dtype_weights(c, param_shardings):
-  """params → the rollout's copy: matrices in the compute dtype, same shards.
+def rollout_weights(c, abstract_params, mesh):
+  """ShapeDtypeStructs (dtype and sharding) of the rollout's copy of params of these shapes.
+
+  Float matrices take the compute dtype, 1-D weights (norms, biases) keep theirs; every leaf is
+  laid out by `config.rollout.weight_sharding`'s rules (sharding.WEIGHT_LAYOUTS).
+  """
+  dtype = jnp.dtype(c.model.dtype)
+  shardings = shd.state_shardings(abstract_params, mesh,
+                                  shd.WEIGHT_LAYOUTS[c.rollout.weight_sharding])
+
+  def one(x, sharding):
+    cast = jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2
+    return jax.ShapeDtypeStruct(x.shape, dtype if cast else x.dtype, sharding=sharding)
+
+  return jax.tree.map(one, abstract_params, shardings)
+
+
+def compute_dtype_weights(c, abstract_params, mesh):
+  """params → the rollout's copy: matrices in the compute dtype, in the rollout layout.
 
   Decoding reads every weight once per generated token, so with float32 master weights and
   bfloat16 compute it would move twice the bytes it needs. Every matmul casts its weight to the
   compute dtype anyway, so casting once per rollout is exact; norms and biases (1-D) stay as
-  they are because the model applies them in float32.
+  they are because the model applies them in float32. The layout matters as much: with the
+  training shards (`embed` over fsdp) every decoded token all-gathers every layer, while the
+  "tensor" layout gathers once per rollout, here. Same dtype and layout: the params themselves.
   """
-  dtype = jnp.dtype(c.model.dtype)
-  if dtype == jnp.dtype(c.model.param_dtype):
+  target = rollout_weights(c, abstract_params, mesh)
+  train = shd.state_shardings(abstract_params, mesh)
+  same = jax.tree.map(lambda x, t, s: x.dtype == t.dtype and t.sharding == s, abstract_params,
+                      target, train)
+  if all(jax.tree.leaves(same)):
     return lambda params: params
-
-  def cast(x):
-    floating = jnp.issubdtype(x.dtype, jnp.floating)
-    return x.astype(dtype) if floating and x.ndim >= 2 else x
-
-  return jax.jit(lambda params: jax.tree.map(cast, params), out_shardings=param_shardings)
+  return jax.jit(lambda params: jax.tree.map(lambda x, t: x.astype(t.dtype), params, target),
+                 out_shardings=jax.tree.map(lambda t: t.sharding, target))
 
 
 def answer_beta(c, mean_valid_searches: float) -> float:
@@ -208,10 +230,10 @@ def train(c) -> list[dict]:
   # The frozen reference of the KL term is the policy RL starts from.
   ref_params = jax.tree.map(lambda x: x.copy(), params) if c.rl.kl_coef else None
   it = data.PromptIterator(examples, c.rollout.prompts, seed=c.seed, shuffle=c.data.shuffle)
-  updater = Updater(graphdef, jax.eval_shape(lambda: params), opt=c.opt, step_cfg=step_config(c),
-                    mesh=mesh)
+  abstract = jax.eval_shape(lambda: params)
+  updater = Updater(graphdef, abstract, opt=c.opt, step_cfg=step_config(c), mesh=mesh)
   state = updater.init_state(params)
-  sampling_weights = compute_dtype_weights(c, updater.param_shardings)
+  sampling_weights = compute_dtype_weights(c, abstract, mesh)
   ckpt = checkpoint.Checkpointer(os.path.join(c.workdir, "checkpoints"), keep=c.ckpt.keep,
                                  async_save=c.ckpt.async_save)
   start = 0

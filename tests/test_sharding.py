@@ -1,13 +1,18 @@
-"""Activation sharding: on an fsdp mesh rows stay split and only weights are gathered."""
+"""Activation sharding: on an fsdp mesh rows stay split and only weights are gathered.
+
+The rollout's tensor-only weight layout: decode then gathers no weights at all, same tokens.
+"""
 
 import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import pytest
 from flax import nnx
 
-from llds_jax import sharding
+from llds_jax import hosts, sampler, sharding, trainer
 from llds_jax.model import KVCache, ModelConfig, Transformer
 from llds_jax.train_step import response_logprobs
 
@@ -100,3 +105,54 @@ def test_prefill_cache_write_stays_within_row_shards():
   assert gathered  # the fsdp-sharded weights are gathered...
   kv_block = (rows, width, cfg.num_kv_heads, cfg.head_dim)
   assert kv_block not in gathered, gathered  # ...but not every row's new keys/values
+
+
+def _rollout_copy(params, mesh, layout: str):
+  """trainer.compute_dtype_weights in `layout` (float32 compute, so only the layout changes)."""
+  c = ml_collections.ConfigDict({"model": {"dtype": "float32", "param_dtype": "float32"},
+                                 "rollout": {"weight_sharding": layout}})
+  return trainer.compute_dtype_weights(c, jax.eval_shape(lambda: params), mesh)(params)
+
+
+@pytest.fixture(scope="module")
+def fsdp_model():
+  mesh = _mesh()
+  graphdef, params = nnx.split(
+      sharding.init_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), mesh))
+  return mesh, graphdef, params
+
+
+def test_tensor_layout_decode_gathers_no_weights(fsdp_model):
+  mesh, graphdef, params = fsdp_model
+  copies = {k: _rollout_copy(params, mesh, k) for k in sharding.WEIGHT_LAYOUTS}
+  assert copies["train"] is params  # same dtype and layout: no copy
+  # What a device holds of each matrix in the tensor layout: what the train layout must gather.
+  weights = {x.sharding.shard_shape(x.shape) for x in jax.tree.leaves(copies["tensor"])
+             if x.ndim >= 2 and x.size >= CFG.hidden_size * CFG.head_dim}
+  table = hosts.put_replicated(np.zeros((0, 1, CFG.vocab_size), np.int8), mesh)
+  gathered = {}
+  for layout, p in copies.items():
+    state = sampler.init_state(CFG, 8, 32, 4, 0, mesh=mesh)
+    hlo = sampler.decode.lower(graphdef, p, state, table,
+                               sampler.SampleConfig(0.0, 1.0, 0, ())).compile().as_text()
+    gathered[layout] = {shape for op, shape in _collectives(hlo) if op == "all-gather"}
+  # Training shards: every decoded token all-gathers the MLP kernels (and every other matrix).
+  assert {(CFG.hidden_size, CFG.intermediate_size // 2),
+          (CFG.intermediate_size // 2, CFG.hidden_size)} <= gathered["train"], gathered["train"]
+  assert not gathered["tensor"] & weights, gathered["tensor"]
+
+
+def test_greedy_sampling_is_the_same_in_both_layouts(fsdp_model):
+  mesh, graphdef, params = fsdp_model
+  prompts = [list(np.random.RandomState(i).randint(0, CFG.vocab_size, 3 + 2 * i)) for i in range(6)]
+  out = {k: sampler.sample(nnx.merge(graphdef, _rollout_copy(params, mesh, k)), prompts,
+                           max_new_tokens=8, mesh=mesh) for k in sharding.WEIGHT_LAYOUTS}
+  assert out["tensor"].tokens == out["train"].tokens
+  np.testing.assert_allclose(np.concatenate(out["tensor"].logprobs),
+                             np.concatenate(out["train"].logprobs), atol=1e-5)
+
+
+def test_tensor_only_rules_differ_from_training_only_in_embed():
+  rules, tensor_only = dict(sharding.DEFAULT_RULES), dict(sharding.TENSOR_ONLY_RULES)
+  assert tensor_only.pop("embed") is None and rules.pop("embed") == "fsdp"
+  assert tensor_only == rules

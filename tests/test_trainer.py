@@ -134,6 +134,7 @@ def test_corrupt_newest_checkpoint_falls_back(uninterrupted, tmp_path):
     ("--config.data.train=/nonexistent.parquet", "data.train"),
     ("--config.mesh.tensor=3", "config.mesh"),
     ("--config.resume=False", "config.resume"),
+    ("--config.rollout.weight_sharding=fsdp", "rollout.weight_sharding"),
 ])
 def test_bad_config_names_the_field(override, field, tmp_path):
   from llds_jax import trainer
@@ -211,12 +212,38 @@ def test_sampling_weights_in_compute_dtype_are_exact():
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   graphdef, params = nnx.split(sharding.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)),
                                                      mesh))
-  c = ml_collections.ConfigDict({"model": {"dtype": "bfloat16", "param_dtype": "float32"}})
-  cast = trainer.compute_dtype_weights(c, sharding.state_shardings(params, mesh))(params)
+  c = ml_collections.ConfigDict({"model": {"dtype": "bfloat16", "param_dtype": "float32"},
+                                 "rollout": {"weight_sharding": "tensor"}})
+  abstract = jax.eval_shape(lambda: params)
+  cast = trainer.compute_dtype_weights(c, abstract, mesh)(params)
   dtypes = {str(x.dtype) for x in jax.tree.leaves(cast) if x.ndim >= 2}
   assert dtypes == {"bfloat16"}
+  # The tensor layout: split over `tensor` only, whole over data/fsdp; the dry run's view agrees.
+  assert tuple(cast["layers"][0]["gate"][...].sharding.spec) == (None, "tensor")
+  spec = trainer.rollout_weights(c, abstract, mesh)
+  assert [(x.dtype, x.sharding) for x in jax.tree.leaves(cast)] == [
+      (x.dtype, x.sharding) for x in jax.tree.leaves(spec)]
   assert {str(x.dtype) for x in jax.tree.leaves(cast) if x.ndim == 1} == {"float32"}
   ids = np.random.RandomState(0).randint(0, 64, (4, 12))
-  want = nnx.merge(graphdef, params)(ids)
+  # Against the float32 weights in the same layout: a layout change alone moves bf16 rounding.
+  want = nnx.merge(graphdef, jax.device_put(params, jax.tree.map(lambda x: x.sharding, spec)))(ids)
   got = nnx.merge(graphdef, cast)(ids)
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_sampling_weights_are_the_params_when_dtype_and_layout_match():
+  import jax
+  import ml_collections
+  from flax import nnx
+  from llds_jax import sharding, trainer
+  from llds_jax.model import ModelConfig, Transformer
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
+                    num_kv_heads=2, head_dim=8)
+  params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))[1]
+  for mesh_shape, layout in (({"data": 2, "fsdp": 2, "tensor": 2}, "train"),
+                             ({"data": 4, "fsdp": 1, "tensor": 2}, "tensor")):  # no fsdp split
+    mesh = sharding.make_mesh(mesh_shape)
+    placed = jax.device_put(params, sharding.state_shardings(params, mesh))
+    c = ml_collections.ConfigDict({"model": {"dtype": "float32", "param_dtype": "float32"},
+                                   "rollout": {"weight_sharding": layout}})
+    assert trainer.compute_dtype_weights(c, jax.eval_shape(lambda: placed), mesh)(placed) is placed

@@ -96,7 +96,7 @@ def model_config(c) -> ModelConfig:
       hf = json.load(f)
   else:
     hf = c.model.random.to_dict()
-  extra = {"attn_chunk": c.model.attn_chunk} if "attn_chunk" in c.model else {}
+  extra = {k: c.model[k] for k in ("attn_chunk", "scan_layers") if k in c.model}
   return ModelConfig.from_hf(hf, param_dtype=c.model.param_dtype, dtype=c.model.dtype,
                              remat=c.model.remat, **extra)
 
@@ -126,18 +126,6 @@ def shapes(c, prompt_tokens: int, mesh) -> dict:
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   return dict(P=P, R=R, L=P + R, cap=cap, views=views, rows=rows,
               sampler_rows=-(-rows // shards) * shards, obs_block=smp.bucket(r.max_obs_tokens + 1))
-
-
-def compute_dtype(params, dtype):
-  """The rollout's weights (trainer.compute_dtype_weights): float matrices cast, 1-D kept."""
-  dtype = jnp.dtype(dtype)
-
-  def cast(x):
-    if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2:
-      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
-    return x
-
-  return jax.tree.map(cast, params)
 
 
 def _sds(tree, shardings):
@@ -185,7 +173,7 @@ def build(c, mesh, prompt_tokens: int = 384) -> dict:
   table = jax.ShapeDtypeStruct((len(STOP_STRINGS), max(map(len, STOP_STRINGS)), cfg.vocab_size),
                                jnp.int8, sharding=shd.replicated(mesh))
   return dict(cfg=cfg, graphdef=graphdef, updater=up, params=params, state=state, shapes=s,
-              sampler_params=compute_dtype(params, cfg.dtype),
+              sampler_params=trainer.rollout_weights(c, abs_params, mesh),
               minibatch=batch(mb), rollout_batch=batch(s["rows"]), sampler_state=samp,
               scfg=scfg, table=table, prompt=rows_of((B, s["P"]), jnp.int32),
               len_B=rows_of((B,), jnp.int32))
@@ -264,17 +252,17 @@ def run(c, *, devices=None, programs=PROGRAMS, prompt_tokens: int = 384, chip: s
 def memory_peaks(out) -> dict:
   """Per-device bytes while each compiled program runs: its own peak plus what stays resident.
 
-  The train state and the reference weights live for the whole run; the rollout's compute-dtype
-  copy of the weights is the sampler's argument and stays referenced (trainer.train's `policy`)
-  through the update until the next rollout; the rollout batch lives through the update phase.
+  The train state and the reference weights live for the whole run. The rollout's copy of the
+  weights (trainer.rollout_weights; its size per device follows `config.rollout.weight_sharding`)
+  and the sampler state are the sampler's arguments, so they are in its programs' peaks, and the
+  trainer drops both before the update. The rollout batch lives through the update phase.
   A program's arguments are already in its peak, so the log-prob pass (whose argument is the
   policy's or the reference's weights) counts one copy of the weights less.
   """
   progs, res = out["programs"], out["resident"]
   beside = {
-      "train_step": res["ref_params"] + res["rollout_batch"] + res["sampler_params"],
-      "logprobs": res["train_state"] + res["ref_params"] - res["params"] + res["rollout_batch"]
-                  + res["sampler_params"],
+      "train_step": res["ref_params"] + res["rollout_batch"],
+      "logprobs": res["train_state"] + res["ref_params"] - res["params"] + res["rollout_batch"],
       "prefill": res["train_state"] + res["ref_params"],
       "decode": res["train_state"] + res["ref_params"]}
   return {k: progs[k]["memory"]["peak"] + v for k, v in beside.items() if k in progs}
