@@ -1,18 +1,14 @@
 """Qwen2 / Llama decoder in Flax NNX, with a slot-addressed KV cache.
 
-Dims: B batch, T new tokens, S cache slots, D embed, H query heads, K kv heads, G = H/K,
+Dims: B batch, T new tokens, S cache slots, D embed, H query heads, K kv heads,
 Dh head dim, F ffn, V vocab, L layers.
 
 One module serves `Qwen2ForCausalLM` (q/k/v bias) and `LlamaForCausalLM` (no bias, optional
 `llama3` RoPE scaling). Every weight carries `logical_axes` metadata that `sharding.py` maps to the
 mesh; the model itself never names a mesh axis.
 
-Padding and caching use one rule: every token has a position, and a token whose mask is 0 gets
-position -1. A query attends to a key iff `0 <= pos_k <= pos_q`. Because positions increase along a
-row, this is the causal mask for left-padded, right-padded and ragged-append batches alike. The
-cache stores keys/values in per-row slots together with each slot's position, so the rollout can
-append observation tokens to each row at its own offset without re-prefilling.
-Long inputs attend in blocks of `attn_chunk` queries (`_attention`); the residual stream is pinned
+Positions, masking, the KV cache and the attention kernels live in `attention.py`: a token whose
+mask is 0 gets position -1 and is neither attended to nor cached. The residual stream is pinned
 to row sharding (`sharding.constrain`) after the embedding lookup and after every block. Without a
 cache the blocks run as one `lax.scan` (`scan_layers`); the stored weights stay one module per block.
 """
@@ -24,16 +20,15 @@ import functools
 import math
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
 from llds_jax import sharding as shd
+from llds_jax.attention import KVCache, apply_rope, attend, rope_inv_freq, scatter_rows, write_slots
 
 ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully-masked rows give no NaN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,37 +164,6 @@ class ModelConfig:
     return hf
 
 
-def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-  """Inverse RoPE frequencies [Dh/2], including Llama-3 / linear scaling."""
-  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
-  sc = dict(cfg.rope_scaling or {})
-  kind = sc.get("rope_type", "default")
-  if kind == "linear":
-    return inv / sc["factor"]
-  if kind == "llama3":
-    factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
-    old_len = sc["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv
-    # Long wavelengths are interpolated by `factor`, short ones kept, the band between blended.
-    scaled = jnp.where(wavelen > old_len / lo, inv / factor, inv)
-    smooth = (old_len / wavelen - lo) / (hi - lo)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
-    return jnp.where(medium, blended, scaled)
-  return inv
-
-
-def apply_rope(x_BxTxNxDh: jax.Array, pos_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
-  """Rotate-half RoPE (the HF convention), computed in float32."""
-  ang_BxTxF = pos_BxT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
-  cos = jnp.cos(jnp.concatenate([ang_BxTxF, ang_BxTxF], -1))[:, :, None, :]
-  sin = jnp.sin(jnp.concatenate([ang_BxTxF, ang_BxTxF], -1))[:, :, None, :]
-  x = x_BxTxNxDh.astype(jnp.float32)
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
-  return (x * cos + rotated * sin).astype(x_BxTxNxDh.dtype)
-
-
 def _param(rngs, shape, axes, dtype, scale=None, init="normal"):
   if init == "ones":
     value = jnp.ones(shape, dtype)
@@ -214,43 +178,6 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
   x32 = x.astype(jnp.float32)
   x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)
   return (x32 * w.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))).astype(x.dtype)
-
-
-@flax.struct.dataclass
-class KVCache:
-  """Per-layer key/value slots plus each slot's position (-1 = empty) and the next free slot."""
-
-  k: tuple[jax.Array, ...]  # L × [B, S, K, Dh]
-  v: tuple[jax.Array, ...]
-  pos_BxS: jax.Array  # int32
-  end_B: jax.Array  # int32, number of filled slots per row
-
-  @classmethod
-  def init(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None) -> "KVCache":
-    dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch, slots, cfg.num_kv_heads, cfg.head_dim)
-    return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-               v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-               pos_BxS=jnp.full((batch, slots), -1, jnp.int32), end_B=jnp.zeros((batch,), jnp.int32))
-
-  @property
-  def slots(self) -> int:
-    return self.pos_BxS.shape[1]
-
-
-def _write_slots(valid_BxT: jax.Array, end_B: jax.Array, slots: int) -> jax.Array:
-  """Slot index of each new token: valid tokens are packed after `end`, the rest go out of range."""
-  rank_BxT = jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1
-  # Out-of-range indices are dropped by the scatter; a full cache therefore never corrupts
-  # existing slots (the sampler checks capacity on the host before it gets there).
-  return jnp.where(valid_BxT, end_B[:, None] + rank_BxT, slots)
-
-
-def _scatter_rows(buf_BxS: jax.Array, new_BxT: jax.Array, slot_BxT: jax.Array) -> jax.Array:
-  # vmap over rows gives a scatter with a batch dimension, which the partitioner keeps local to
-  # each row shard; an explicit row index made it all-gather every row's new K/V (prefill).
-  put = lambda buf_S, new_T, slot_T: buf_S.at[slot_T].set(new_T, mode="drop")  # noqa: E731
-  return jax.vmap(put)(buf_BxS, new_BxT.astype(buf_BxS.dtype), slot_BxT)
 
 
 class Block(nnx.Module):
@@ -291,54 +218,14 @@ class Block(nnx.Module):
       keys, values, kpos_BxS, new_kv = k, v, pos_BxT, None
     else:
       k_buf, v_buf, kpos_BxS, slot_BxT = kv
-      keys = _scatter_rows(k_buf, k, slot_BxT)
-      values = _scatter_rows(v_buf, v, slot_BxT)
+      keys = scatter_rows(k_buf, k, slot_BxT)
+      values = scatter_rows(v_buf, v, slot_BxT)
       new_kv = (keys, values)
-    attn = _attention(q, keys.astype(dt), values.astype(dt), pos_BxT, kpos_BxS, cfg.attn_chunk)
+    attn = attend(q, keys.astype(dt), values.astype(dt), pos_BxT, kpos_BxS, cfg.attn_chunk)
     x_BxTxD = x_BxTxD + jnp.einsum("bthk,hkd->btd", attn, w(self.o))
     h = rms_norm(x_BxTxD, self.mlp_norm[...], cfg.rms_norm_eps)
     ff = jax.nn.silu(h @ w(self.gate)) * (h @ w(self.up))
     return x_BxTxD + ff @ w(self.down), new_kv
-
-
-def _attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, qpos_BxT, kpos_BxS, chunk: int = 0):
-  """Position-masked softmax attention; with T > `chunk` > 0, one block of queries at a time.
-
-  Each of N blocks (C ≤ chunk queries, padding < N) attends to every key under the same mask, so
-  the result is the dense one up to rounding. A `lax.map` under `jax.checkpoint` keeps one block's
-  `B×H×C×S` float32 scores alive, and the backward pass recomputes them block by block.
-  """
-  B, T, H, Dh = q_BxTxHxDh.shape
-  if not chunk or T <= chunk:
-    return _dense_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, qpos_BxT, kpos_BxS)
-  n = -(-T // chunk)
-  c = -(-T // n)
-  pad = n * c - T
-  # Padded queries get position -1: they see no key, stay finite and are sliced off (no gradient).
-  q_BxTxHxDh = jnp.pad(q_BxTxHxDh, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  qpos_BxT = jnp.pad(qpos_BxT, ((0, 0), (0, pad)), constant_values=-1)
-  q_NxBxCxHxDh = jnp.swapaxes(q_BxTxHxDh.reshape(B, n, c, H, Dh), 0, 1)
-  qpos_NxBxC = jnp.swapaxes(qpos_BxT.reshape(B, n, c), 0, 1)
-
-  @jax.checkpoint
-  def block(xs):
-    return _dense_attention(xs[0], k_BxSxKxDh, v_BxSxKxDh, xs[1], kpos_BxS)
-
-  out_NxBxCxHxDh = lax.map(block, (q_NxBxCxHxDh, qpos_NxBxC))
-  return jnp.swapaxes(out_NxBxCxHxDh, 0, 1).reshape(B, n * c, H, Dh)[:, :T]
-
-
-def _dense_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, qpos_BxT, kpos_BxS):
-  B, T, H, Dh = q_BxTxHxDh.shape
-  K = k_BxSxKxDh.shape[2]
-  q = q_BxTxHxDh.reshape(B, T, K, H // K, Dh)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k_BxSxKxDh, preferred_element_type=jnp.float32)
-  logits = logits / math.sqrt(Dh)
-  allowed_BxTxS = (kpos_BxS[:, None, :] >= 0) & (kpos_BxS[:, None, :] <= qpos_BxT[:, :, None])
-  logits = jnp.where(allowed_BxTxS[:, None, None], logits, _MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxKxDh.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxDh)
-  return out.reshape(B, T, H, Dh)
 
 
 class Transformer(nnx.Module):
@@ -378,8 +265,8 @@ class Transformer(nnx.Module):
     act = ("batch", "length", "act_embed")
     x = shd.constrain(x, act)
     if cache is not None:
-      slot_BxT = _write_slots(valid_BxT, cache.end_B, cache.slots)
-      kpos_BxS = _scatter_rows(cache.pos_BxS, pos_BxT, slot_BxT)
+      slot_BxT = write_slots(valid_BxT, cache.end_B, cache.slots)
+      kpos_BxS = scatter_rows(cache.pos_BxS, pos_BxT, slot_BxT)
     new_k, new_v = [], []
     if cache is None and cfg.scan_layers:
       x = _scan_blocks(self.layers, x, pos_BxT, inv_freq, act)

@@ -34,7 +34,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from llds_jax import hosts, rewards
+from llds_jax import hosts, rewards, stops
 from llds_jax import sampler as smp
 
 STOP_STRINGS = ("</search>", "</answer>")
@@ -140,7 +140,7 @@ def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, gr
   scfg = smp.SampleConfig(cfg.temperature, cfg.top_p, cfg.top_k,
                           tuple(eos_ids) if eos_ids is not None else _eos_ids(model, tokenizer))
   table_QxMxV = hosts.put_replicated(
-      smp.cached_stop_table(tokenizer, STOP_STRINGS, model.cfg.vocab_size), mesh)
+      stops.cached_stop_table(tokenizer, STOP_STRINGS, model.cfg.vocab_size), mesh)
   graphdef, params = nnx.split(model)
   (padded,) = hosts.agree_max(hosts.padded_rows(n_rows, mesh))
   state = smp.init_state(model.cfg, padded, cap, cfg.max_turn_tokens, len(STOP_STRINGS), seed=seed,
@@ -240,7 +240,7 @@ def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, gr
 
   width = smp.bucket(max(map(len, resp)), minimum=8)
   loss_mask = _pad(mask, width, np.float32)
-  tok_bytes = smp.cached_token_bytes(tokenizer, model.cfg.vocab_size)
+  tok_bytes = stops.cached_token_bytes(tokenizer, model.cfg.vocab_size)
   answer_mask = _pad([answer_span_mask(r, tok_bytes) for r in resp], width, np.float32)
   answer_mask *= loss_mask  # a span quoted inside a retrieved document is not the model's answer
   # Statistics over every process's rows (each process returns only its own rows).

@@ -88,7 +88,7 @@ def test_causal_by_gradient(model):
     # Feed embeddings through the blocks by swapping the embedding lookup for a given input.
     h = x
     pos = jnp.arange(8)[None]
-    from llds_jax.model import rope_inv_freq
+    from llds_jax.attention import rope_inv_freq
     for layer in model.layers:
       h, _ = layer(h, pos, rope_inv_freq(CFG))
     return h[0, t].sum()

@@ -7,7 +7,7 @@ import pytest
 from llds_jax import retriever as bm25
 from llds_jax import rewards
 from llds_jax import rollout as ro
-from llds_jax import sampler
+from llds_jax import stops
 
 from hf_fixtures import transformers
 from test_sampler import TOKENIZER_DIR, init_model, log_softmax_full, scripted_model, tiny_cfg
@@ -171,7 +171,7 @@ def test_observation_text_never_becomes_control_tokens():
 def test_answer_span_mask_agrees_with_rewards(tok, added_tags):
   if not added_tags:
     tok = transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-  tok_bytes = sampler.token_bytes(tok)
+  tok_bytes = stops.token_bytes(tok)
   texts = ["<think> a </think><answer> Zürich </answer>",
            "<answer> a</answer> b <answer> c </answer>\n",
            "<answer> cut by the token cap\nMy previous action is invalid.\n<answer> b </answer>",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llds_jax import hf_io, hosts, sampler, sharding
+from llds_jax import hf_io, hosts, sampler, sharding, stops
 from llds_jax.model import KVCache, ModelConfig, Transformer
 
 from hf_fixtures import torch, transformers
@@ -210,8 +210,8 @@ def _lens(rows):
 def test_stop_table_equals_substring_search():
   vocab = [b"", b"<", b"/", b"</", b"search", b"sea", b"rch", b">", b">\n\n", b"h>", b"x</search>y",
            b"</se", b"arch>", b"a", b"aa", b"b", b"ab", b"</answer>", b"answer", b" ", b"<<//"]
-  stops = ["</search>", "</answer>", "aab"]  # "aab" needs the KMP fallback ("aa" + "ab")
-  table = sampler.stop_table(vocab, stops)
+  strings = ["</search>", "</answer>", "aab"]  # "aab" needs the KMP fallback ("aa" + "ab")
+  table = stops.stop_table(vocab, strings)
   assert table.shape == (3, 9, len(vocab)) and table.dtype == np.int8
   rng = np.random.RandomState(0)
   hits = 0
@@ -227,7 +227,7 @@ def test_stop_table_equals_substring_search():
     text, want = b"", None
     for i, t in enumerate(seq):
       text += vocab[t]
-      if any(s.encode() in text for s in stops):
+      if any(s.encode() in text for s in strings):
         want = i
         break
     assert got == want, (seq, got, want)
@@ -238,7 +238,7 @@ def test_stop_table_equals_substring_search():
 def test_token_bytes_concatenate_to_decoded_text(tok):
   text = 'Doc 1(Title: "Café") naïve – 日本 </search>\n\n<answer> x </answer>'
   ids = tok.encode(text, add_special_tokens=False)
-  table = sampler.token_bytes(tok, vocab_size=1010)
+  table = stops.token_bytes(tok, vocab_size=1010)
   assert len(table) == 1010 and table[1005] == b""
   assert b"".join(table[i] for i in ids) == text.encode()
   assert table[tok.convert_tokens_to_ids("<|im_end|>")] == b""
@@ -249,7 +249,7 @@ def test_stop_strings_split_tag_long_token_eos_and_length(tok):
   eos = tok.convert_tokens_to_ids("<|im_end|>")
   split = enc(" the end </search> more")  # ... 'Ġ</' 'search' '>' 'Ġmore'
   long = enc("</answer>\n\n tail")  # '<' '/' 'answer' '>ĊĊ': one token ends the tag, goes on
-  assert sampler.token_bytes(tok)[long[3]] == b">\n\n"
+  assert stops.token_bytes(tok)[long[3]] == b">\n\n"
   prompts = [enc("<search> a </search> 0"), enc("Question 1"), enc("2"), enc("y 3")]
   chains = [[prompts[0][-1]] + split, [prompts[1][-1]] + long,
             [prompts[2][-1]] + enc(" hello") + [eos] + enc(" </search>"),
