@@ -9,7 +9,9 @@ position -1. A query attends to a key iff `0 <= pos_k <= pos_q`. Because positio
 row, this is the causal mask for left-padded, right-padded and ragged-append batches alike. The
 cache stores keys/values in per-row slots together with each slot's position, so the rollout can
 append observation tokens to each row at its own offset without re-prefilling. Long inputs attend
-in blocks of `attn_chunk` queries (`attend`), so only one block's scores are alive at a time.
+in blocks of queries (`attend`), so only one block's scores are alive at a time; a block is at
+most `attn_chunk` queries and at most `attn_block_bytes` of float32 scores per device
+(`query_block`), which bounds the sampler's wide feeds as well as the update's long rows.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from llds_jax import sharding as shd
 
 if TYPE_CHECKING:  # model.py imports this module; the config is only read here
   from llds_jax.model import ModelConfig
@@ -96,15 +100,33 @@ def scatter_rows(buf_BxS: jax.Array, new_BxT: jax.Array, slot_BxT: jax.Array) ->
   return jax.vmap(put)(buf_BxS, new_BxT.astype(buf_BxS.dtype), slot_BxT)
 
 
-def attend(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, qpos_BxT, kpos_BxS, chunk: int = 0):
-  """Position-masked softmax attention; with T > `chunk` > 0, one block of queries at a time.
+def query_block(shape_BxTxHxS: tuple[int, int, int, int], chunk: int, max_bytes: int) -> int:
+  """Queries per attention block: ≤ `chunk`, and ≤ `max_bytes` of one device's f32 scores.
 
-  Each of N blocks (C ≤ chunk queries, padding < N) attends to every key under the same mask, so
-  the result is the dense one up to rounding. A `lax.map` under `jax.checkpoint` keeps one block's
+  A block's scores are B·H·C·S float32 values, B and H counted per device (rows split over
+  data/fsdp, heads over tensor on the active mesh). The cap matters for the sampler: one
+  observation feed of 512 tokens over 80 rows per device and 3884 slots (Qwen2.5-3B, paper
+  batch, 32 chips) would otherwise hold 3 × 9.5 GiB of scores per layer.
+  """
+  B, T, H, S = shape_BxTxHxS
+  c = min(chunk, T) if chunk else T
+  if max_bytes:
+    b_dev, h_dev = shd.local_shape((B, H), ("batch", "heads"))
+    c = min(c, max(1, max_bytes // (4 * b_dev * h_dev * S)))
+  return c
+
+
+def attend(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, qpos_BxT, kpos_BxS, chunk: int = 0,
+           max_bytes: int = 0):
+  """Position-masked softmax attention, one block of `query_block` queries at a time.
+
+  Each of N blocks (C queries, padding < N) attends to every key under the same mask, so the
+  result is the dense one up to rounding. A `lax.map` under `jax.checkpoint` keeps one block's
   `B×H×C×S` float32 scores alive, and the backward pass recomputes them block by block.
   """
   B, T, H, Dh = q_BxTxHxDh.shape
-  if not chunk or T <= chunk:
+  chunk = query_block((B, T, H, k_BxSxKxDh.shape[1]), chunk, max_bytes)
+  if T <= chunk:
     return _dense_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, qpos_BxT, kpos_BxS)
   n = -(-T // chunk)
   c = -(-T // n)

@@ -98,12 +98,7 @@ def _fused_fwd(h_NxBxCxD, w_DxV, tgt_NxBxC, opts: _Opts):
 
 def _row_shards(b: int) -> int:
   """How many shards the active mesh splits `b` rows into (1 without a mesh)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return 1
-  (axes,) = shd.logical_to_spec(("batch",), (b,), mesh) or (None,)
-  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  return int(np.prod([mesh.shape[a] for a in axes]))
+  return b // shd.local_shape((b,), ("batch",))[0]
 
 
 def _fused_bwd(opts: _Opts, res, cts):

@@ -59,6 +59,7 @@ class ModelConfig:
   dtype: str = "float32"
   remat: str = "none"  # none | full | dots (save matmul outputs)
   attn_chunk: int = 512
+  attn_block_bytes: int = 2**29  # and at most this much f32 scores per device (0 = no cap)
   scan_layers: bool = True  # cache-free passes run the blocks as one lax.scan (`_scan_blocks`)
 
   def __post_init__(self):
@@ -70,8 +71,9 @@ class ModelConfig:
       raise ValueError(f"head_dim={self.head_dim} must be even for rotate-half RoPE")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"ModelConfig.remat={self.remat!r}: expected none | full | dots")
-    if self.attn_chunk < 0:
-      raise ValueError(f"ModelConfig.attn_chunk={self.attn_chunk} must be ≥ 0 (0 = off)")
+    if self.attn_chunk < 0 or self.attn_block_bytes < 0:
+      raise ValueError(f"ModelConfig.attn_chunk={self.attn_chunk} and attn_block_bytes="
+                       f"{self.attn_block_bytes} must be ≥ 0 (0 = off)")
     rope_type = dict(self.rope_scaling or {}).get("rope_type", "default")
     if rope_type not in ("default", "linear", "llama3"):
       raise ValueError(f"rope_scaling rope_type={rope_type!r} is not supported (default, linear, llama3)")
@@ -221,7 +223,8 @@ class Block(nnx.Module):
       keys = scatter_rows(k_buf, k, slot_BxT)
       values = scatter_rows(v_buf, v, slot_BxT)
       new_kv = (keys, values)
-    attn = attend(q, keys.astype(dt), values.astype(dt), pos_BxT, kpos_BxS, cfg.attn_chunk)
+    attn = attend(q, keys.astype(dt), values.astype(dt), pos_BxT, kpos_BxS, cfg.attn_chunk,
+                  cfg.attn_block_bytes)
     x_BxTxD = x_BxTxD + jnp.einsum("bthk,hkd->btd", attn, w(self.o))
     h = rms_norm(x_BxTxD, self.mlp_norm[...], cfg.rms_norm_eps)
     ff = jax.nn.silu(h @ w(self.gate)) * (h @ w(self.up))

@@ -148,6 +148,24 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules=DEFAULT_RULES) -> 
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, rules))
 
 
+def local_shape(shape: Sequence[int], axes: Sequence[str | None],
+                rules=DEFAULT_RULES) -> tuple[int, ...]:
+  """One device's block of an array with these logical axes on the active mesh (no mesh: all).
+
+  For code that sizes its own work by what a device holds (attention's query blocks, the
+  log-prob kernel's row partial sums) while tracing under `jit`, where shapes are global.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return tuple(shape)
+  spec = logical_to_spec(axes, shape, mesh, rules)
+  out = []
+  for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    out.append(dim // math.prod(mesh.shape[a] for a in names))
+  return tuple(out)
+
+
 def mesh_of(tree) -> Mesh | None:
   """The mesh of the first leaf placed by a NamedSharding (arrays or ShapeDtypeStructs), if any."""
   for leaf in jax.tree.leaves(tree):

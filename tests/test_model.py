@@ -224,6 +224,32 @@ def test_scanned_blocks_keep_one_block_of_activations():
   assert B * T * F * 4 > 1.5 * per_block  # one MLP activation alone would break the bound
 
 
+def test_query_block_caps_one_devices_scores():
+  from llds_jax.attention import query_block
+  per_query = 4 * 8 * 16 * 1000  # f32 scores of one query: rows × heads × keys
+  assert query_block((8, 512, 16, 1000), 512, 10 * per_query) == 10
+  assert query_block((8, 512, 16, 1000), 6, 10 * per_query) == 6
+  assert query_block((8, 512, 16, 1000), 0, 0) == 512
+  assert query_block((8, 3, 16, 1000), 512, 0) == 3
+  # Under a mesh the budget is per device: 8 rows over 8 row shards leave one row each.
+  with jax.set_mesh(sharding.make_mesh({"data": 8})):
+    assert query_block((8, 512, 16, 1000), 512, 10 * per_query) == 80
+
+
+def test_score_byte_cap_keeps_attention_exact():
+  # A cap of ~2 queries' scores: 7 blocks for 13 tokens, padded rows and gradients included.
+  per_query = 4 * 3 * CFG.num_heads * 13
+  dense = Transformer(_with(attn_chunk=0, attn_block_bytes=0), rngs=nnx.Rngs(0))
+  capped = Transformer(_with(attn_chunk=0, attn_block_bytes=2 * per_query), rngs=nnx.Rngs(0))
+  ids = _ids((3, 13), 10)
+  mask = np.ones((3, 13), np.int32)
+  mask[1, :4], mask[2, 9:] = 0, 0
+  pos = jnp.asarray(np.maximum(np.cumsum(mask, 1) - 1, 0))
+  mask = jnp.asarray(mask)
+  np.testing.assert_allclose(np.asarray(capped(ids, pos, mask)), np.asarray(dense(ids, pos, mask)),
+                             atol=1e-5)
+
+
 def test_bf16_compute_stays_close():
   ids = _ids((2, 6))
   f32 = Transformer(CFG, rngs=nnx.Rngs(0))
