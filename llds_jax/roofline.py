@@ -177,6 +177,39 @@ def hlo_stats(text: str, num_devices: int | None = None) -> dict:
               link_bytes=sum(c["link_bytes"] for c in coll.values()), top_collectives=top[:8])
 
 
+_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+_REPORT_ROW = re.compile(r"^\s*[\d.]+\w+\(\s*\d+%\);\s*([\d.]+)(\w+);\s*\d+;\s*\d+;\s*(.+)$")
+_REPORT_SHAPE = re.compile(r"(?:\d+×)?(\w+)\[([0-9,]*)\]")
+
+
+def cpu_upcast_bytes(memory_report: str, hlo: str) -> float:
+  """Bytes of allocations that hold nothing but float32 copies of bfloat16 entry arguments.
+
+  XLA's CPU backend has no bf16 matmul: it converts bf16 operands to f32, and it hoists the
+  converts of loop-invariant operands (the sampler's weights, each layer's K/V cache) out of
+  the decode loop, so whole f32 copies of the weights and the cache show up in its temp (3B
+  decode: 22 GB of cache copies and 12 GB of weight copies beside an 11.5 GB cache). A chip that
+  multiplies bf16 natively (TPU, GPU) makes none of them. An allocation is counted when every
+  value in it is f32 and its dims are a permutation of a bf16 argument's (per-device) dims;
+  `memory_report` is XLA's `*memory-usage-report.txt` of the same compile.
+  """
+  entry = re.search(r"^ENTRY [^(]*\((.*)\)\s*->", hlo, re.M)
+  if entry is None:
+    raise ValueError("cpu_upcast_bytes: no ENTRY computation in the HLO text")
+  bf16 = {tuple(sorted(_dims(f"bf16[{d}]"))) for d in re.findall(r"bf16\[([0-9,]*)\]",
+                                                                 entry.group(1))}
+  total = 0.0
+  for line in memory_report.splitlines():
+    row = _REPORT_ROW.match(line)
+    if not row:
+      continue
+    shapes = _REPORT_SHAPE.findall(row.group(3))
+    if shapes and all(dt == "f32" and tuple(sorted(int(x) for x in dims.split(",") if x)) in bf16
+                      for dt, dims in shapes):
+      total += float(row.group(1)) * _UNITS[row.group(2)]
+  return total
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Predicted: vendor peak numbers and a roofline.
 

@@ -192,3 +192,39 @@ def test_device_count_from_config():
   with pytest.raises(ValueError, match="hardware.devices"):
     dry_run.device_count(c)
   assert dry_run.device_count(c, 16) == 16
+
+
+def test_cpu_upcast_accounting_on_a_loop_over_a_bf16_argument():
+  # A bf16 matmul in a loop: the CPU backend converts the loop-invariant bf16 weight to f32 once,
+  # a buffer the size of the f32 weight that a bf16-native chip would not allocate.
+  w_bf16 = jax.ShapeDtypeStruct((512, 1024), jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((8, 512), jnp.bfloat16)
+
+  def f(w, x):
+    body = lambda h, _: ((h @ w)[:, :512], None)  # noqa: E731
+    return jax.lax.scan(body, x, None, length=4)[0]
+
+  compiled, report = dry_run.compile_with_report(jax.jit(f).lower(w_bf16, x))
+  m = dry_run.analyze(compiled, 1, memory_report=report)["memory"]
+  assert m["cpu_upcast"] >= 512 * 1024 * 4, (m, report)
+  assert m["peak_native"] == m["peak"] - m["cpu_upcast"] and m["cpu_upcast"] <= m["temp"]
+  # Only f32 copies of bf16 *arguments* count: the same program on f32 inputs has none.
+  f32 = lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32)  # noqa: E731
+  compiled, report = dry_run.compile_with_report(jax.jit(f).lower(f32(w_bf16), f32(x)))
+  assert dry_run.analyze(compiled, 1, memory_report=report)["memory"]["cpu_upcast"] == 0
+
+
+def test_cpu_upcast_parser_on_a_written_report():
+  hlo = ("HloModule m\n\nENTRY %main (p0: bf16[80,3884,2,128], p1: f32[16]) -> f32[16] {\n"
+         "  ROOT %r = f32[16] add(%p1, %p1)\n}\n")
+  report = """Memory Space: default (color=0)
+Total bytes: 1 (1B)
+  cumulative_size;       size;       offset; used_by_n_values; shapes_list
+  ------------------------------------------------------------
+    1.00GiB( 50%);    303.44MiB;  0;  3; f32[80,2,128,3884], 2×f32[80,3884,2,128]
+    1.50GiB( 75%);    512.00MiB;  0;  2; f32[80,3884,2,128], f32[7]
+    2.00GiB(100%);      1.00KiB;  0;  1; bf16[80,3884,2,128]
+"""
+  # Row 1: f32 copies (one transposed) of the bf16 argument; row 2 shares its buffer with an
+  # unrelated f32 value; row 3 is bf16 itself.
+  assert roofline.cpu_upcast_bytes(report, hlo) == pytest.approx(303.44 * 2**20)

@@ -20,11 +20,13 @@ Every `--config.a.b=v` override works as in llds_jax/main.py. docs/scaling.md ha
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
 import re
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -38,12 +40,13 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Pod config (get_confi
 _DEVICES = flags.DEFINE_integer("devices", None, "Simulated devices (default: the mesh size, "
                                 "or config.hardware.devices when an axis is -1).")
 _JSON = flags.DEFINE_string("json", None, "Write every measured and predicted number here.")
-_PROGRAMS = flags.DEFINE_list("programs", "train_step,logprobs,prefill,decode",
+_PROGRAMS = flags.DEFINE_list("programs", "train_step,logprobs,prefill,observe,decode",
                               "Programs to compile.")
 _PROMPT = flags.DEFINE_integer("prompt_tokens", 384, "Longest prompt of a rollout batch (tokens, "
                                "before bucketing); Search-R1 prompts with the Qwen chat template "
                                "are ~200-300 tokens.")
-_DUMP = flags.DEFINE_string("dump_hlo", None, "Directory for each program's optimized HLO text.")
+_DUMP = flags.DEFINE_string("dump_hlo", None, "Directory for each program's optimized HLO text "
+                            "and XLA memory-usage report (per-buffer breakdown of its peak).")
 _CHIP = flags.DEFINE_string("chip", None, "Chip kind for the prediction (default: "
                             "config.hardware.chip).")
 
@@ -85,7 +88,7 @@ from llds_jax.model import ModelConfig, Transformer  # noqa: E402
 from llds_jax.rollout import MIN_VIEW, STOP_STRINGS  # noqa: E402
 from llds_jax.train_step import BATCH_KEYS, Updater  # noqa: E402
 
-PROGRAMS = ("train_step", "logprobs", "prefill", "decode")
+PROGRAMS = ("train_step", "logprobs", "prefill", "observe", "decode")
 
 
 def model_config(c) -> ModelConfig:
@@ -176,6 +179,7 @@ def build(c, mesh, prompt_tokens: int = 384) -> dict:
               sampler_params=trainer.rollout_weights(c, abs_params, mesh),
               minibatch=batch(mb), rollout_batch=batch(s["rows"]), sampler_state=samp,
               scfg=scfg, table=table, prompt=rows_of((B, s["P"]), jnp.int32),
+              obs=rows_of((B, s["obs_block"]), jnp.int32),
               len_B=rows_of((B,), jnp.int32))
 
 
@@ -190,14 +194,23 @@ def lower(name: str, b: dict):
   if name == "prefill":
     return smp.feed.lower(b["graphdef"], b["sampler_params"], b["sampler_state"], b["prompt"],
                           b["len_B"], b["len_B"], b["table"], b["scfg"], s["views"][0])
+  if name == "observe":  # the largest later feed: an observation block at the last turn's view
+    return smp.feed.lower(b["graphdef"], b["sampler_params"], b["sampler_state"], b["obs"],
+                          b["len_B"], b["len_B"], b["table"], b["scfg"], s["views"][-1])
   if name == "decode":
     return smp.decode.lower(b["graphdef"], b["sampler_params"], b["sampler_state"], b["table"],
                             b["scfg"], s["views"][-1])
   raise ValueError(f"--programs: unknown program {name!r}; expected one of {PROGRAMS}")
 
 
-def analyze(compiled, num_devices: int, dump: str | None = None) -> dict:
-  """Per-device memory and cost from XLA, and trip-weighted HLO statistics."""
+def analyze(compiled, num_devices: int, dump: str | None = None,
+            memory_report: str | None = None) -> dict:
+  """Per-device memory and cost from XLA, and trip-weighted HLO statistics.
+
+  With XLA's memory-usage report of the compile, `cpu_upcast` is the part of the temp that holds
+  only f32 copies of bf16 arguments (roofline.cpu_upcast_bytes) and `peak_native` the peak
+  without it: an ESTIMATE of the peak on a chip that multiplies bf16 natively.
+  """
   text = compiled.as_text()
   if dump:
     with open(dump, "w") as f:
@@ -206,11 +219,26 @@ def analyze(compiled, num_devices: int, dump: str | None = None) -> dict:
   m = {k: float(getattr(mem, f"{k}_size_in_bytes")) for k in
        ("argument", "output", "alias", "temp", "generated_code")}
   m["peak"] = m["argument"] + m["output"] - m["alias"] + m["temp"]
+  if memory_report is not None:
+    m["cpu_upcast"] = min(roofline.cpu_upcast_bytes(memory_report, text), m["temp"])
+    m["peak_native"] = m["peak"] - m["cpu_upcast"]
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   hlo = roofline.hlo_stats(text, num_devices)
   return dict(memory=m, xla_flops=float(cost.get("flops", 0.0)),
               xla_bytes_accessed=float(cost.get("bytes accessed", 0.0)), **hlo)
+
+
+def compile_with_report(lowered):
+  """(compiled, XLA's memory-usage report text) — the report is only written by a dump."""
+  with tempfile.TemporaryDirectory(prefix="dry_run_xla_") as tmp:
+    compiled = lowered.compile(compiler_options={"xla_dump_to": tmp})
+    reports = glob.glob(os.path.join(tmp, "*memory-usage-report.txt"))
+    if not reports:
+      raise RuntimeError(f"XLA wrote no memory-usage report under {tmp}")
+    # The compile of the program itself is the largest report (helper jits may dump too).
+    with open(max(reports, key=os.path.getsize)) as f:
+      return compiled, f.read()
 
 
 def run(c, *, devices=None, programs=PROGRAMS, prompt_tokens: int = 384, chip: str | None = None,
@@ -227,11 +255,14 @@ def run(c, *, devices=None, programs=PROGRAMS, prompt_tokens: int = 384, chip: s
     t0 = time.perf_counter()
     lowered = lower(name, b)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    compiled, mem_report = compile_with_report(lowered)
     t2 = time.perf_counter()
+    if dump_hlo:
+      with open(os.path.join(dump_hlo, f"{name}.memory-usage-report.txt"), "w") as f:
+        f.write(mem_report)
     out["programs"][name] = dict(lower_s=t1 - t0, compile_s=t2 - t1,
                                  **analyze(compiled, mesh.size, dump_hlo and os.path.join(
-                                     dump_hlo, f"{name}.hlo.txt")))
+                                     dump_hlo, f"{name}.hlo.txt"), mem_report))
     log(f"compiled {name} in {t2 - t0:.1f} s")
   out["resident"] = dict(train_state=device_bytes(b["state"]),
                          params=device_bytes(b["params"]),
@@ -242,16 +273,19 @@ def run(c, *, devices=None, programs=PROGRAMS, prompt_tokens: int = 384, chip: s
   chip = chip or (c.get("hardware") or {}).get("chip")
   if chip:  # memory fit for whatever was compiled; the step time needs every program
     budget = roofline.CHIPS[chip].hbm_bytes * (1 - roofline.Assumptions().headroom)
+    native = memory_peaks(out, "peak_native")
     out["memory_fit"] = dict(chip=chip, budget_bytes=budget, **{
-        k: dict(peak_bytes=p, fits=p <= budget) for k, p in memory_peaks(out).items()})
+        k: dict(peak_bytes=p, fits=p <= budget, native_bytes=native[k],
+                native_fits=native[k] <= budget) for k, p in memory_peaks(out).items()})
   if chip and all(p in out["programs"] for p in PROGRAMS):
     out["prediction"] = predict(c, b, out, roofline.CHIPS[chip])
   return out
 
 
-def memory_peaks(out) -> dict:
+def memory_peaks(out, key: str = "peak") -> dict:
   """Per-device bytes while each compiled program runs: its own peak plus what stays resident.
 
+  `key` picks the program's measured "peak" or its "peak_native" estimate (`analyze`).
   The train state and the reference weights live for the whole run. The rollout's copy of the
   weights (trainer.rollout_weights; its size per device follows `config.rollout.weight_sharding`)
   and the sampler state are the sampler's arguments, so they are in its programs' peaks, and the
@@ -264,8 +298,10 @@ def memory_peaks(out) -> dict:
       "train_step": res["ref_params"] + res["rollout_batch"],
       "logprobs": res["train_state"] + res["ref_params"] - res["params"] + res["rollout_batch"],
       "prefill": res["train_state"] + res["ref_params"],
+      "observe": res["train_state"] + res["ref_params"],
       "decode": res["train_state"] + res["ref_params"]}
-  return {k: progs[k]["memory"]["peak"] + v for k, v in beside.items() if k in progs}
+  return {k: progs[k]["memory"].get(key, progs[k]["memory"]["peak"]) + v
+          for k, v in beside.items() if k in progs}
 
 
 def predict(c, b, out, chip) -> dict:
@@ -281,18 +317,22 @@ def predict(c, b, out, chip) -> dict:
       c.rollout.cache_dtype or cfg.dtype).itemsize
   decode = dict(dot_flops=progs["decode"]["dot_flops"], link_bytes=progs["decode"]["link_bytes"],
                 hbm_bytes_per_token=[weight_b + rows_dev * v * kv_b for v in s["views"]])
-  pf = progs["prefill"]
-  prefill = dict(dot_flops=pf["dot_flops"] / s["P"], link_bytes=pf["link_bytes"],
+  # The prompt feed once, then one observation feed per search turn (measured at its last view,
+  # where attention is widest: an upper bound for the earlier turns).
+  pf, ob, searches = progs["prefill"], progs["observe"], c.rollout.max_turns
+  fed = s["P"] + searches * s["obs_block"]
+  prefill = dict(dot_flops=(pf["dot_flops"] + searches * ob["dot_flops"]) / fed,
+                 link_bytes=(pf["link_bytes"] + searches * ob["link_bytes"]) / (1 + searches),
                  weight_bytes=weight_b)
   turns = c.rollout.max_turns + 1
   counts = dict(decode_steps=[c.rollout.max_turn_tokens] * turns,
-                fed_tokens=s["P"] + c.rollout.max_turns * s["obs_block"], feed_calls=turns,
+                fed_tokens=fed, feed_calls=1 + searches,
                 logprob_passes=2 if c.rl.kl_coef else 1,
                 update_steps=c.rl.ppo_epochs * s["rows"] // c.rl.minibatch_size)
   pred = roofline.predict_step(chip, decode=decode, prefill=prefill, logprobs=progs["logprobs"],
                                update=progs["train_step"], counts=counts,
                                resident_bytes=res["train_state"] + res["ref_params"],
-                               peaks=memory_peaks(out))
+                               peaks=memory_peaks(out, "peak_native"))
   pred.update(chip=chip.name, counts=counts)
   return pred
 
@@ -309,11 +349,12 @@ def report(out: dict) -> str:
            f"{s['R']} = {s['L']} · cache {s['cap']} slots · turn views {s['views']}",
            "", "MEASURED by XLA (CPU compiler, per device; GB = 1e9 bytes; FLOPs per call)",
            f"{'program':<11}{'args':>9}{'out':>9}{'alias':>9}{'temp':>9}{'peak':>9}"
-           f"{'xlaTFLOP':>10}{'hloTFLOP':>10}{'xlaGBacc':>10}{'compile_s':>10}"]
+           f"{'upcast':>9}{'xlaTFLOP':>10}{'hloTFLOP':>10}{'xlaGBacc':>10}{'compile_s':>10}"]
   for name, p in out["programs"].items():
     m = p["memory"]
     lines.append(f"{name:<11}{_gb(m['argument'])} {_gb(m['output'])} {_gb(m['alias'])} "
-                 f"{_gb(m['temp'])} {_gb(m['peak'])} {p['xla_flops'] / 1e12:9.3f} "
+                 f"{_gb(m['temp'])} {_gb(m['peak'])} {_gb(m.get('cpu_upcast', float('nan')))} "
+                 f"{p['xla_flops'] / 1e12:9.3f} "
                  f"{p['dot_flops'] / 1e12:9.3f} {p['xla_bytes_accessed'] / 1e9:9.2f} "
                  f"{p['compile_s']:9.1f}")
   lines += ["", "collectives (trip-weighted count / GB moved per device over links, ring):"]
@@ -332,13 +373,16 @@ def report(out: dict) -> str:
     lines.append(f"  step ≈ {pr['step_s']:.1f} s")
   if "memory_fit" in out:
     fit, res = out["memory_fit"], out["resident"]
-    lines += ["", f"MEMORY on {fit['chip']} (measured program peak + resident beside it; budget "
-              f"{_gb(fit['budget_bytes']).strip()} GB = HBM − 10 %):",
+    lines += ["", f"MEMORY on {fit['chip']} (program peak + resident beside it; budget "
+              f"{_gb(fit['budget_bytes']).strip()} GB = HBM − 10 %). measured = the CPU compile; "
+              "native = ESTIMATE without its f32 upcasts of bf16 arguments (`upcast` above):",
               "  resident " + " · ".join(f"{k} {_gb(v).strip()}" for k, v in res.items())]
+    verdict = lambda ok: "fits" if ok else "DOES NOT FIT"  # noqa: E731
     for k in PROGRAMS:
       if k in fit:
-        lines.append(f"  {k:<11} peak {_gb(fit[k]['peak_bytes'])} GB  "
-                     f"{'fits' if fit[k]['fits'] else 'DOES NOT FIT'}")
+        lines.append(f"  {k:<11} measured {_gb(fit[k]['peak_bytes'])} GB {verdict(fit[k]['fits'])}"
+                     f" · native {_gb(fit[k]['native_bytes'])} GB "
+                     f"{verdict(fit[k]['native_fits'])}")
   return "\n".join(lines)
 
 
