@@ -42,7 +42,7 @@ MODELS = {"3b": QWEN25_3B_INSTRUCT, "7b": QWEN25_7B_INSTRUCT}
 
 def pod_config(model: str, chip: str, devices: int, *, data: int, fsdp: int, tensor: int,
                micro_batch: int, logprob_micro_batch: int = 128, remat: str = "full",
-               cache_dtype: str = "bfloat16"):
+               cache_dtype: str = "bfloat16", weight_sharding: str = "tensor"):
   """llds_search.py on `devices` chips of kind `chip` with this mesh and memory knobs."""
   c = llds_search.get_config()
   c.model.random = ml_collections.ConfigDict(MODELS[model])
@@ -60,6 +60,9 @@ def pod_config(model: str, chip: str, devices: int, *, data: int, fsdp: int, ten
   # multiple of data × fsdp (trainer.validate).
   c.rl.logprob_micro_batch_size = logprob_micro_batch
   c.rollout.cache_dtype = cache_dtype
+  # "tensor": the rollout's bf16 weights whole on every fsdp shard (params/tensor bytes per chip)
+  # so decode gathers no weights per token; "train": fsdp-sharded, gathered every token.
+  c.rollout.weight_sharding = weight_sharding
   return c
 
 

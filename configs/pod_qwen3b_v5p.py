@@ -5,11 +5,11 @@
       --config.model.path=/ckpts/Qwen2.5-3B-Instruct ...        # see configs/pod_base.py
 
 Mesh fsdp 32 (data 1 × fsdp 32 × tensor 1), micro-batch 32 (one row per chip), log-prob blocks
-of 128 rows, full remat, bf16 KV cache. MEASURED (tools/dry_run.py, CPU compiler, per chip, with
-the resident state beside each program): train step 59.2 GB, log-probs 18.3 GB, prefill 39.0 GB,
-decode 48.0 GB of the 85.5 GB budget (95 GB − 10 %): FITS. Micro-batch 64 (89.3 GB) and
-data 8 × tensor 4 (77.6 GB train step, 45.8 GB of replicated KV cache) were measured too; see
-docs/scaling.md. PREDICTED step ≈ 290 s, of which 174 s is decode's per-token weight all-gather.
+of 128 rows, full remat over a scan of the layers, bf16 KV cache, rollout weights whole on every
+chip (rollout.weight_sharding="tensor", 6.2 GB). Per chip, with the resident state beside each
+program (tools/dry_run.py; docs/scaling.md), against the 85.5 GB budget (95 GB − 10 %): MEASURED
+by the CPU compiler, max 61.2 GB (observation feed); ESTIMATED without the CPU's f32 copies of
+bf16 arguments, max 35.4 GB (prefill): FITS. PREDICTED step ≈ 123 s (decode 13, update 77).
 """
 
 import os

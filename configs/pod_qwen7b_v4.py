@@ -4,11 +4,12 @@
   python -m llds_jax.main --config=configs/pod_qwen7b_v4.py --config.workdir=... \
       --config.model.path=/ckpts/Qwen2.5-7B-Instruct ...        # see configs/pod_base.py
 
-DOES NOT FIT (measured, docs/scaling.md). Mesh fsdp 16 × tensor 4, micro-batch 16 is the same
-compile as pod_qwen7b_v5p.py: train step 35.9 GB and decode 35.8 GB per chip against the
-30.9 GB budget of a 32 GiB chip (prefill 28.7 GB and log-probs 12.8 GB fit); the KV cache is
-8.9 GB per chip (rows over fsdp 16, KV heads over tensor 4). λ = 0.3 (the paper's
-7B-Instruct value).
+Mesh fsdp 16 × tensor 4, micro-batch 16 (one row per row shard), log-prob blocks of 128 rows, full
+remat over a scan of the layers, bf16 KV cache (8.9 GB per chip: rows over fsdp 16, KV heads over
+tensor 4), rollout weights split over tensor only (3.8 GB). Per chip, with the resident state,
+against the 30.9 GB budget: ESTIMATED without the CPU's f32 upcasts of bf16 arguments max
+27.2 GB (prefill): FITS by the estimate; the CPU compile MEASURES 44.0 GB (observation feed),
+so this is the config to check first on hardware. PREDICTED step ≈ 353 s. λ = 0.3.
 """
 
 import os

@@ -4,11 +4,12 @@
   python -m llds_jax.main --config=configs/pod_qwen7b_v5p.py --config.workdir=... \
       --config.model.path=/ckpts/Qwen2.5-7B-Instruct ...        # see configs/pod_base.py
 
-Mesh fsdp 16 × tensor 4, micro-batch 16 (one row per row shard), log-prob blocks of 128 rows,
-full remat, bf16 KV cache. MEASURED (tools/dry_run.py, CPU compiler, per chip, with the resident
-state beside each program): train step 35.9 GB, log-probs 12.8 GB, prefill 28.7 GB, decode
-35.8 GB of the 85.5 GB budget: FITS. PREDICTED step ≈ 274 s. λ = 0.3 (the paper's 7B-Instruct
-value).
+Mesh fsdp 64 (data 1 × fsdp 64 × tensor 1), micro-batch 64 (one row per chip), log-prob blocks
+of 128 rows, full remat over a scan of the layers, bf16 KV cache, rollout weights whole on every
+chip (15.2 GB). Per chip, with the resident state beside each program, against the 85.5 GB
+budget: MEASURED max 73.8 GB (observation feed), ESTIMATED without the CPU's f32 upcasts max
+54.8 GB (prefill): FITS. PREDICTED step ≈ 144 s; fsdp 16 × tensor 4 also fits (max 44.0 GB
+measured) but predicts 187 s (tensor all-reduces). λ = 0.3 (the paper's 7B-Instruct value).
 """
 
 import os
@@ -19,4 +20,4 @@ from configs import pod_base  # noqa: E402  (config files are loaded by path)
 
 
 def get_config():
-  return pod_base.pod_config("7b", "v5p", 64, data=1, fsdp=16, tensor=4, micro_batch=16)
+  return pod_base.pod_config("7b", "v5p", 64, data=1, fsdp=64, tensor=1, micro_batch=64)
