@@ -161,19 +161,29 @@ def _collectives_by_place(hlo: str, ops: str = "all-reduce|all-reduce-start|redu
   return inside, outside
 
 
+_D, _V = 32, 256
+
+
+def _sharded_logp_grad(mesh_shape: dict, seed: int):
+  """(mesh, h, w, grad of Σ log p): rows over (data, fsdp), W as stored (D over fsdp, V over
+  tensor), 8 rows × 64 tokens in chunks of 8."""
+  from llds_jax import sharding
+  mesh = sharding.make_mesh(mesh_shape)
+  rng = np.random.RandomState(seed)
+  rows = NamedSharding(mesh, P(("data", "fsdp")))
+  h = jax.device_put(rng.randn(8, 64, _D).astype(np.float32), rows)
+  w = jax.device_put(rng.randn(_D, _V).astype(np.float32) * 0.1,
+                     NamedSharding(mesh, P("fsdp", "tensor")))
+  y = jax.device_put(rng.randint(0, _V, (8, 64)), rows)
+  loss = lambda h, w: jnp.sum(logprobs.token_logprobs(h, w, y, chunk_size=8)[0])  # noqa: E731
+  return mesh, h, w, jax.jit(jax.grad(loss, (0, 1)))
+
+
 def test_unembedding_gradient_is_reduced_once_not_per_chunk():
   """Row-sharded dW partial sums: one reduction after the chunk scan, same gradients."""
   from llds_jax import sharding
-  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  b, t, d, v = 8, 64, 32, 256
-  rng = np.random.RandomState(0)
-  rows = NamedSharding(mesh, P(("data", "fsdp")))
-  h = jax.device_put(rng.randn(b, t, d).astype(np.float32), rows)
-  w = jax.device_put(rng.randn(d, v).astype(np.float32) * 0.1,
-                     NamedSharding(mesh, P("fsdp", "tensor")))
-  y = jax.device_put(rng.randint(0, v, (b, t)), rows)
-  loss = lambda h, w: jnp.sum(logprobs.token_logprobs(h, w, y, chunk_size=8)[0])  # noqa: E731
-  grad = jax.jit(jax.grad(loss, (0, 1)))
+  mesh, h, w, grad = _sharded_logp_grad({"data": 2, "fsdp": 2, "tensor": 2}, 0)
+  d, v = _D, _V
   on_mesh = sharding.OnMesh(grad, mesh)
   inside, outside = _collectives_by_place(on_mesh.lower(h, w).compile().as_text())
   dw_per_device = d * v // 2  # vocab split over tensor=2
@@ -188,22 +198,14 @@ def test_unembedding_gradient_is_reduced_once_not_per_chunk():
 def test_unembedding_is_gathered_once():
   """W stored D-sharded (embed -> fsdp): gathered once, before the chunk scans."""
   from llds_jax import sharding
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
-  b, t, d, v = 8, 64, 32, 256
-  rng = np.random.RandomState(1)
-  rows = NamedSharding(mesh, P(("data", "fsdp")))
-  h = jax.device_put(rng.randn(b, t, d).astype(np.float32), rows)
-  w = jax.device_put(rng.randn(d, v).astype(np.float32) * 0.1,
-                     NamedSharding(mesh, P("fsdp", "tensor")))
-  y = jax.device_put(rng.randint(0, v, (b, t)), rows)
-  loss = lambda h, w: jnp.sum(logprobs.token_logprobs(h, w, y, chunk_size=8)[0])  # noqa: E731
-  grad = sharding.OnMesh(jax.jit(jax.grad(loss, (0, 1))), mesh)
+  mesh, h, w, plain = _sharded_logp_grad({"data": 1, "fsdp": 4, "tensor": 2}, 1)
+  grad = sharding.OnMesh(plain, mesh)
   inside, outside = _collectives_by_place(grad.lower(h, w).compile().as_text(),
                                           "all-gather|all-gather-start")
-  w_whole_d = d * v // 2  # D gathered, V still split over tensor=2
+  w_whole_d = _D * _V // 2  # D gathered, V still split over tensor=2
   assert max(inside, default=0) < w_whole_d, inside
   # One gather serves the forward scan and the backward scan (they used to gather separately).
   assert sum(n >= w_whole_d for n in outside) == 1, outside
-  ref = jax.grad(loss, (0, 1))(np.asarray(h), np.asarray(w))
+  ref = plain(np.asarray(h), np.asarray(w))  # unsharded inputs: no mesh, no layout
   for a, b_ in zip(grad(h, w), ref):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-5)

@@ -133,6 +133,14 @@ def test_remat_gives_same_gradients(remat):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+def _padded_rows(seed: int):
+  """(ids, positions, mask) of 3 rows × 13 tokens: left-padded, right-padded, unpadded."""
+  mask = np.ones((3, 13), np.int32)
+  mask[1, :4], mask[2, 9:] = 0, 0
+  pos = jnp.asarray(np.maximum(np.cumsum(mask, 1) - 1, 0))
+  return _ids((3, 13), seed), pos, jnp.asarray(mask)
+
+
 def _with(**fields):
   return ModelConfig(**{**CFG.__dict__, **fields})
 
@@ -141,11 +149,7 @@ def test_chunked_attention_equals_dense_with_padding_and_gradients():
   # T = 13 in blocks of ≤ 5 queries (3 blocks of 5, 2 padded); rows left-, right- and unpadded.
   dense = Transformer(_with(attn_chunk=0), rngs=nnx.Rngs(0))
   chunked = Transformer(_with(attn_chunk=5), rngs=nnx.Rngs(0))
-  ids = _ids((3, 13), 6)
-  mask = np.ones((3, 13), np.int32)
-  mask[1, :4], mask[2, 9:] = 0, 0
-  pos = jnp.asarray(np.maximum(np.cumsum(mask, 1) - 1, 0))
-  mask = jnp.asarray(mask)
+  ids, pos, mask = _padded_rows(6)
   np.testing.assert_allclose(np.asarray(chunked(ids, pos, mask)), np.asarray(dense(ids, pos, mask)),
                              atol=1e-5)
 
@@ -241,11 +245,7 @@ def test_score_byte_cap_keeps_attention_exact():
   per_query = 4 * 3 * CFG.num_heads * 13
   dense = Transformer(_with(attn_chunk=0, attn_block_bytes=0), rngs=nnx.Rngs(0))
   capped = Transformer(_with(attn_chunk=0, attn_block_bytes=2 * per_query), rngs=nnx.Rngs(0))
-  ids = _ids((3, 13), 10)
-  mask = np.ones((3, 13), np.int32)
-  mask[1, :4], mask[2, 9:] = 0, 0
-  pos = jnp.asarray(np.maximum(np.cumsum(mask, 1) - 1, 0))
-  mask = jnp.asarray(mask)
+  ids, pos, mask = _padded_rows(10)
   np.testing.assert_allclose(np.asarray(capped(ids, pos, mask)), np.asarray(dense(ids, pos, mask)),
                              atol=1e-5)
 
