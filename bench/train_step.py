@@ -61,7 +61,7 @@ def main():
   batch = {k: np.asarray(v, np.int32 if k in ("input_ids", "attn_mask", "positions") else np.float32)
            for k, v in batch.items()}
   placed = place_batch(batch, up.batch_shardings)
-  compiled = up._step.lower(state, placed).compile()
+  compiled = up.step.lower(state, placed).compile()
   flops = float(compiled.cost_analysis()["flops"])
 
   holder = {"s": state}

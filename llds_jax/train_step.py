@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from llds_jax import losses, sharding as shd
 from llds_jax.logprobs import token_logprobs
@@ -102,17 +102,13 @@ def _micro_loss(params, graphdef, micro: dict, sc: StepConfig):
   return total, metrics
 
 
-def _blocks(x, num: int, mesh: Mesh | None):
+def _blocks(x, num: int):
   """[N, ...] → [num, N/num, ...] with the rows of every block still sharded over the mesh."""
   x = x.reshape(num, x.shape[0] // num, *x.shape[1:])
-  if mesh is not None:
-    x = jax.lax.with_sharding_constraint(
-        x, NamedSharding(mesh, P(None, ("data", "fsdp"), *([None] * (x.ndim - 2)))))
-  return x
+  return shd.constrain(x, (None, "batch", *([None] * (x.ndim - 2))))
 
 
-def blocked_logprobs(graphdef, params, batch: dict, *, resp_len: int, sc: StepConfig,
-                     mesh: Mesh | None = None):
+def blocked_logprobs(graphdef, params, batch: dict, *, resp_len: int, sc: StepConfig):
   """`response_logprobs` over blocks of `sc.logprob_rows` rows, one after another.
 
   The no-grad passes (old and reference policy) see the whole rollout batch (512 × 5 rows in the
@@ -127,19 +123,19 @@ def blocked_logprobs(graphdef, params, batch: dict, *, resp_len: int, sc: StepCo
                                    chunk_size=sc.chunk_size, temperature=sc.temperature)
   if rows == n:
     return fn(batch)
-  out = jax.lax.map(fn, {k: _blocks(v, n // rows, mesh) for k, v in batch.items()})
+  out = jax.lax.map(fn, {k: _blocks(v, n // rows) for k, v in batch.items()})
   return jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), out)
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, sc: StepConfig,
-               mesh: Mesh | None = None, grad_shardings=None) -> tuple[TrainState, dict]:
+               grad_shardings=None) -> tuple[TrainState, dict]:
   """One optimizer update on a minibatch, accumulated over `sc.num_micro` micro-batches.
 
   Each micro-batch loss is a token mean over its own loss tokens and the gradients are averaged
   over micro-batches, as the official actor does (`loss / grad_accum` then backward).
   """
   A = sc.num_micro
-  micros = {k: _blocks(batch[k], A, mesh) for k in BATCH_KEYS}
+  micros = {k: _blocks(batch[k], A) for k in BATCH_KEYS}
   grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
 
   # The float32 accumulator is pinned to the params' sharding (`grad_shardings`), so each
@@ -198,43 +194,37 @@ class Updater:
                                       opt_state=opt_shardings, skipped=rep)
     row = lambda nd: shd.batch_sharding(mesh, nd)  # noqa: E731
     self.batch_shardings = {k: row(1 if k == "adv" else 2) for k in BATCH_KEYS}
-    self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
-    self._step = jax.jit(
+    self.init_state = jax.jit(self.fresh_state, out_shardings=self.state_shardings)
+    # The jitted programs, each called (and lowered, e.g. by tools/dry_run.py) under the mesh:
+    # the model pins its activations to row sharding only while a mesh is active (shd.constrain).
+    self.step = shd.OnMesh(jax.jit(
         lambda s, b: train_step(s, b, graphdef=graphdef, tx=self.tx, schedule=schedule,
-                                sc=step_cfg, mesh=mesh, grad_shardings=self.param_shardings),
+                                sc=step_cfg, grad_shardings=self.param_shardings),
         in_shardings=(self.state_shardings, self.batch_shardings),
-        out_shardings=(self.state_shardings, rep), donate_argnames=("s",))
-    lp_keys = ("input_ids", "attn_mask", "positions")
-    self._logprobs = jax.jit(
-        lambda p, b, resp_len: blocked_logprobs(graphdef, p, b, resp_len=resp_len, sc=step_cfg,
-                                                mesh=mesh),
-        in_shardings=(self.param_shardings, {k: self.batch_shardings[k] for k in lp_keys}),
-        out_shardings=(row(2), row(2)), static_argnums=2)
-    self.lp_keys = lp_keys
-    # The model pins its activations to row sharding only while a mesh is active (shd.constrain).
-    self._step, self._logprobs = shd.OnMesh(self._step, mesh), shd.OnMesh(self._logprobs, mesh)
+        out_shardings=(self.state_shardings, rep), donate_argnames=("s",)), mesh)
+    self.lp_keys = ("input_ids", "attn_mask", "positions")
+    self.logprobs_program = shd.OnMesh(jax.jit(
+        lambda p, b, resp_len: blocked_logprobs(graphdef, p, b, resp_len=resp_len, sc=step_cfg),
+        in_shardings=(self.param_shardings, {k: self.batch_shardings[k] for k in self.lp_keys}),
+        out_shardings=(row(2), row(2)), static_argnums=2), mesh)
     kl = bool(step_cfg.loss.kl_coef)
-    self._lld_stats = jax.jit(
+    self.lld_stats = jax.jit(
         lambda old, adv, mask, ref: losses.lld_stats(old, adv, mask, ref if kl else None))
-    self._advance = jax.jit(lambda s: s.replace(step=s.step + 1),
-                            out_shardings=self.state_shardings, donate_argnums=0)
-    self._select = jax.jit(lambda b, rows: {k: v[rows] for k, v in b.items()},
-                           out_shardings=self.batch_shardings)
+    self.advance = jax.jit(lambda s: s.replace(step=s.step + 1),
+                           out_shardings=self.state_shardings, donate_argnums=0)
+    self.select_rows = jax.jit(lambda b, rows: {k: v[rows] for k, v in b.items()},
+                               out_shardings=self.batch_shardings)
 
-  def _init_state(self, params):
+  def fresh_state(self, params) -> TrainState:
+    """Step 0: the optimizer initialized on `params` (pure; `init_state` is it jitted, sharded)."""
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, opt_step=zero, params=params, opt_state=self.tx.init(params),
                       skipped=zero)
 
-  def init_state(self, params) -> TrainState:
-    return self._init(params)
-
   def logprobs(self, params, batch: dict):
     """Response log-probs and entropy (no grad) for a whole rollout batch."""
-    return self._logprobs(params, {k: batch[k] for k in self.lp_keys}, batch["loss_mask"].shape[1])
-
-  def step(self, state: TrainState, batch: dict):
-    return self._step(state, batch)
+    return self.logprobs_program(params, {k: batch[k] for k in self.lp_keys},
+                                 batch["loss_mask"].shape[1])
 
 
 def place_batch(batch: dict, shardings: dict) -> dict:
@@ -264,7 +254,7 @@ def update_phase(updater: Updater, state: TrainState, batch: dict, ref_params, *
     placed["ref_logp"] = jnp.zeros_like(placed["old_logp"])
   # LLD diagnostics over the whole rollout batch under π_old (per-minibatch means would be
   # diluted by minibatches that hold no preserving / non-preserving rows).
-  batch_stats = updater._lld_stats(placed["old_logp"], placed["adv"], placed["loss_mask"],
+  batch_stats = updater.lld_stats(placed["old_logp"], placed["adv"], placed["loss_mask"],
                                    placed["ref_logp"])
   metrics = []
   steps = [(e, i) for e in range(ppo_epochs) for i in range(n // minibatch)]
@@ -273,6 +263,6 @@ def update_phase(updater: Updater, state: TrainState, batch: dict, ref_params, *
     if shuffle_seed is not None:
       order = np.random.default_rng((shuffle_seed, e)).permutation(n)
     rows = jnp.asarray(order[i * minibatch:(i + 1) * minibatch])
-    state, m = updater.step(state, updater._select(placed, rows))
+    state, m = updater.step(state, updater.select_rows(placed, rows))
     metrics.append(m)
-  return updater._advance(state), metrics, batch_stats
+  return updater.advance(state), metrics, batch_stats

@@ -78,7 +78,7 @@ def test_dry_run_memory_equals_the_real_compiled_step(tiny_run):
   host = {k: np.zeros((mb,) if k == "adv" else (mb, s["L"] if k in ints else s["R"]),
                       np.int32 if k in ints else np.float32) for k in BATCH_KEYS}
   batch = {k: jax.device_put(v, up.batch_shardings[k]) for k, v in host.items()}
-  real = up._step.lower(state, batch).compile().memory_analysis()
+  real = up.step.lower(state, batch).compile().memory_analysis()
   dry = out["programs"]["train_step"]["memory"]
   for k in ("argument", "output", "alias", "temp"):
     assert dry[k] == getattr(real, f"{k}_size_in_bytes"), k

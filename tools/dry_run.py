@@ -152,7 +152,7 @@ def build(c, mesh, prompt_tokens: int = 384) -> dict:
   graphdef, abs_params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   up = Updater(graphdef, abs_params, opt=c.opt, step_cfg=trainer.step_config(c), mesh=mesh)
   params = _sds(abs_params, up.param_shardings)
-  state = _sds(jax.eval_shape(up._init_state, abs_params), up.state_shardings)
+  state = _sds(jax.eval_shape(up.fresh_state, abs_params), up.state_shardings)
   s = shapes(c, prompt_tokens, mesh)
   L, R, mb = s["L"], s["R"], c.rl.minibatch_size
 
@@ -187,10 +187,10 @@ def lower(name: str, b: dict):
   """The jax `Lowered` of one program, called exactly as the trainer / rollout call it."""
   up, s = b["updater"], b["shapes"]
   if name == "train_step":
-    return up._step.lower(b["state"], b["minibatch"])
+    return up.step.lower(b["state"], b["minibatch"])
   if name == "logprobs":
     rb = b["rollout_batch"]
-    return up._logprobs.lower(b["params"], {k: rb[k] for k in up.lp_keys}, s["R"])
+    return up.logprobs_program.lower(b["params"], {k: rb[k] for k in up.lp_keys}, s["R"])
   if name == "prefill":
     return smp.feed.lower(b["graphdef"], b["sampler_params"], b["sampler_state"], b["prompt"],
                           b["len_B"], b["len_B"], b["table"], b["scfg"], s["views"][0])
