@@ -32,6 +32,7 @@ def _tiny_pod():
   """configs/tiny.py on a 2×2×2 mesh with pod-style sections (hardware, micro-batches)."""
   c = _load("configs/tiny.py", "tiny_config").get_config()
   c.mesh.data = c.mesh.fsdp = c.mesh.tensor = 2
+  c.model.scan_layers = True  # as in the pod configs (configs/tiny.py unrolls its 2 blocks)
   c.rl.minibatch_size, c.rl.micro_batch_size = 8, 4
   c.rollout.max_turn_tokens, c.rollout.max_obs_tokens, c.rollout.max_context = 16, 24, 256
   return c
