@@ -21,22 +21,20 @@ and stored as float32; query scores are accumulated in float64. Relative error v
 therefore ≤ ~1e-7 per score.
 """
 
-import array
 import collections
 import dataclasses
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from llds_jax import data
+from llds_jax import data, postings
 
 FORMAT = "llds_jax.bm25/1"
 _WORD_RE = re.compile(r"\w+")
 _DEFAULTS = {"okapi": (1.5, 0.75), "lucene": (0.9, 0.4)}
-_FLUSH_TOKENS = 1 << 22  # build: pending tokens folded into (term, doc, tf) triplets in chunks
 _DENSE_BUDGET = 1 << 20  # search: float64 scores held at once on the dense path (8 MiB)
 _DENSE_FRACTION = 8  # search: sparse terms touching ≥ N/8 postings → dense path (sort vs O(N))
 
@@ -86,75 +84,6 @@ def lucene_length(doc_lens: np.ndarray) -> np.ndarray:
   bits = np.floor(np.log2(np.maximum(rest, 1))).astype(np.int64) + 1
   shift = np.maximum(bits - 4, 0)  # keep the 4 most significant bits
   return np.where(x < free, x, free + ((rest >> shift) << shift))
-
-
-class _PostingsBuilder:
-  """Accumulates tokenized docs into term-major postings (doc ids ascending within a term).
-
-  Every _FLUSH_TOKENS tokens the pending docs become one (term, doc, tf) chunk, sorted term-major;
-  with `spill_dir` chunks live on disk until `finish` places them, so peak memory is about the
-  final arrays (≈ 8 bytes per posting) rather than several copies of them.
-  """
-
-  def __init__(self, spill_dir: str | None = None):
-    self.vocab: dict[str, int] = {}
-    self.doc_lens = array.array("i")
-    self._terms, self._first_doc, self._chunks = array.array("i"), 0, []
-    self._df, self._spill_dir = np.zeros(0, np.int64), spill_dir
-
-  def add(self, tokens: Sequence[str]):
-    before = len(self._terms)
-    try:  # fast path: every token already known (C-level lookups)
-      self._terms.extend(map(self.vocab.__getitem__, tokens))
-    except KeyError:
-      del self._terms[before:]
-      for t in tokens:
-        self.vocab.setdefault(t, len(self.vocab))
-      self._terms.extend(map(self.vocab.__getitem__, tokens))
-    self.doc_lens.append(len(tokens))
-    if len(self._terms) >= _FLUSH_TOKENS:
-      self._flush()
-
-  def _flush(self):
-    lens = np.frombuffer(self.doc_lens, np.int32)[self._first_doc:]
-    docs = np.repeat(np.arange(self._first_doc, len(self.doc_lens), dtype=np.int64), lens)
-    key, tf = np.unique((np.frombuffer(self._terms, np.int32).astype(np.int64) << 32) | docs,
-                        return_counts=True)
-    chunk_3xP = np.stack([key >> 32, key & 0xFFFFFFFF, tf]).astype(np.int32)
-    counts = np.bincount(chunk_3xP[0], minlength=len(self.vocab))
-    self._df = np.concatenate([self._df, np.zeros(len(counts) - len(self._df), np.int64)]) + counts
-    if self._spill_dir is not None:
-      path = os.path.join(self._spill_dir, f"_build_chunk{len(self._chunks)}.npy")
-      np.save(path, chunk_3xP)
-      chunk_3xP = path
-    self._chunks.append(chunk_3xP)
-    self._terms, self._first_doc = array.array("i"), len(self.doc_lens)
-
-  def finish(self, is_dense_V: Callable[[np.ndarray, int], np.ndarray]):
-    """Places all chunks: CSR (indptr, docs, tf) for sparse terms, another for `is_dense_V` terms."""
-    self._flush()
-    df_V, n = self._df, len(self.doc_lens)
-    dense_V = is_dense_V(df_V, n)
-    dense_terms = np.flatnonzero(dense_V)
-    out = {}
-    for name, sel_V in (("sparse", ~dense_V), ("dense", dense_V)):
-      indptr = np.concatenate([[0], np.cumsum(np.where(sel_V, df_V, 0))])
-      out[name] = [indptr, np.empty(indptr[-1], np.int32), np.empty(indptr[-1], np.int32)]
-    cursor_V = np.where(dense_V, out["dense"][0][:-1], out["sparse"][0][:-1])  # next free slot
-    for chunk_3xP in self._chunks:
-      if isinstance(chunk_3xP, str):
-        path, chunk_3xP = chunk_3xP, np.load(chunk_3xP)
-        os.remove(path)
-      t_P, d_P, f_P = chunk_3xP
-      counts_V = np.bincount(t_P, minlength=len(df_V))
-      rank_P = np.arange(len(t_P)) - (np.cumsum(counts_V) - counts_V)[t_P]  # position in its run
-      pos_P = cursor_V[t_P] + rank_P
-      cursor_V += counts_V
-      for name, sel_P in (("sparse", ~dense_V[t_P]), ("dense", dense_V[t_P])):
-        out[name][1][pos_P[sel_P]] = d_P[sel_P]
-        out[name][2][pos_P[sel_P]] = f_P[sel_P]
-    doc_lens = np.frombuffer(self.doc_lens, np.int32).copy()
-    return df_V, doc_lens, out["sparse"], dense_terms, out["dense"]
 
 
 def _check_variant(variant: str):
@@ -215,7 +144,7 @@ class BM25Index:
   def from_tokenized(cls, corpus_tokens: Iterable[Sequence[str]], *, k1=None, b=None, epsilon=0.25,
                      variant="okapi") -> "BM25Index":
     """Index pre-tokenized documents (no document store)."""
-    builder = _PostingsBuilder()
+    builder = postings.PostingsBuilder()
     for tokens in corpus_tokens:
       builder.add(tokens)
     return cls._from_builder(builder, k1=k1, b=b, epsilon=epsilon, variant=variant)
@@ -235,7 +164,7 @@ class BM25Index:
       if os.path.exists(os.path.join(store_dir, "meta.json")):
         os.remove(os.path.join(store_dir, "meta.json"))
     writer = data.DocStoreWriter(store_dir)
-    builder = _PostingsBuilder(spill_dir=store_dir)
+    builder = postings.PostingsBuilder(spill_dir=store_dir)
     try:
       for i, doc in enumerate(docs):
         doc_id, text = (str(i), doc) if isinstance(doc, str) else doc
@@ -286,8 +215,9 @@ class BM25Index:
       return (idf_P * tf_P * scale / (tf_P + norm_N[docs_P])).astype(np.float32)
 
     weights = np.empty(len(docs), np.float32)
-    # Blocks of ~_FLUSH_TOKENS postings (whole terms) bound the float64 temporaries.
-    bounds = np.unique(np.searchsorted(indptr, np.arange(0, len(docs), _FLUSH_TOKENS), "right") - 1)
+    # Blocks of ~postings.FLUSH_TOKENS postings (whole terms) bound the float64 temporaries.
+    starts = np.arange(0, len(docs), postings.FLUSH_TOKENS)
+    bounds = np.unique(np.searchsorted(indptr, starts, "right") - 1)
     for t_lo, t_hi in zip(bounds, list(bounds[1:]) + [len(indptr) - 1]):
       lo, hi = indptr[t_lo], indptr[t_hi]
       idf_P = np.repeat(idf[t_lo:t_hi], np.diff(indptr[t_lo:t_hi + 1]))

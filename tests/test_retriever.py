@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from rank_bm25 import BM25Okapi
 
-from llds_jax import data, retriever
+from llds_jax import data, postings, retriever
 
 TESTDATA = os.path.join(os.path.dirname(__file__), "testdata")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,7 +163,7 @@ def test_save_load_identical(wiki, tmp_path):
 
 def test_streaming_build_equals_in_memory(wiki, tmp_path, monkeypatch):
   rows, index, _, questions = wiki
-  monkeypatch.setattr(retriever, "_FLUSH_TOKENS", 997)  # many spilled chunks and weight blocks
+  monkeypatch.setattr(postings, "FLUSH_TOKENS", 997)  # many spilled chunks and weight blocks
   streamed = retriever.BM25Index.build(iter(rows), store_dir=str(tmp_path / "idx"))
   assert isinstance(streamed.store._blobs["contents"], np.memmap)
   assert not [f for f in os.listdir(tmp_path / "idx") if f.startswith("_build")]  # spills removed
