@@ -9,8 +9,9 @@ mesh; the model itself never names a mesh axis.
 
 Positions, masking, the KV cache and the attention kernels live in `attention.py`: a token whose
 mask is 0 gets position -1 and is neither attended to nor cached. The residual stream is pinned
-to row sharding (`sharding.constrain`) after the embedding lookup and after every block. Without a
-cache the blocks run as one `lax.scan` (`scan_layers`); the stored weights stay one module per block.
+to row sharding (`sharding.constrain`) after the embedding lookup and after every block. Without
+a cache the blocks run as one `lax.scan` (`scan_layers`); the stored weights stay one module per
+block.
 """
 
 from __future__ import annotations
@@ -164,6 +165,18 @@ class ModelConfig:
       hf.update(attention_bias=self.attention_bias, mlp_bias=False, attention_dropout=0.0,
                 pretraining_tp=1)
     return hf
+
+
+def compute_dtype_of(w, compute_dtype) -> jnp.dtype:
+  """The dtype a block reads weight `w` in (an array or a ShapeDtypeStruct), given `cfg.dtype`.
+
+  Float matrices (kernels, the [heads, head_dim] biases) are cast to the compute dtype on every use
+  (`Block.__call__`); 1-D norm weights are applied in float32 as stored. A copy cast this way
+  ahead of time (the scan's stacked weights, the rollout's weights) therefore computes the same.
+  """
+  if w.ndim >= 2 and jnp.issubdtype(w.dtype, jnp.floating):
+    return jnp.dtype(compute_dtype)
+  return w.dtype
 
 
 def _param(rngs, shape, axes, dtype, scale=None, init="normal"):
@@ -329,12 +342,9 @@ def _scan_blocks(layers, x_BxTxD, pos_BxT, inv_freq, act):
   graphdef = nnx.graphdef(layers[0])
 
   def stack(*vs):
-    values = [v[...] for v in vs]
-    if values[0].ndim >= 2 and jnp.issubdtype(values[0].dtype, jnp.floating):
-      values = [x.astype(jnp.dtype(cfg.dtype)) for x in values]
+    value = jnp.stack([x.astype(compute_dtype_of(x, cfg.dtype)) for x in (v[...] for v in vs)])
     axes = vs[0].get_metadata().get("logical_axes")
     # Layer axis whole, each weight sharded as it is stored, so iteration i gathers one block.
-    value = jnp.stack(values)
     return vs[0].replace(value if axes is None else shd.constrain(value, (None, *axes)))
 
   stacked = jax.tree.map(stack, *[nnx.state(b) for b in layers],

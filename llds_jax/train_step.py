@@ -255,7 +255,7 @@ def update_phase(updater: Updater, state: TrainState, batch: dict, ref_params, *
   # LLD diagnostics over the whole rollout batch under π_old (per-minibatch means would be
   # diluted by minibatches that hold no preserving / non-preserving rows).
   batch_stats = updater.lld_stats(placed["old_logp"], placed["adv"], placed["loss_mask"],
-                                   placed["ref_logp"])
+                                  placed["ref_logp"])
   metrics = []
   steps = [(e, i) for e in range(ppo_epochs) for i in range(n // minibatch)]
   for e, i in (progress(steps) if progress else steps):

@@ -22,7 +22,7 @@ from flax import nnx
 from llds_jax import checkpoint, data, evaluation, hf_io, hosts, losses, metrics as mlib, plots
 from llds_jax import rewards, sft
 from llds_jax import sharding as shd
-from llds_jax.model import ModelConfig, Transformer
+from llds_jax.model import ModelConfig, Transformer, compute_dtype_of
 from llds_jax.retriever import BM25Index
 from llds_jax.rollout import RolloutConfig, rollout
 from llds_jax.sampler import bucket
@@ -162,18 +162,16 @@ def build_batch(ro, adv_N: np.ndarray, answer_weight_NxR: np.ndarray,
 def rollout_weights(c, abstract_params, mesh):
   """ShapeDtypeStructs (dtype and sharding) of the rollout's copy of params of these shapes.
 
-  Float matrices take the compute dtype, 1-D weights (norms, biases) keep theirs; every leaf is
-  laid out by `config.rollout.weight_sharding`'s rules (sharding.WEIGHT_LAYOUTS).
+  Each leaf takes the dtype the model computes it in (`model.compute_dtype_of`: float matrices the
+  compute dtype, 1-D norm weights their own) and the layout of `config.rollout.weight_sharding`'s
+  rules (sharding.WEIGHT_LAYOUTS).
   """
-  dtype = jnp.dtype(c.model.dtype)
   shardings = shd.state_shardings(abstract_params, mesh,
                                   shd.WEIGHT_LAYOUTS[c.rollout.weight_sharding])
-
-  def one(x, sharding):
-    cast = jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2
-    return jax.ShapeDtypeStruct(x.shape, dtype if cast else x.dtype, sharding=sharding)
-
-  return jax.tree.map(one, abstract_params, shardings)
+  return jax.tree.map(
+      lambda x, sh: jax.ShapeDtypeStruct(x.shape, compute_dtype_of(x, c.model.dtype),
+                                     sharding=sh),
+      abstract_params, shardings)
 
 
 def compute_dtype_weights(c, abstract_params, mesh):
@@ -181,8 +179,8 @@ def compute_dtype_weights(c, abstract_params, mesh):
 
   Decoding reads every weight once per generated token, so with float32 master weights and
   bfloat16 compute it would move twice the bytes it needs. Every matmul casts its weight to the
-  compute dtype anyway, so casting once per rollout is exact; norms and biases (1-D) stay as
-  they are because the model applies them in float32. The layout matters as much: with the
+  compute dtype anyway, so casting once per rollout is exact; 1-D norm weights stay as they are
+  because the model applies them in float32. The layout matters as much: with the
   training shards (`embed` over fsdp) every decoded token all-gathers every layer, while the
   "tensor" layout gathers once per rollout, here. Same dtype and layout: the params themselves.
   """

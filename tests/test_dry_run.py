@@ -206,13 +206,13 @@ def test_cpu_upcast_accounting_on_a_loop_over_a_bf16_argument():
     return jax.lax.scan(body, x, None, length=4)[0]
 
   compiled, report = dry_run.compile_with_report(jax.jit(f).lower(w_bf16, x))
-  m = dry_run.analyze(compiled, 1, memory_report=report)["memory"]
+  m = dry_run.analyze(compiled, 1, report)["memory"]
   assert m["cpu_upcast"] >= 512 * 1024 * 4, (m, report)
   assert m["peak_native"] == m["peak"] - m["cpu_upcast"] and m["cpu_upcast"] <= m["temp"]
   # Only f32 copies of bf16 *arguments* count: the same program on f32 inputs has none.
   f32 = lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32)  # noqa: E731
   compiled, report = dry_run.compile_with_report(jax.jit(f).lower(f32(w_bf16), f32(x)))
-  assert dry_run.analyze(compiled, 1, memory_report=report)["memory"]["cpu_upcast"] == 0
+  assert dry_run.analyze(compiled, 1, report)["memory"]["cpu_upcast"] == 0
 
 
 def test_cpu_upcast_parser_on_a_written_report():

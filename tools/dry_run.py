@@ -203,13 +203,13 @@ def lower(name: str, b: dict):
   raise ValueError(f"--programs: unknown program {name!r}; expected one of {PROGRAMS}")
 
 
-def analyze(compiled, num_devices: int, dump: str | None = None,
-            memory_report: str | None = None) -> dict:
+def analyze(compiled, num_devices: int, memory_report: str, dump: str | None = None) -> dict:
   """Per-device memory and cost from XLA, and trip-weighted HLO statistics.
 
-  With XLA's memory-usage report of the compile, `cpu_upcast` is the part of the temp that holds
-  only f32 copies of bf16 arguments (roofline.cpu_upcast_bytes) and `peak_native` the peak
-  without it: an ESTIMATE of the peak on a chip that multiplies bf16 natively.
+  From XLA's memory-usage report of the compile (`compile_with_report`), `cpu_upcast` is the part
+  of the temp that holds only f32 copies of bf16 arguments (roofline.cpu_upcast_bytes) and
+  `peak_native` the peak without it: an ESTIMATE of the peak on a chip that multiplies bf16
+  natively.
   """
   text = compiled.as_text()
   if dump:
@@ -219,9 +219,8 @@ def analyze(compiled, num_devices: int, dump: str | None = None,
   m = {k: float(getattr(mem, f"{k}_size_in_bytes")) for k in
        ("argument", "output", "alias", "temp", "generated_code")}
   m["peak"] = m["argument"] + m["output"] - m["alias"] + m["temp"]
-  if memory_report is not None:
-    m["cpu_upcast"] = min(roofline.cpu_upcast_bytes(memory_report, text), m["temp"])
-    m["peak_native"] = m["peak"] - m["cpu_upcast"]
+  m["cpu_upcast"] = min(roofline.cpu_upcast_bytes(memory_report, text), m["temp"])
+  m["peak_native"] = m["peak"] - m["cpu_upcast"]
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   hlo = roofline.hlo_stats(text, num_devices)
@@ -261,8 +260,8 @@ def run(c, *, devices=None, programs=PROGRAMS, prompt_tokens: int = 384, chip: s
       with open(os.path.join(dump_hlo, f"{name}.memory-usage-report.txt"), "w") as f:
         f.write(mem_report)
     out["programs"][name] = dict(lower_s=t1 - t0, compile_s=t2 - t1,
-                                 **analyze(compiled, mesh.size, dump_hlo and os.path.join(
-                                     dump_hlo, f"{name}.hlo.txt"), mem_report))
+                                 **analyze(compiled, mesh.size, mem_report, dump_hlo and
+                                           os.path.join(dump_hlo, f"{name}.hlo.txt")))
     log(f"compiled {name} in {t2 - t0:.1f} s")
   out["resident"] = dict(train_state=device_bytes(b["state"]),
                          params=device_bytes(b["params"]),
@@ -300,8 +299,7 @@ def memory_peaks(out, key: str = "peak") -> dict:
       "prefill": res["train_state"] + res["ref_params"],
       "observe": res["train_state"] + res["ref_params"],
       "decode": res["train_state"] + res["ref_params"]}
-  return {k: progs[k]["memory"].get(key, progs[k]["memory"]["peak"]) + v
-          for k, v in beside.items() if k in progs}
+  return {k: progs[k]["memory"][key] + v for k, v in beside.items() if k in progs}
 
 
 def predict(c, b, out, chip) -> dict:
@@ -353,7 +351,7 @@ def report(out: dict) -> str:
   for name, p in out["programs"].items():
     m = p["memory"]
     lines.append(f"{name:<11}{_gb(m['argument'])} {_gb(m['output'])} {_gb(m['alias'])} "
-                 f"{_gb(m['temp'])} {_gb(m['peak'])} {_gb(m.get('cpu_upcast', float('nan')))} "
+                 f"{_gb(m['temp'])} {_gb(m['peak'])} {_gb(m['cpu_upcast'])} "
                  f"{p['xla_flops'] / 1e12:9.3f} "
                  f"{p['dot_flops'] / 1e12:9.3f} {p['xla_bytes_accessed'] / 1e9:9.2f} "
                  f"{p['compile_s']:9.1f}")
