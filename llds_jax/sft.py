@@ -40,6 +40,9 @@ from llds_jax.train_step import response_logprobs
 SEARCH_THINK = "<think> I need to search for {query}. </think>\n<search> {query} </search>"
 ANSWER_THINK = "<think> The results give the answer. </think>\n<answer> {answer} </answer>"
 DIRECT_THINK = "<think> I know the answer. </think>\n<answer> {answer} </answer>"
+# Without the reasoning step (`think=False`): an action's first token is its choice of tool.
+SEARCH_PLAIN = "<search> {query} </search>"
+ANSWER_PLAIN = "<answer> {answer} </answer>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +61,11 @@ def question_plan(example: data.Example) -> list[str]:
 
 
 def build_trajectory(tokenizer, retriever, example: data.Example, queries: Sequence[str], *,
-                     topk: int = 3, max_obs_tokens: int = 500) -> Trajectory:
-  """Searches `queries` in order (real observations), then answers with the first gold."""
+                     topk: int = 3, max_obs_tokens: int = 500, think: bool = True) -> Trajectory:
+  """Searches `queries` in order (real observations), then answers with the first gold.
+
+  `think=False` drops the `<think>` steps, so every action starts with its tag.
+  """
   prompt = data.encode_prompt(example.messages, tokenizer)
   resp, mask = [], []
 
@@ -72,22 +78,27 @@ def build_trajectory(tokenizer, retriever, example: data.Example, queries: Seque
   obs = rl.encode_observations(tokenizer, [rl.information_block(p) for p in passages],
                                max_obs_tokens)
   for query, obs_ids in zip(queries, obs):
-    act(SEARCH_THINK.format(query=query))
+    act((SEARCH_THINK if think else SEARCH_PLAIN).format(query=query))
     resp.extend(obs_ids)
     mask.extend([0.0] * len(obs_ids))
-  act((ANSWER_THINK if queries else DIRECT_THINK).format(answer=example.golds[0]))
+  answer = (ANSWER_THINK if queries else DIRECT_THINK) if think else ANSWER_PLAIN
+  act(answer.format(answer=example.golds[0]))
   return Trajectory(prompt, resp, mask)
 
 
-def build_pool(tokenizer, retriever, examples: Sequence[data.Example], *,
-               plan: Callable[[data.Example], Sequence[str]] = question_plan,
-               direct_frac: float = 0.0, seed: int = 0, topk: int = 3,
-               max_obs_tokens: int = 500) -> dict[str, np.ndarray]:
-  """All trajectories as `[left-padded prompt | right-padded response]` host arrays."""
-  rng = np.random.default_rng(seed)
-  direct = rng.random(len(examples)) < direct_frac
-  trajs = [build_trajectory(tokenizer, retriever, ex, [] if d else plan(ex), topk=topk,
-                            max_obs_tokens=max_obs_tokens) for ex, d in zip(examples, direct)]
+def build_trajectories(tokenizer, retriever, examples: Sequence[data.Example], *,
+                       plan: Callable[[data.Example], Sequence[str]] = question_plan,
+                       direct_frac: float = 0.0, seed: int = 0, topk: int = 3,
+                       max_obs_tokens: int = 500, think: bool = True) -> list[Trajectory]:
+  """One ideal trajectory per example; a seeded `direct_frac` of them answer without searching."""
+  direct = np.random.default_rng(seed).random(len(examples)) < direct_frac
+  return [build_trajectory(tokenizer, retriever, ex, [] if d else plan(ex), topk=topk,
+                           max_obs_tokens=max_obs_tokens, think=think)
+          for ex, d in zip(examples, direct)]
+
+
+def layout(trajs: Sequence[Trajectory]) -> dict[str, np.ndarray]:
+  """Trajectories as `[left-padded prompt | right-padded response]` host arrays."""
   P = max(len(t.prompt_ids) for t in trajs)
   R = max(len(t.response_ids) for t in trajs)
   ids = np.zeros((len(trajs), P + R), np.int32)
@@ -99,7 +110,7 @@ def build_pool(tokenizer, retriever, examples: Sequence[data.Example], *,
     attn[i, P - p:P + r] = 1
     mask[i, :r] = t.loss_mask
   return dict(input_ids=ids, attn_mask=attn, positions=np.maximum(np.cumsum(attn, 1) - 1, 0),
-              loss_mask=mask, direct=direct)
+              loss_mask=mask)
 
 
 def _nll(params, graphdef, batch: dict, chunk_size: int):
@@ -118,22 +129,30 @@ def format_warmup(model: nnx.Module, tokenizer, retriever, examples: Sequence[da
                   steps: int = 300, lr: float = 1e-3, batch_size: int = 16, seed: int = 0,
                   mesh=None, plan: Callable[[data.Example], Sequence[str]] = question_plan,
                   direct_frac: float = 0.0, topk: int = 3, max_obs_tokens: int = 500,
-                  weight_decay: float = 0.0, chunk_size: int = 256,
+                  weight_decay: float = 0.0, chunk_size: int = 256, think: bool = True,
+                  trajectories: Sequence[Trajectory] | None = None,
                   progress: bool = False) -> tuple[nnx.Module, np.ndarray]:
   """AdamW on masked NLL of ideal trajectories; returns (trained model, per-step losses).
+
+  The trajectories are `build_trajectories`' over `examples` (searching `retriever`), or
+  `trajectories` when given (e.g. built over several corpora; `examples` is then unused).
 
   The lr warms up linearly over the first 10% of steps, then decays by cosine to lr/10. Batches
   are drawn uniformly with replacement from the pool (seeded), so the result is reproducible.
   """
-  if steps < 1 or not examples:
-    raise ValueError(f"format_warmup needs steps ≥ 1 and examples, got {steps}, {len(examples)}")
+  if trajectories is None:
+    trajectories = build_trajectories(tokenizer, retriever, examples, plan=plan,
+                                      direct_frac=direct_frac, seed=seed, topk=topk,
+                                      max_obs_tokens=max_obs_tokens, think=think)
+  if steps < 1 or not trajectories:
+    raise ValueError(f"format_warmup needs steps ≥ 1 and examples, got {steps}, "
+                     f"{len(trajectories)}")
   mesh = mesh if mesh is not None else shd.make_mesh()
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % shards:
     raise ValueError(f"batch_size={batch_size} must be a multiple of the mesh's {shards} row "
                      "shards")
-  pool = build_pool(tokenizer, retriever, examples, plan=plan, direct_frac=direct_frac, seed=seed,
-                    topk=topk, max_obs_tokens=max_obs_tokens)
+  pool = layout(trajectories)
   keys = ("input_ids", "attn_mask", "positions", "loss_mask")
   graphdef, params = nnx.split(model)
   sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps, lr / 10)

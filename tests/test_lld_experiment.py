@@ -1,5 +1,6 @@
 """LLD testbed: the synthetic world, the warm-up's token layout and fit, the smoke pipeline."""
 
+import json
 import os
 import sys
 
@@ -99,10 +100,10 @@ def test_format_warmup_fits_the_pool(testbed):
 
 
 def test_smoke_experiment_writes_both_arms_and_the_figure(tmp_path):
-  workdirs = lx.main(["--smoke", f"--outdir={tmp_path}", "--arms=grpo,llds_action"])
-  assert set(workdirs) == {"grpo", "llds_action"}
-  assert os.path.exists(tmp_path / "testbed" / "warm_model" / "model.safetensors")
-  recs = {arm: mlib.read_metrics(os.path.join(wd, "metrics.jsonl")) for arm, wd in workdirs.items()}
+  runs = lx.main(["--smoke", f"--outdir={tmp_path}", "--arms=grpo,llds_action"])
+  assert runs == {arm: {0: str(tmp_path / "seed0" / arm)} for arm in ("grpo", "llds_action")}
+  assert os.path.exists(tmp_path / "seed0" / "testbed" / "warm_model" / "model.safetensors")
+  recs = {arm: mlib.read_metrics(os.path.join(wd[0], "metrics.jsonl")) for arm, wd in runs.items()}
   for arm, rs in recs.items():
     assert [r["step"] for r in rs] == [1, 2], arm
     for key in SMOKE_KEYS:
@@ -111,6 +112,27 @@ def test_smoke_experiment_writes_both_arms_and_the_figure(tmp_path):
   assert max(r["loss/llds_last"] for r in recs["llds_action"]) > 0  # acts after minibatch 1
   # Matched seeds: both arms start from the same rollout batch.
   assert recs["grpo"][0]["rollout/tokens"] == recs["llds_action"][0]["rollout/tokens"]
-  assert "| llds_action | 2 |" in (tmp_path / "summary.md").read_text()
+  # summary.json: {arm: {seed: {series: one float per step}}}, the metrics' own values.
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert set(summary) == {"grpo", "llds_action"} and set(summary["grpo"]) == {"0"}
+  for key in ("reward", "preserving_logp", "entropy", "grad_norm"):
+    assert summary["grpo"]["0"][key] == [r[lx.SERIES[key]] for r in recs["grpo"]], key
+  assert "| llds_action | 0 | 2 |" in (tmp_path / "summary.md").read_text()
   png = tmp_path / "lld_comparison.png"
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_arc_reads_rise_peak_and_collapse():
+  k = 10
+  reward = [0.2] * 10 + [0.5] * 20 + [0.05] * 20  # rise by 0.3, then collapse
+  logp = [-0.1] * 25 + [-2.0] * 25
+  s = dict(reward=reward, preserving_logp=logp, entropy=[0.1] * 45 + [5.0] * 5,
+           grad_norm_max=[1.0] * 20 + [9.0] + [1.0] * 29)
+  out = lx.arc(s, k)
+  assert out["start"] == pytest.approx(0.2) and out["peak"] == pytest.approx(0.5)
+  assert out["rise"] == pytest.approx(0.3) and out["final"] == pytest.approx(0.05)
+  assert out["collapsed"] == 1.0 and out["peak_step"] == 20  # first window that reaches 0.5
+  assert out["logp_start"] == pytest.approx(-0.1) and out["logp_final"] == pytest.approx(-2.0)
+  assert out["entropy_max"] == 5.0 and out["grad_norm_max_step"] == 21
+  steady = lx.arc(dict(s, reward=[0.2] * 10 + [0.5] * 40), k)
+  assert steady["collapsed"] == 0.0 and steady["final"] == pytest.approx(0.5)

@@ -79,8 +79,18 @@ class Question:
   key: tuple[str, str]  # (person, attribute): warm-up and RL never share one
 
 
-def make_world(seed: int, n_people: int) -> tuple[list[dict], list[tuple[str, str]]]:
-  """People with shared first/last names (BM25 distractors) and their corpus documents."""
+FACTS = {"city": "was born in {city}", "job": "works as a {job}", "instrument": "plays the {instrument}",
+         "mentor": "has the mentor {mentor}"}
+
+
+def make_world(seed: int, n_people: int, world: int = 0, attributes: tuple[str, ...] = tuple(FACTS),
+               ) -> tuple[list[dict], list[tuple[str, str]]]:
+  """People with shared first/last names (BM25 distractors) and their corpus documents.
+
+  The names follow `seed` alone; the facts (city, job, instrument, mentor) follow (seed, world):
+  worlds 1, 2, … are the same people with re-drawn facts ("shadow worlds" for the warm-up). A
+  document states the `attributes` facts only (the mentor's too when it is asked two-hop).
+  """
   rng = np.random.default_rng(seed)
   first = sorted({(a + b).capitalize() for a in SYLLABLES for b in SYLLABLES if a != b})
   last = sorted({(a + b).capitalize() for a in SYLLABLES[::2] for b in SYLLABLES[1::2]})
@@ -88,6 +98,7 @@ def make_world(seed: int, n_people: int) -> tuple[list[dict], list[tuple[str, st
   last = list(rng.choice(last, 16, replace=False))
   pairs = rng.choice(len(first) * len(last), n_people, replace=False)
   names = [f"{first[p // len(last)]} {last[p % len(last)]}" for p in pairs]
+  rng = rng if world == 0 else np.random.default_rng((seed, world))
   people = []
   for i, name in enumerate(names):
     people.append(dict(name=name, city=str(rng.choice(CITIES)), job=str(rng.choice(JOBS)),
@@ -95,19 +106,20 @@ def make_world(seed: int, n_people: int) -> tuple[list[dict], list[tuple[str, st
                        mentor=names[(i + 1 + rng.integers(n_people - 1)) % n_people]))
   docs = []
   for i, p in enumerate(people):
-    n = p["name"]
-    text = (f"{n} was born in {p['city']}, works as a {p['job']}, plays the {p['instrument']} "
-            f"and has the mentor {p['mentor']}.")
-    docs.append((str(i), f'"{n}"\n{text}'))
+    facts = [FACTS[k].format(**p) for k in FACTS if k in attributes]
+    text = f"{p['name']} " + (", ".join(facts[:-1]) + " and " if len(facts) > 1 else "") + facts[-1]
+    docs.append((str(i), f'"{p["name"]}"\n{text}.'))
   return people, docs
 
 
-def make_questions(people: list[dict], two_hop_frac: float, seed: int) -> list[Question]:
+def make_questions(people: list[dict], two_hop_frac: float, seed: int,
+                   attributes: tuple[str, ...] = tuple(QUESTIONS)) -> list[Question]:
   """Every (person, attribute) single-hop question plus a share of two-hop ones, shuffled."""
   by_name = {p["name"]: p for p in people}
   qs = []
   for p in people:
-    for attr, (q, query) in QUESTIONS.items():
+    for attr in attributes:
+      q, query = QUESTIONS[attr]
       qs.append(Question(q.format(name=p["name"]), p[attr], (query.format(name=p["name"]),),
                          (p["name"], attr)))
   rng = np.random.default_rng(seed)
@@ -131,21 +143,49 @@ def write_parquet(questions: list[Question], split: str, path: str):
   pq.write_table(pa.Table.from_pylist(rows), path)
 
 
+def write_corpus(docs: list[tuple[str, str]], path: str):
+  with open(path, "w") as f:
+    for doc_id, contents in docs:
+      f.write(json.dumps({"id": doc_id, "contents": contents}) + "\n")
+
+
 def build_testbed(out: str, a) -> list[Question]:
-  """Corpus, tokenizer and parquet files in `out`; returns the warm-up questions."""
+  """Corpus, tokenizer and parquet files in `out`; returns the warm-up questions.
+
+  With `a.warm_worlds` > 1 the warm-up also gets `shadow{w}/{corpus.jsonl,warmup.parquet}`: all
+  questions over world w's facts (the same people, re-drawn facts). A fact then differs between
+  worlds, so the warm-up cannot be fitted by memorizing (person, attribute) -> value, only by
+  reading the observation; and it has searched for every person, RL ones included, without ever
+  seeing world 0's answers to the RL questions.
+  """
   from llds_jax import retriever as rt, rollout as rl, sft
-  people, docs = make_world(a.seed, a.people)
-  qs = make_questions(people, a.two_hop_frac, a.seed)
+  attributes = tuple(a.attributes.split(","))
+  facts = attributes + (("mentor", "city") if a.two_hop_frac else ())
+  people, docs = make_world(a.seed, a.people, 0, facts)
+  qs = make_questions(people, a.two_hop_frac, a.seed, attributes)
   n_warm = int(a.warm_frac * len(qs))
   warm, rl_qs = qs[:n_warm], qs[n_warm:]
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "corpus.jsonl"), "w") as f:
-    for doc_id, contents in docs:
-      f.write(json.dumps({"id": doc_id, "contents": contents}) + "\n")
+  write_corpus(docs, os.path.join(out, "corpus.jsonl"))
+  for w in range(1, a.warm_worlds):
+    shadow = os.path.join(out, f"shadow{w}")
+    os.makedirs(shadow, exist_ok=True)
+    people_w, docs_w = make_world(a.seed, a.people, w, facts)
+    write_corpus(docs_w, os.path.join(shadow, "corpus.jsonl"))
+    # Every question, RL ones included (so the warm-up has searched for every person), with
+    # world w's answers and hops: world 0's answers to the RL questions are never shown.
+    write_parquet(make_questions(people_w, a.two_hop_frac, a.seed, attributes), "warmup",
+                  os.path.join(shadow, "warmup.parquet"))
   texts = [c for _, c in docs] + [rl.information_block(rt.format_observation([c])) for _, c in docs]
   texts += [PROMPT.format(question=q.text) for q in qs] + [CHAT_TEMPLATE] * 20
+  # Every name part, city, job and instrument often enough to become one token each: a copied
+  # name or fact is then a few tokens, as words are for a real tokenizer.
+  words = {w for p in people for w in p["name"].split()} | set(CITIES) | set(JOBS)
+  texts += [" ".join(sorted(words | set(INSTRUMENTS)))] * 50
   texts += [sft.SEARCH_THINK.format(query=x) for q in qs for x in q.queries]
   texts += [sft.ANSWER_THINK.format(answer=q.gold) for q in qs] + [sft.DIRECT_THINK] * 20
+  texts += [sft.SEARCH_PLAIN.format(query=x) for q in qs for x in q.queries]
+  texts += [sft.ANSWER_PLAIN.format(answer=q.gold) for q in qs]
   bpe.train_bpe(texts, a.vocab, CHAT_TEMPLATE).save_pretrained(os.path.join(out, "tokenizer"))
   write_parquet(warm, "warmup", os.path.join(out, "warmup.parquet"))
   write_parquet(rl_qs, "train", os.path.join(out, "rl_train.parquet"))
@@ -168,22 +208,26 @@ def warm_up(out: str, a) -> dict:
   from llds_jax import hf_io, sft, sharding as shd, trainer
   from llds_jax.model import ModelConfig, Transformer
   tok = AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
-  examples = data.load_examples(os.path.join(out, "warmup.parquet"))
-  queries = [r["extra_info"]["queries"] for r in
-             pq.read_table(os.path.join(out, "warmup.parquet")).to_pylist()]
   if len(tok) > a.vocab:
     raise ValueError(f"tokenizer has {len(tok)} tokens, the model vocab is {a.vocab}")
   rc = lld_testbed.get_config(out)  # observations exactly as the RL rollouts will show them
+  trajs = []
+  for w, d in enumerate([out] + [os.path.join(out, f"shadow{w}") for w in range(1, a.warm_worlds)]):
+    path = os.path.join(d, "warmup.parquet")
+    examples = data.load_examples(path)
+    queries = [r["extra_info"]["queries"] for r in pq.read_table(path).to_pylist()]
+    trajs += sft.build_trajectories(
+        tok, trainer.load_retriever(os.path.join(d, "corpus.jsonl")), examples,
+        plan=lambda ex: queries[ex.uid], direct_frac=a.direct_frac, seed=a.seed * 1000 + w,
+        topk=a.topk, max_obs_tokens=rc.rollout.max_obs_tokens, think=a.think)
   mesh = shd.make_mesh()
   cfg = ModelConfig.from_hf(model_config(a, tok.eos_token_id), param_dtype="float32",
                             dtype="float32", remat="none")
   model = shd.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(a.seed)), mesh)
-  retriever = trainer.load_retriever(rc.retriever.index)
   t0 = time.perf_counter()
   model, losses = sft.format_warmup(
-      model, tok, retriever, examples, steps=a.warmup_steps, lr=a.warmup_lr, batch_size=a.batch,
-      seed=a.seed, mesh=mesh, plan=lambda ex: queries[ex.uid], direct_frac=a.direct_frac,
-      topk=rc.retriever.topk, max_obs_tokens=rc.rollout.max_obs_tokens, chunk_size=128)
+      model, tok, None, [], steps=a.warmup_steps, lr=a.warmup_lr, batch_size=a.batch,
+      seed=a.seed, mesh=mesh, chunk_size=128, trajectories=trajs)
   hf_io.save_pretrained(model, cfg, os.path.join(out, "warm_model"), tokenizer=tok)
   k = max(len(losses) // 10, 1)
   summary = {"warmup/steps": len(losses), "warmup/loss_first": float(losses[:k].mean()),
@@ -198,6 +242,7 @@ def arm_config(arm: str, testbed: str, workdir: str, a):
   c = lld_testbed.get_config(testbed)
   c.workdir, c.seed, c.total_steps = workdir, a.seed, a.steps
   c.opt.lr = a.lr
+  c.retriever.topk = a.topk
   for k, v in ARMS[arm].items():
     c.rl[k] = v
   if a.smoke:  # every stage, tiny: 16 rows in two minibatches so LLDS acts
@@ -219,24 +264,43 @@ PANELS = (("reward/mean", "reward (EM)"),
           ("entropy", "token entropy"), ("grad_norm_max", "grad norm (max over minibatches)"),
           ("llds/active_frac", "LLDS gate active fraction"),
           ("rollout/searches_per_traj", "valid searches / trajectory"))
+# summary.json series (DESIGN.md contract first, then extras) -> metrics.jsonl key
+SERIES = {"reward": "reward/mean", "preserving_logp": "lld/preserving_logp", "entropy": "entropy",
+          "grad_norm": "grad_norm", "grad_norm_max": "grad_norm_max",
+          "searches": "rollout/searches_per_traj", "answered": "rollout/answered",
+          "llds_active_frac": "llds/active_frac"}
 
 
-def plot(workdirs: dict[str, str], path: str, window: int = 5):
-  """One panel per metric, one line per arm (raw faint, moving average solid)."""
+def read_series(workdir: str) -> dict[str, list[float]]:
+  """The SERIES of one arm's run, one float per training step."""
+  from llds_jax import metrics as mlib
+  recs = mlib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  return {name: [float(r.get(key, np.nan)) for r in recs] for name, key in SERIES.items()}
+
+
+def plot(runs: dict[str, dict[int, str]], path: str, window: int = 5):
+  """One panel per metric, one colour per arm: the mean over seeds of the `window`-step moving
+  average, with a band from the lowest to the highest seed (one seed: its raw series, faint)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   from llds_jax import metrics as mlib
   fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), constrained_layout=True)
-  for arm, wd in workdirs.items():
-    recs = mlib.read_metrics(os.path.join(wd, "metrics.jsonl"))
-    steps = np.array([r["step"] for r in recs])
+  for arm, by_seed in runs.items():
+    color = COLORS.get(arm)
+    recs = [mlib.read_metrics(os.path.join(wd, "metrics.jsonl")) for wd in by_seed.values()]
+    n = min(len(r) for r in recs)
+    steps = np.arange(1, n + 1)
     for ax, (key, title) in zip(axes.flat, PANELS):
-      y = np.array([float(r.get(key, np.nan)) for r in recs])
-      color = COLORS.get(arm)
-      ax.plot(steps, y, color=color, alpha=0.25, lw=0.8)
-      ax.plot(steps, smooth(y, window), color=color, lw=1.6, label=arm)
+      y_SxT = np.array([[float(r[t].get(key, np.nan)) for t in range(n)] for r in recs])
+      sm_SxT = np.stack([smooth(y, window) for y in y_SxT])
+      if len(recs) == 1:
+        ax.plot(steps, y_SxT[0], color=color, alpha=0.25, lw=0.8)
+      else:
+        ax.fill_between(steps, sm_SxT.min(0), sm_SxT.max(0), color=color, alpha=0.2, lw=0)
+      ax.plot(steps, sm_SxT.mean(0), color=color, lw=1.6,
+              label=f"{arm} ({len(recs)} seed{'s' * (len(recs) > 1)})")
       ax.set_title(title, fontsize=9)
       ax.set_xlabel("step", fontsize=8)
       if key.startswith("grad_norm"):
@@ -246,22 +310,44 @@ def plot(workdirs: dict[str, str], path: str, window: int = 5):
   plt.close(fig)
 
 
-SUMMARY = ("reward/mean", "lld/preserving_logp", "entropy", "grad_norm_max", "llds/active_frac",
-           "loss/llds_last")
+def arc(series: dict[str, list[float]], k: int = 10) -> dict[str, float]:
+  """The paper's arc in numbers (PAPER.md §A.5), from one run's per-step series.
+
+  k-step means of reward: `start` (steps 1..k, the warm policy's level), `peak` (the best window)
+  and `final` (the last k steps); `rise` = peak − start; `collapsed` when the final window is
+  below a third of the peak. `logp_*`: the preserving log-likelihood's k-step mean at the start,
+  at the reward peak and at the end; `entropy_max` and the step of the largest grad norm.
+  """
+  def windows(y):
+    y = np.asarray(y, np.float64)
+    return np.convolve(y, np.ones(k) / k, mode="valid") if len(y) >= k else y[None].mean(1)
+  r = windows(series["reward"])
+  lp = windows(series["preserving_logp"])
+  at = int(np.argmax(r))
+  g = np.asarray(series["grad_norm_max"], np.float64)
+  out = dict(start=r[0], peak=r[at], peak_step=at + k, final=r[-1], rise=r[at] - r[0],
+             collapsed=float(r[-1] < r[at] / 3), logp_start=lp[0], logp_at_peak=lp[at],
+             logp_final=lp[-1], entropy_start=float(np.mean(series["entropy"][:k])),
+             entropy_max=float(np.max(series["entropy"])),
+             grad_norm_max=float(np.nanmax(g)), grad_norm_max_step=int(np.nanargmax(g)) + 1)
+  return {key: round(float(v), 4) for key, v in out.items()}
 
 
-def summarize(workdirs: dict[str, str], k: int = 10) -> str:
-  """Markdown table: each metric's mean over the first and the last `k` steps, per arm."""
-  from llds_jax import metrics as mlib
-  head = "| arm | steps | " + " | ".join(f"{m} first→last {k}" for m in SUMMARY) + " |"
-  lines = [head, "|" + "---|" * (len(SUMMARY) + 2)]
-  for arm, wd in workdirs.items():
-    recs = mlib.read_metrics(os.path.join(wd, "metrics.jsonl"))
-    cells = []
-    for m in SUMMARY:
-      y = np.array([float(r.get(m, np.nan)) for r in recs])
-      cells.append(f"{np.mean(y[:k]):.3g} → {np.mean(y[-k:]):.3g}")
-    lines.append(f"| {arm} | {len(recs)} | " + " | ".join(cells) + " |")
+def summarize(summary: dict, k: int = 10) -> str:
+  """Markdown: the `arc` numbers per arm and seed, then the mean over seeds per arm."""
+  cols = ("start", "peak", "peak_step", "final", "rise", "collapsed", "logp_start",
+          "logp_at_peak", "logp_final", "entropy_max", "grad_norm_max", "grad_norm_max_step")
+  lines = [f"Reward and preserving log-lik. as {k}-step means (`arc` in tools/lld_experiment.py)",
+           "", "| arm | seed | steps | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
+  for arm, by_seed in summary.items():
+    rows = {seed: arc(series, k) for seed, series in by_seed.items()}
+    for seed, row in rows.items():
+      steps = len(by_seed[seed]["reward"])
+      lines.append(f"| {arm} | {seed} | {steps} | " + " | ".join(f"{row[c]:.4g}" for c in cols)
+                   + " |")
+    if len(rows) > 1:
+      mean = {c: np.mean([row[c] for row in rows.values()]) for c in cols}
+      lines.append(f"| {arm} | mean | | " + " | ".join(f"{mean[c]:.4g}" for c in cols) + " |")
   return "\n".join(lines)
 
 
@@ -271,7 +357,9 @@ def parse_args(argv=None):
   p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {list(ARMS)}")
   p.add_argument("--steps", type=int, default=60, help="RL steps per arm")
   p.add_argument("--lr", type=float, default=1e-3, help="RL learning rate (paper: 1e-6)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seeds", default="0",
+                 help="comma-separated; each seed draws its own world, init and rollouts")
+  p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
   p.add_argument("--people", type=int, default=240, help="fictional people = corpus documents")
   p.add_argument("--two_hop_frac", type=float, default=0.25,
                  help="share of people with a two-hop Q")
@@ -283,42 +371,93 @@ def parse_args(argv=None):
   p.add_argument("--warmup_lr", type=float, default=3e-3)
   p.add_argument("--batch", type=int, default=16, help="warm-up batch")
   p.add_argument("--direct_frac", type=float, default=0.1, help="warm-up answers without search")
+  p.add_argument("--topk", type=int, default=3, help="passages per search")
+  p.add_argument("--warm_worlds", type=int, default=1,
+                 help="worlds whose facts the warm-up reads (1 = the RL world only)")
+  p.add_argument("--attributes", default=",".join(QUESTIONS),
+                 help=f"single-hop question kinds, a subset of {list(QUESTIONS)}")
+  p.add_argument("--think", action=argparse.BooleanOptionalAction, default=True,
+                 help="warm-up actions start with a <think> step (--no-think: with their tag)")
   p.add_argument("--smoke", action="store_true", help="tiny sizes, 2 steps: a plumbing check")
   a = p.parse_args(argv)
   if a.smoke:
     a.steps, a.people, a.vocab, a.hidden, a.layers = min(a.steps, 2), 40, 512, 32, 2
     a.warmup_steps, a.batch = 4, 8
+  try:
+    a.seeds = [int(s) for s in a.seeds.split(",")]
+  except ValueError:
+    p.error(f"--seeds={a.seeds!r}: comma-separated integers expected")
+  a.seed = a.seeds[0]
+  bad = set(a.attributes.split(",")) - set(QUESTIONS)
+  if bad:
+    p.error(f"unknown --attributes {sorted(bad)}; known: {list(QUESTIONS)}")
   unknown = set(a.arms.split(",")) - set(ARMS)
   if unknown:
     p.error(f"unknown arms {sorted(unknown)}; known: {list(ARMS)}")
   return a
 
 
-def main(argv=None) -> dict[str, str]:
-  """Runs the missing stages; returns {arm: workdir}."""
-  a = parse_args(argv)
-  from llds_jax import metrics as mlib, trainer
-  testbed = os.path.join(a.outdir, "testbed")
+def with_seed(a, seed: int):
+  """The arguments of one seed's runs (world, initialization and rollouts all follow `seed`)."""
+  return argparse.Namespace(**{**vars(a), "seed": seed})
+
+
+def prepare(testbed: str, a) -> None:
+  """Stages 1-2 for one seed: the testbed files, then the warmed-up policy (each if missing)."""
   if not os.path.exists(os.path.join(testbed, "rl_train.parquet")):
     build_testbed(testbed, a)
   if not os.path.exists(os.path.join(testbed, "warm_model", "config.json")):
-    print("warm-up:", warm_up(testbed, a), flush=True)
-  workdirs = {}
-  for arm in a.arms.split(","):
-    workdirs[arm] = os.path.join(a.outdir, arm)
-    done = os.path.join(workdirs[arm], "metrics.jsonl")
-    if os.path.exists(done) and len(mlib.read_metrics(done)) >= a.steps:
-      continue
-    t0 = time.perf_counter()
-    recs = trainer.train(arm_config(arm, testbed, workdirs[arm], a))
-    print(f"{arm}: {len(recs)} steps in {time.perf_counter() - t0:.0f}s, reward "
-          f"{recs[0]['reward/mean']:.2f} -> {recs[-1]['reward/mean']:.2f}", flush=True)
-  plot(workdirs, os.path.join(a.outdir, "lld_comparison.png"))
-  table = summarize(workdirs)
+    print(f"seed {a.seed} warm-up:", warm_up(testbed, a), flush=True)
+
+
+def run_arm(arm: str, testbed: str, workdir: str, a) -> None:
+  """Stage 3 for one (seed, arm), unless its metrics already cover `a.steps` steps."""
+  from llds_jax import metrics as mlib, trainer
+  done = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(done) and len(mlib.read_metrics(done)) >= a.steps:
+    return
+  t0 = time.perf_counter()
+  recs = trainer.train(arm_config(arm, testbed, workdir, a))
+  print(f"seed {a.seed} {arm}: {len(recs)} steps in {time.perf_counter() - t0:.0f}s, reward "
+        f"{recs[0]['reward/mean']:.2f} -> {recs[-1]['reward/mean']:.2f}", flush=True)
+
+
+def _call(args):
+  fn, rest = args
+  return fn(*rest)
+
+
+def run_all(fn, tasks: list[tuple], jobs: int) -> None:
+  """`fn(*task)` for every task, `jobs` at a time in fresh processes (spawned: JAX is not fork-safe)."""
+  if jobs <= 1 or len(tasks) <= 1:
+    for task in tasks:
+      fn(*task)
+    return
+  import multiprocessing
+  with multiprocessing.get_context("spawn").Pool(min(jobs, len(tasks))) as pool:
+    for _ in pool.imap_unordered(_call, [(fn, task) for task in tasks]):
+      pass
+
+
+def main(argv=None) -> dict[str, dict[int, str]]:
+  """Runs the missing stages for every seed; returns {arm: {seed: workdir}}."""
+  a = parse_args(argv)
+  t0 = time.perf_counter()
+  seeds = {s: (os.path.join(a.outdir, f"seed{s}"), with_seed(a, s)) for s in a.seeds}
+  run_all(prepare, [(os.path.join(d, "testbed"), sa) for d, sa in seeds.values()], a.jobs)
+  runs = {arm: {s: os.path.join(d, arm) for s, (d, _) in seeds.items()} for arm in a.arms.split(",")}
+  run_all(run_arm, [(arm, os.path.join(seeds[s][0], "testbed"), wd, seeds[s][1])
+                    for arm, by_seed in runs.items() for s, wd in by_seed.items()], a.jobs)
+  summary = {arm: {str(s): read_series(wd) for s, wd in by_seed.items()}
+             for arm, by_seed in runs.items()}
+  with open(os.path.join(a.outdir, "summary.json"), "w") as f:
+    json.dump(summary, f)
+  plot(runs, os.path.join(a.outdir, "lld_comparison.png"))
+  table = summarize(summary)
   with open(os.path.join(a.outdir, "summary.md"), "w") as f:
-    f.write(table + "\n")
+    f.write(table + f"\n\nwall time of this call: {time.perf_counter() - t0:.0f} s\n")
   print(table)
-  return workdirs
+  return runs
 
 
 if __name__ == "__main__":
