@@ -26,6 +26,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from llds_jax import faults
+
 MANIFEST = "llds_manifest.json"
 
 
@@ -99,8 +101,7 @@ def _key_str(path) -> str:
 
 
 def _leaves_by_path(tree) -> dict:
-  leaves = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {_key_str(p): v for p, v in leaves}
 
 
@@ -146,36 +147,12 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     self._pending.append(step)
     self.manager.save(step, args=args, force=True)
+    faults.point("checkpoint", step)  # test-only: committed (sync) or in flight (async), unsealed
     if not self.async_save:
       self._seal_pending()
 
   def newest_intact(self) -> tuple[int | None, list[tuple[int, str]]]:
-    """(newest step whose manifest matches or None, [(newer corrupt step, reason), ...])."""
-    corrupt = []
-    for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        verify(os.path.join(self.directory, str(step)))
-        return step, corrupt
-      except CorruptCheckpoint as e:
-        corrupt.append((step, str(e)))
-    return None, corrupt
-
-  def saved_meta(self, step: int) -> dict:
-    with open(os.path.join(self.directory, str(step), "meta", "metadata")) as f:
-      return json.load(f)
-
-  def check_compatible(self, fingerprint: dict) -> None:
-    """Raises ValueError naming the model field in which the newest intact checkpoint differs."""
-    step, _ = self.newest_intact()
-    if step is None:
-      return
-    saved = self.saved_meta(step).get("fingerprint")
-    if saved is None:  # saved before fingerprints existed; restore still checks shapes and dtypes
-      return
-    diff = mismatch(saved, fingerprint, "config field")
-    if diff:
-      raise ValueError(f"{self.directory}/{step} does not match this config: {diff}. Resume with "
-                       "the run's own config, or train in a new config.workdir (nothing touched)")
+    return newest_intact(self.directory)
 
   def _move_aside(self, step: int, reason: str) -> None:
     src = os.path.join(self.directory, str(step))
@@ -198,7 +175,7 @@ class Checkpointer:
     step, corrupt = self.newest_intact()
     if step is not None:
       if fingerprint is not None:
-        self.check_compatible(fingerprint)
+        check_compatible(self.directory, fingerprint)
       with ocp.PyTreeCheckpointer() as reader:  # reads only the tree's metadata, no arrays
         tree = reader.metadata(os.path.join(self.directory, str(step), "state")).item_metadata.tree
       saved = _leaves_by_path(tree)
@@ -227,6 +204,41 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def newest_intact(directory: str) -> tuple[int | None, list[tuple[int, str]]]:
+  """(newest step whose manifest matches or None, [(newer corrupt step, reason), ...])."""
+  corrupt = []
+  for step in reversed(saved_steps(directory)):
+    try:
+      verify(os.path.join(directory, str(step)))
+      return step, corrupt
+    except CorruptCheckpoint as e:
+      corrupt.append((step, str(e)))
+  return None, corrupt
+
+
+def model_fingerprint(c) -> dict:
+  """The run config's fields that fix what a checkpoint holds: {dotted field: value}."""
+  out = {f"model.{k}": c.model[k] for k in ("path", "param_dtype", "scan_layers")}
+  if not c.model.path and "random" in c.model:
+    out.update({f"model.random.{k}": v for k, v in c.model.random.to_dict().items()})
+  return json.loads(json.dumps(out))  # as the JSON meta will hold it (tuples become lists)
+
+
+def check_compatible(directory: str, fingerprint: dict) -> None:
+  """Raises ValueError naming the model field in which the newest intact checkpoint differs."""
+  step, _ = newest_intact(directory)
+  if step is None:
+    return
+  with open(os.path.join(directory, str(step), "meta", "metadata")) as f:
+    saved = json.load(f).get("fingerprint")
+  if saved is None:  # saved before fingerprints existed; restore still checks shapes and dtypes
+    return
+  diff = mismatch(saved, fingerprint, "config field")
+  if diff:
+    raise ValueError(f"{directory}/{step} does not match this config: {diff}. Resume with the "
+                     "run's own config, or train in a new config.workdir (nothing was touched)")
 
 
 def saved_steps(directory: str) -> list[int]:

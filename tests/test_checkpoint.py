@@ -143,7 +143,7 @@ def test_dtype_mismatch_refused(saved):
 def test_model_field_mismatch_refused_naming_field(saved):
   ck = checkpoint.Checkpointer(str(saved), keep=5)
   with pytest.raises(ValueError, match="model.random.hidden_size.*32.*64"):
-    ck.check_compatible(dict(FINGERPRINT, **{"model.random.hidden_size": 64}))
+    checkpoint.check_compatible(str(saved), dict(FINGERPRINT, **{"model.random.hidden_size": 64}))
   ck.close()
   assert checkpoint.saved_steps(str(saved)) == [1, 2]
 

@@ -122,7 +122,7 @@ def test_corrupt_newest_checkpoint_falls_back(uninterrupted, tmp_path):
       with open(os.path.join(root, f), "wb") as fh:
         fh.write(b"garbage")
   out = _run(tmp_path, "--config.total_steps=3")
-  assert "checkpoint 3" in out and "unreadable" in out
+  assert "checkpoints/3 is incomplete or corrupt" in out and "quarantine" in out
   recs = mlib.read_metrics(str(tmp_path / "metrics.jsonl"))
   assert [r["step"] for r in recs] == [1, 2, 3]  # step 3 redone from checkpoint 2
   assert _stream(tmp_path) == _stream(uninterrupted)
@@ -135,6 +135,10 @@ def test_corrupt_newest_checkpoint_falls_back(uninterrupted, tmp_path):
     ("--config.mesh.tensor=3", "config.mesh"),
     ("--config.resume=False", "config.resume"),
     ("--config.rollout.weight_sharding=fsdp", "rollout.weight_sharding"),
+    ("--config.rollout.prompts=0", "rollout.prompts"),
+    ("--config.rollout.group_size=-1", "rollout.group_size"),
+    ("--config.total_steps=0", "config.total_steps"),
+    ("--config.rl.reward_scope=text", "rl.reward_scope"),
 ])
 def test_bad_config_names_the_field(override, field, tmp_path):
   from llds_jax import trainer
@@ -150,7 +154,7 @@ def test_bad_config_names_the_field(override, field, tmp_path):
     section, name = key.split(".")
     c[section][name] = type(c[section][name])(value)
   else:
-    c[key] = value == "True"
+    c[key] = value == "True" if isinstance(c[key], bool) else type(c[key])(value)
   with pytest.raises((ValueError, FileNotFoundError), match=field):
     trainer.validate(c)
 
