@@ -83,6 +83,8 @@ def load_examples(paths: str | Sequence[str]) -> list[Example]:
   examples, seen = [], {}
   for path in [paths] if isinstance(paths, str) else paths:
     table = pq.read_table(path)
+    if table.num_rows == 0:
+      raise ValueError(f"{path}: no rows (an empty data file)")
     columns = set(table.column_names)
     for name in _REQUIRED:
       if name not in columns:
@@ -90,8 +92,6 @@ def load_examples(paths: str | Sequence[str]) -> list[Example]:
     if "prompt" not in columns and "question" not in columns:
       raise ValueError(f"{path}: missing column 'prompt' (or 'question' to build it from); "
                        f"columns: {sorted(columns)}")
-    if table.num_rows == 0:
-      raise ValueError(f"{path}: no rows (an empty data file)")
     for row_no, row in enumerate(table.to_pylist()):
       golds = _golds(_field(row, "reward_model.ground_truth.target", path, row_no), path, row_no)
       index = int(_field(row, "extra_info.index", path, row_no))

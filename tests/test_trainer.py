@@ -251,3 +251,20 @@ def test_sampling_weights_are_the_params_when_dtype_and_layout_match():
     c = ml_collections.ConfigDict({"model": {"dtype": "float32", "param_dtype": "float32"},
                                    "rollout": {"weight_sharding": layout}})
     assert trainer.compute_dtype_weights(c, jax.eval_shape(lambda: placed), mesh)(placed) is placed
+
+
+def test_unknown_config_field_is_named_before_parsing():
+  from llds_jax import overrides
+  tiny = os.path.join(ROOT, "configs", "tiny.py")
+  assert overrides.unknown_field(["main", f"--config={tiny}", "--config.rl.llds_lambda=0.3",
+                                  "--config.workdir=/tmp/x"]) is None
+  msg = overrides.unknown_field(["main", f"--config={tiny}", "--config.rl.llds_lamda=0.3"])
+  assert "no field config.rl.llds_lamda" in msg and "llds_lambda" in msg
+  assert "no field config.foo" in overrides.unknown_field(["m", "--config", tiny, "--config.foo"])
+  assert "config.seed is a value" in overrides.unknown_field(["m", f"--config={tiny}",
+                                                              "--config.seed.x=1"])
+  out = subprocess.run([sys.executable, "-m", "llds_jax.main", f"--config={tiny}",
+                        "--config.workdir=/tmp/x", "--config.foo=1"], cwd=ROOT, text=True,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+  assert out.returncode == 1 and "Traceback" not in out.stdout
+  assert "--config.foo=1: " in out.stdout and "no field config.foo" in out.stdout
