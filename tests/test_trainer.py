@@ -268,3 +268,32 @@ def test_unknown_config_field_is_named_before_parsing():
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
   assert out.returncode == 1 and "Traceback" not in out.stdout
   assert "--config.foo=1: " in out.stdout and "no field config.foo" in out.stdout
+
+
+def test_resume_with_another_model_is_refused_and_touches_nothing(uninterrupted, tmp_path):
+  import shutil
+  shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
+  before = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(tmp_path) for p in fs}
+  proc = _run(tmp_path, "--config.total_steps=4", "--config.model.random.hidden_size=32",
+              wait=False)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode != 0
+  assert "'model.random.hidden_size': checkpoint has 64, this config 32" in out, out[-3000:]
+  after = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(tmp_path) for p in fs}
+  assert after == before  # checkpoints, metrics and config.json untouched
+
+
+def test_over_long_question_anywhere_fails_before_the_warm_up(tmp_path):
+  from llds_jax import trainer
+  sys.path.insert(0, ROOT)
+  from configs import tiny
+  c = tiny.get_config()  # 300 warm-up steps: minutes, if the check came after them
+  c.workdir = str(tmp_path)
+  c.mesh.update(data=2, fsdp=2, tensor=2)
+  c.rl.micro_batch_size = 4
+  c.rollout.max_prompt_tokens = 200
+  t0 = time.time()
+  with pytest.raises(ValueError, match=r"config.data.train: question \d+ .* prompt tokens, over "
+                                       r"config.rollout.max_prompt_tokens=200"):
+    trainer.train(c)
+  assert time.time() - t0 < 60
