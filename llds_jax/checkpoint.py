@@ -7,8 +7,9 @@ reference model is not saved: it is reloaded from the base weights.
 Every finished checkpoint is sealed with `MANIFEST` (size + sha256 of each of its files), written
 once orbax has committed it. Restore trusts only a checkpoint whose manifest matches: one with a
 missing manifest (killed before sealing) or a mismatching file is *moved aside* into
-`<dir>.quarantine/` (never deleted) and the previous one is used. Any other restore failure (a
-config that does not match, out of memory, I/O) is raised and nothing on disk is touched.
+`<dir>.quarantine/` (never deleted) and the previous one is used; when none is left but one was
+corrupt (not merely unsealed) the restore raises instead of starting over. Any other restore
+failure (a config that does not match, out of memory, I/O) is raised and nothing is touched.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ MANIFEST = "llds_manifest.json"
 
 class CorruptCheckpoint(Exception):
   """A checkpoint proven incomplete or corrupt (its manifest is missing or does not match)."""
+
+
+class UnsealedCheckpoint(CorruptCheckpoint):
+  """A checkpoint without a manifest: the run was killed between orbax's commit and the seal."""
 
 
 def _sha256(path: str) -> str:
@@ -66,11 +71,16 @@ def seal(step_dir: str) -> None:
   os.replace(tmp, os.path.join(step_dir, MANIFEST))
 
 
+_VERIFIED = set()  # (step_dir, manifest mtime) hashed clean in this process: resume checks twice
+
+
 def verify(step_dir: str) -> None:
   """Raises CorruptCheckpoint naming the first file whose size or hash differs from the manifest."""
   path = os.path.join(step_dir, MANIFEST)
+  if os.path.isfile(path) and (step_dir, os.path.getmtime(path)) in _VERIFIED:
+    return
   if not os.path.isfile(path):
-    raise CorruptCheckpoint(f"{path}: missing (the checkpoint was never sealed: killed while "
+    raise UnsealedCheckpoint(f"{path}: missing (the checkpoint was never sealed: killed while "
                             "being written, or written before checksums existed)")
   try:
     with open(path) as f:
@@ -88,6 +98,7 @@ def verify(step_dir: str) -> None:
   extra = sorted(set(_files(step_dir)) - set(files))
   if extra:
     raise CorruptCheckpoint(f"{os.path.join(step_dir, extra[0])}: not in the manifest")
+  _VERIFIED.add((step_dir, os.path.getmtime(path)))
 
 
 def _key_str(path) -> str:
@@ -151,7 +162,7 @@ class Checkpointer:
     if not self.async_save:
       self._seal_pending()
 
-  def newest_intact(self) -> tuple[int | None, list[tuple[int, str]]]:
+  def newest_intact(self) -> tuple[int | None, list[tuple[int, str, bool]]]:
     return newest_intact(self.directory)
 
   def _move_aside(self, step: int, reason: str) -> None:
@@ -186,7 +197,13 @@ class Checkpointer:
       if diff:
         raise ValueError(f"{self.directory}/{step} does not match this config: {diff}. Resume "
                          "with the run's own config, or use a new config.workdir (nothing touched)")
-    for bad, reason in corrupt:
+    if step is None and any(not unsealed for _, _, unsealed in corrupt):
+      # Starting over would cut metrics.jsonl back to step 0: a person decides, not the trainer.
+      raise ValueError(f"{self.directory}: no intact checkpoint; "
+                       + "; ".join(reason for _, reason, _ in corrupt)
+                       + ". Nothing was touched: restore the files, or move the checkpoints "
+                       "away to start over")
+    for bad, reason, _ in corrupt:
       self._move_aside(bad, reason)
     if corrupt:
       self.manager.reload()
@@ -206,15 +223,15 @@ class Checkpointer:
     self.manager.close()
 
 
-def newest_intact(directory: str) -> tuple[int | None, list[tuple[int, str]]]:
-  """(newest step whose manifest matches or None, [(newer corrupt step, reason), ...])."""
+def newest_intact(directory: str) -> tuple[int | None, list[tuple[int, str, bool]]]:
+  """(newest step whose manifest matches or None, [(newer bad step, reason, unsealed?), ...])."""
   corrupt = []
   for step in reversed(saved_steps(directory)):
     try:
       verify(os.path.join(directory, str(step)))
       return step, corrupt
     except CorruptCheckpoint as e:
-      corrupt.append((step, str(e)))
+      corrupt.append((step, str(e), isinstance(e, UnsealedCheckpoint)))
   return None, corrupt
 
 

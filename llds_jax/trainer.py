@@ -219,9 +219,6 @@ def train(c) -> list[dict]:
   if c.resume:  # a run resumed with another model is refused before anything is touched
     checkpoint.check_compatible(os.path.join(c.workdir, "checkpoints"), fingerprint)
   os.makedirs(c.workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(c.workdir, "config.json"), "w") as f:
-      f.write(c.to_json_best_effort(indent=2))
   mesh = shd.make_mesh(dict(c.mesh))
   show = c.log.progress and jax.process_index() == 0  # one set of progress bars per job
   # Data and corpus first: their errors name a file and row before anything is compiled.
@@ -259,6 +256,10 @@ def train(c) -> list[dict]:
       start, state, meta = restored
       it.restore(meta["data"])
       logging.info("resumed from step %d", start)
+  # Written once the checkpoint is known to match, so a refused resume leaves the run's own.
+  if jax.process_index() == 0:
+    with open(os.path.join(c.workdir, "config.json"), "w") as f:
+      f.write(c.to_json_best_effort(indent=2))
   writer = mlib.MetricWriter(c.workdir, tensorboard=c.log.tensorboard,
                              resume_step=start if c.resume else 0)
   rcfg = rollout_config(c)

@@ -180,3 +180,24 @@ def test_restore_errors_are_raised_not_treated_as_corruption(saved, monkeypatch)
 def test_every_checkpoint_sealed_after_save(saved):
   for step in (1, 2):
     checkpoint.verify(str(saved / str(step)))  # raises if a file differs from its manifest
+
+
+def test_no_intact_checkpoint_left_raises_and_touches_nothing(saved):
+  _garble(saved / "1")
+  _remove_manifest(saved / "2")
+  before = _tree_of(saved)
+  ck = checkpoint.Checkpointer(str(saved), keep=5)
+  with pytest.raises(ValueError, match="no intact checkpoint; .*sha256 differs.*Nothing was touched"):
+    ck.restore_latest(_abstract(_state(1)), FINGERPRINT)
+  ck.close()
+  assert _tree_of(saved) == before
+
+
+def test_only_unsealed_checkpoints_start_over(saved):
+  for step in ("1", "2"):
+    _remove_manifest(saved / step)  # killed after each commit, before its seal
+  ck = checkpoint.Checkpointer(str(saved), keep=5)
+  assert ck.restore_latest(_abstract(_state(1)), FINGERPRINT) is None
+  ck.close()
+  assert checkpoint.saved_steps(str(saved)) == []
+  assert len(os.listdir(str(saved) + ".quarantine")) == 2
