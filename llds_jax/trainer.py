@@ -226,6 +226,9 @@ def train(c) -> list[dict]:
   val = data.load_examples(c.data.val.split(",")) if c.data.val else []
   if c.log.eval_limit:
     val = val[:c.log.eval_limit]
+  if c.rollout.prompts > len(examples):
+    raise ValueError(f"config.rollout.prompts={c.rollout.prompts} exceeds the {len(examples)} "
+                     f"questions of config.data.train={c.data.train!r}")
   it = data.PromptIterator(examples, c.rollout.prompts, seed=c.seed, shuffle=c.data.shuffle)
   retriever = load_retriever(c.retriever.index)
   model, cfg, tokenizer = load_policy(c, mesh)

@@ -297,3 +297,6 @@ def test_over_long_question_anywhere_fails_before_the_warm_up(tmp_path):
                                        r"config.rollout.max_prompt_tokens=200"):
     trainer.train(c)
   assert time.time() - t0 < 60
+  c.rollout.max_prompt_tokens, c.rollout.prompts = 512, 84  # the file has 83 questions
+  with pytest.raises(ValueError, match="config.rollout.prompts=84 exceeds the 83 questions"):
+    trainer.train(c)
