@@ -69,6 +69,11 @@ def get_config():
   c.rollout.weight_sharding = "tensor"
 
   c.rl = ml_collections.ConfigDict()
+  # What EM scores (llds_jax/rewards.py REWARD_SCOPES): "sampled" = the model's own last answer
+  # span inside its sampled tokens (DESIGN.md §Rewards); "search_r1_text" = Search-R1's scoring of
+  # the whole response text, observations included (parity only: a retrieved document holding
+  # <answer>x</answer> is scored as the model's answer).
+  c.rl.reward_scope = "sampled"
   c.rl.loss = "grpo"  # grpo (PPO-clip token ratio, Eq. 1) | gspo (sequence ratio)
   c.rl.clip_low = 0.2
   c.rl.clip_high = 0.2

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from llds_jax.rewards import normalize_answer
+
 # PAPER.md §D.2, verbatim (including the original "as your want"); one line plus "\n".
 SEARCH_R1_TEMPLATE = (
     "Answer the given question. You must conduct reasoning inside <think> and </think> first every "
@@ -60,12 +62,29 @@ def _field(row: dict, dotted: str, path: str, row_no: int):
   return value
 
 
+def _golds(value, path: str, row_no: int) -> list[str]:
+  """The row's gold answers; anything that cannot be an answer raises naming file and row."""
+  golds = [value] if isinstance(value, str) else value
+  if not isinstance(golds, (list, tuple, np.ndarray)) or len(golds) == 0:
+    raise ValueError(f"{path}: row {row_no}: reward_model.ground_truth.target={value!r}: needs "
+                     "a non-empty list of gold answer strings")
+  for g in golds:
+    # An empty gold (or one of only punctuation/articles) normalizes to "" and would reward
+    # answers like "<answer> the </answer>"; NaN/None/numbers are not answers either.
+    if not isinstance(g, str) or not normalize_answer(g):
+      raise ValueError(f"{path}: row {row_no}: reward_model.ground_truth.target holds {g!r}: "
+                       "every gold must be a string with a word in it")
+  return list(golds)
+
+
 def load_examples(paths: str | Sequence[str]) -> list[Example]:
   """Reads Search-R1 parquet files (DESIGN.md §Data); missing columns/fields raise naming them."""
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   examples, seen = [], {}
   for path in [paths] if isinstance(paths, str) else paths:
     table = pq.read_table(path)
+    if table.num_rows == 0:
+      raise ValueError(f"{path}: no rows (an empty data file)")
     columns = set(table.column_names)
     for name in _REQUIRED:
       if name not in columns:
@@ -74,8 +93,7 @@ def load_examples(paths: str | Sequence[str]) -> list[Example]:
       raise ValueError(f"{path}: missing column 'prompt' (or 'question' to build it from); "
                        f"columns: {sorted(columns)}")
     for row_no, row in enumerate(table.to_pylist()):
-      golds = _field(row, "reward_model.ground_truth.target", path, row_no)
-      golds = [golds] if isinstance(golds, str) else [str(g) for g in golds]
+      golds = _golds(_field(row, "reward_model.ground_truth.target", path, row_no), path, row_no)
       index = int(_field(row, "extra_info.index", path, row_no))
       source = str(_field(row, "data_source", path, row_no))
       question = row.get("question")
@@ -83,7 +101,17 @@ def load_examples(paths: str | Sequence[str]) -> list[Example]:
       if messages is None:
         if question is None:
           raise ValueError(f"{path}: row {row_no}: neither 'prompt' nor 'question' is set")
+        if not isinstance(question, str) or not question.strip():
+          raise ValueError(f"{path}: row {row_no}: empty question {question!r}")
         messages = [{"role": "user", "content": make_prompt(question)}]
+      if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"{path}: row {row_no}: 'prompt' has no chat messages ({messages!r})")
+      for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not m.get("role"):
+          raise ValueError(f"{path}: row {row_no}: 'prompt' message {m!r} needs a role and a "
+                           "string content")
+      if not any(m["role"] == "user" and m["content"].strip() for m in messages):
+        raise ValueError(f"{path}: row {row_no}: 'prompt' has no non-empty user message")
       messages = [{"role": m["role"], "content": m["content"]} for m in messages]
       key = (source, (row.get("extra_info") or {}).get("split"), index)
       if key in seen:
@@ -101,6 +129,21 @@ def encode_prompt(messages: Sequence[dict], tokenizer) -> list[int]:
   enc = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
                                       return_dict=True)
   return [int(t) for t in enc["input_ids"]]
+
+
+def check_prompt_lengths(examples: Sequence[Example], tokenizer, max_tokens: int,
+                         field: str) -> None:
+  """Raises naming the first example whose encoded prompt exceeds `max_tokens`.
+
+  Run once over the whole file before any work: otherwise an over-long question surfaces only
+  when a shuffled batch reaches it, possibly hours into a run.
+  """
+  for ex in examples:
+    n = len(encode_prompt(ex.messages, tokenizer))
+    if n > max_tokens:
+      raise ValueError(f"{field}: question {ex.uid} (data_source {ex.data_source!r}, "
+                       f"extra_info.index {ex.index}) is {n} prompt tokens, over "
+                       f"config.rollout.max_prompt_tokens={max_tokens}")
 
 
 def repeat_groups(batch: Sequence[Example], group_size: int) -> tuple[list[Example], np.ndarray]:
@@ -163,8 +206,13 @@ class PromptIterator:
 
 def iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
   """(1-based line number, value) per non-blank line; invalid JSON raises naming file and line."""
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{line_no}: not UTF-8 (byte {raw[e.start]:#04x} at column "
+                         f"{e.start + 1})") from None
       if not line.strip():
         continue
       try:
@@ -174,14 +222,22 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
 
 
 def read_corpus(path: str) -> Iterator[tuple[str, str]]:
-  """Streams (id, contents) from a Search-R1 corpus jsonl; bad rows raise naming file and line."""
+  """Streams (id, contents) from a Search-R1 corpus jsonl; bad rows raise naming file and line.
+
+  Duplicate ids raise too: a retrieved passage must name one document.
+  """
+  seen = {}
   for line_no, row in iter_jsonl(path):
     if not isinstance(row, dict) or "contents" not in row:
       raise ValueError(f"{path}:{line_no}: row has no 'contents' field")
     if not isinstance(row["contents"], str):
       raise ValueError(f"{path}:{line_no}: 'contents' is {type(row['contents']).__name__}, not str")
     # A missing id falls back to the 0-based line number (Search-R1 corpora always have one).
-    yield str(row.get("id", line_no - 1)), row["contents"]
+    doc_id = str(row.get("id", line_no - 1))
+    first = seen.setdefault(doc_id, line_no)
+    if first != line_no:
+      raise ValueError(f"{path}:{line_no}: duplicate document id {doc_id!r} (first at line {first})")
+    yield doc_id, row["contents"]
 
 
 class DocStore:

@@ -46,10 +46,18 @@ def invalid_actions(ro: Rollout, tokenizer) -> np.ndarray:
 
 def evaluate(model, tokenizer, retriever, examples: Sequence[data.Example], *,
              rollout_cfg: RolloutConfig, batch_size: int = 64, mesh=None, seed: int = 0,
-             progress: bool = True) -> tuple[dict[str, dict[str, float]], list[dict]]:
-  """(table, records): metrics per data source (plus "all") and one record per question."""
+             progress: bool = True, reward_scope: str = "sampled",
+             ) -> tuple[dict[str, dict[str, float]], list[dict]]:
+  """(table, records): metrics per data source (plus "all") and one record per question.
+
+  `reward_scope` picks the scored answer (rewards.REWARD_SCOPES; default: the model's own).
+  """
   if batch_size <= 0:
     raise ValueError(f"batch_size={batch_size} must be positive")
+  if not examples:
+    raise ValueError("evaluate: no questions to evaluate (empty file, or eval limit 0 of them)")
+  if reward_scope not in rewards.REWARD_SCOPES:
+    raise ValueError(f"reward_scope={reward_scope!r} not in {rewards.REWARD_SCOPES}")
   records = []
   bar = tqdm.tqdm(total=len(examples), desc="evaluate", unit="q", disable=not progress)
   for start in range(0, len(examples), batch_size):
@@ -64,13 +72,12 @@ def evaluate(model, tokenizer, retriever, examples: Sequence[data.Example], *,
     local = []
     for i, ex in enumerate(mine):
       text = ro.response_text[i]
+      answer = rewards.scored_answer(ro.answer[i], text, reward_scope)
       local.append({
           "data_source": ex.data_source, "index": ex.index, "question": ex.question,
-          "golds": list(ex.golds), "response": text, "answer": rewards.extract_answer(text),
-          # Not `answer is not None`: like Search-R1's, the text scored by EM includes the
-          # invalid-action message, whose "<answer> and </answer>" extracts as "and".
+          "golds": list(ex.golds), "response": text, "answer": answer,
           "answered": bool(ro.finish_reason[i] == "answer"),
-          "em": rewards.exact_match(text, ex.golds), "f1": rewards.f1(text, ex.golds),
+          "em": rewards.em_of(answer, ex.golds), "f1": rewards.f1_of(answer, ex.golds),
           "searches": int(ro.valid_searches[i]), "turns": int(ro.turns[i]),
           "invalid_actions": int(invalid[i]), "finish_reason": str(ro.finish_reason[i]),
       })

@@ -323,7 +323,16 @@ def load_gguf(path: str, *, dtype=jnp.float32, mesh=None, rules=shd.DEFAULT_RULE
 
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: GGUF file not found (run tools/fetch_assets.py)")
-  reader = gguf.GGUFReader(path)
+  size = os.path.getsize(path)
+  try:
+    reader = gguf.GGUFReader(path)
+  except Exception as e:  # noqa: BLE001  (numpy/struct errors on a cut or foreign file)
+    raise ValueError(f"{path}: not a readable GGUF file ({size} bytes; truncated download?): "
+                     f"{type(e).__name__}: {str(e)[:200]}") from None
+  for t in reader.tensors:  # a cut file can still parse when only tensor data is missing
+    if t.data_offset + t.n_bytes > size:
+      raise ValueError(f"{path}: truncated GGUF: tensor {t.name!r} ends at byte "
+                       f"{t.data_offset + t.n_bytes}, the file has {size}")
   fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
   arch = fields.get("general.architecture")
   if arch not in ("qwen2", "llama"):

@@ -45,5 +45,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  import sys
+
+  from llds_jax import overrides
+
+  problem = overrides.unknown_field(sys.argv)
+  if problem:
+    sys.exit(f"error: {problem}")
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -14,7 +14,7 @@ import os
 import jax
 import numpy as np
 
-from llds_jax import data
+from llds_jax import data, faults
 
 REQUIRED_KEYS = ("step", "reward/mean", "loss/total", "loss/pg", "loss/llds", "loss/kl", "entropy",
                  "grad_norm", "skipped_nonfinite", "lld/preserving_logp",
@@ -40,11 +40,8 @@ class MetricWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     if os.path.exists(self.path):
-      keep = []
-      with open(self.path) as f:
-        for line in f:
-          if line.strip() and resume_step is not None and json.loads(line)["step"] <= resume_step:
-            keep.append(line)
+      keep = [line for line, rec in _records_for_resume(self.path)
+              if resume_step is not None and rec["step"] <= resume_step]
       with open(self.path, "w") as f:
         f.writelines(keep)
     if tensorboard:
@@ -55,8 +52,13 @@ class MetricWriter:
     record = {"step": int(step), **{k: _jsonable(v) for k, v in sorted(metrics.items())}}
     if not self.active:
       return record
+    line = json.dumps(record) + "\n"
     with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+      if faults.armed("metrics", step):  # test-only: a kill in the middle of the line
+        f.write(line[:len(line) // 2])
+        f.flush()
+        faults.die()
+      f.write(line)
     if self.tb is not None:
       for k, v in record.items():
         if k != "step" and isinstance(v, (int, float)):
@@ -67,6 +69,31 @@ class MetricWriter:
   def close(self):
     if self.tb is not None:
       self.tb.close()
+
+
+def _records_for_resume(path: str) -> list[tuple[str, dict]]:
+  """(line, record) of each step record; a torn last line (a kill mid-write) is dropped with a
+  warning, any other malformed line raises naming file and line."""
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  out = []
+  for line_no, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+      ok = isinstance(rec, dict) and isinstance(rec.get("step"), int)
+    except json.JSONDecodeError:
+      ok = False
+    if ok:
+      out.append((line if line.endswith("\n") else line + "\n", rec))
+    elif line_no == len(lines):
+      logging.warning("%s:%d: torn last line (the run was killed while writing it); truncating "
+                      "it: %r", path, line_no, line[:80])
+    else:
+      raise ValueError(f"{path}:{line_no}: malformed metrics record (not a JSON object with an "
+                       f"integer 'step'): {line[:80]!r}; fix or remove that line to resume")
+  return out
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -1,14 +1,15 @@
 """Rebuild a trained policy from a run directory: `config.json` → architecture, orbax → params.
 
-Read-only: unlike `Checkpointer.restore_latest` (which deletes an unreadable newest checkpoint so
-a resumed run can rewrite it), nothing here touches the run directory, and an unreadable
-checkpoint is an error naming it. Only the policy parameters are read (an orbax partial restore),
+Read-only: unlike `Checkpointer.restore_latest` (which moves a corrupt newest checkpoint aside so
+a resumed run can rewrite it), nothing here touches the run directory, and an unreadable or
+corrupt checkpoint (its checksum manifest differs) is an error naming it. Only the policy parameters are read (an orbax partial restore),
 so the optimizer state never occupies memory.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, NamedTuple
 
@@ -18,7 +19,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from llds_jax import hf_io, sharding as shd
+from llds_jax import checkpoint, hf_io, sharding as shd
 from llds_jax.model import ModelConfig, Transformer
 
 
@@ -103,6 +104,7 @@ def load_run(workdir: str, step: int | None = None, mesh=None, *, dtype: str | N
 
   Params are placed by the logical-axis rules on `mesh`, or on one device when `mesh` is None.
   """
+  workdir = os.path.abspath(workdir)  # orbax refuses relative paths with a misleading message
   c = run_config(workdir)
   steps = checkpoint_steps(workdir)
   if not steps:
@@ -111,6 +113,15 @@ def load_run(workdir: str, step: int | None = None, mesh=None, *, dtype: str | N
     step = steps[-1]
   elif step not in steps:
     raise ValueError(f"step {step}: no checkpoint in {workdir}/checkpoints (have {steps})")
+  step_dir = os.path.join(workdir, "checkpoints", str(step))
+  if os.path.exists(os.path.join(step_dir, checkpoint.MANIFEST)):
+    try:
+      checkpoint.verify(step_dir)
+    except checkpoint.CorruptCheckpoint as e:
+      raise ValueError(f"step {step} of {workdir} is corrupt: {e}") from None
+  else:
+    logging.warning("%s: no %s (never sealed, or written before checksums): unverified", step_dir,
+                    checkpoint.MANIFEST)
   cfg, tokenizer = policy_config(c, dtype=dtype)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   if mesh is None:

@@ -35,18 +35,33 @@ def extract_answer(response_text: str) -> str | None:
   return matches[-1].strip() if matches else None
 
 
-def exact_match(response_text: str, golds: str | Sequence[str]) -> float:
-  """1.0 if the normalized extracted answer equals any normalized gold, else 0.0 (no answer → 0)."""
-  answer = extract_answer(response_text)
+# What a trajectory is scored on (config.rl.reward_scope, tools/evaluate.py --reward_scope):
+# "sampled" (default, DESIGN.md §Rewards): the model's own answer, the last complete span inside
+# its sampled tokens (`rollout.model_answer`); "search_r1_text": Search-R1's `qa_em.py`, the last
+# span of the whole response text, observations and the invalid-action message included, kept
+# for parity only (a retrieved document holding `<answer>x</answer>` scores as if answered).
+REWARD_SCOPES = ("sampled", "search_r1_text")
+
+
+def scored_answer(model_answer: str | None, response_text: str, scope: str) -> str | None:
+  """The answer a trajectory is scored on under `scope` (see REWARD_SCOPES)."""
+  if scope == "sampled":
+    return model_answer
+  if scope == "search_r1_text":
+    return extract_answer(response_text)
+  raise ValueError(f"reward scope {scope!r} not in {REWARD_SCOPES}")
+
+
+def em_of(answer: str | None, golds: str | Sequence[str]) -> float:
+  """1.0 if the normalized `answer` equals any normalized gold, else 0.0 (None → 0)."""
   if answer is None:
     return 0.0
   pred = normalize_answer(answer)
   return float(any(pred == normalize_answer(g) for g in _as_list(golds)))
 
 
-def f1(response_text: str, golds: str | Sequence[str]) -> float:
-  """Token F1 between the normalized extracted answer and the best gold (no answer → 0)."""
-  answer = extract_answer(response_text)
+def f1_of(answer: str | None, golds: str | Sequence[str]) -> float:
+  """Token F1 between the normalized `answer` and the best gold (None → 0)."""
   if answer is None:
     return 0.0
   pred = normalize_answer(answer).split()
@@ -58,6 +73,16 @@ def f1(response_text: str, golds: str | Sequence[str]) -> float:
       precision, recall = common / len(pred), common / len(ref)
       best = max(best, 2 * precision * recall / (precision + recall))
   return best
+
+
+def exact_match(response_text: str, golds: str | Sequence[str]) -> float:
+  """1.0 if the normalized extracted answer equals any normalized gold, else 0.0 (no answer → 0)."""
+  return em_of(extract_answer(response_text), golds)
+
+
+def f1(response_text: str, golds: str | Sequence[str]) -> float:
+  """Token F1 between the normalized extracted answer and the best gold (no answer → 0)."""
+  return f1_of(extract_answer(response_text), golds)
 
 
 def parse_action(text: str) -> tuple[str | None, str]:

@@ -69,7 +69,8 @@ class Rollout:
   response_ids: np.ndarray  # int32 [N, R]: sampled and observation tokens, in context order
   response_len: np.ndarray  # int32 [N]
   loss_mask: np.ndarray  # float32 [N, R]: 1 exactly on model-sampled tokens
-  answer_mask: np.ndarray  # float32 [N, R]: 1 on sampled tokens of the last complete answer span
+  answer_mask: np.ndarray  # float32 [N, R]: 1 on the model's answer span (`model_answer`)
+  answer: list  # str | None per row: the model's own last complete answer (None: never answered)
   sample_logp: np.ndarray  # float32 [N, R]: sampler log-prob (temperature 1) if sampled, else 0
   valid_searches: np.ndarray  # int32 [N]: searches whose results entered the context
   turns: np.ndarray  # int32 [N]: generation turns
@@ -105,6 +106,28 @@ def answer_span_mask(ids: Sequence[int], tok_bytes: Sequence[bytes]) -> np.ndarr
     return np.zeros(len(ids), np.float32)
   lo, hi = spans[-1].span()
   return ((ends > lo) & (ends - lens < hi)).astype(np.float32)
+
+
+def model_answer(ids: Sequence[int], mask: Sequence[float],
+                 tok_bytes: Sequence[bytes]) -> tuple[np.ndarray, str | None]:
+  """(answer_mask, answer) of the last complete answer span inside one run of sampled tokens.
+
+  Only the model's own text counts (DESIGN.md §Rewards): each maximal run of `mask` = 1 is one
+  turn's sampled tokens, searched on its own, so a span quoted in a retrieved document, or one
+  joined across an inserted observation or the invalid-action message, is never the answer.
+  answer_mask is 1 on that span's tokens; answer is its stripped text (None: never answered).
+  """
+  mask_T = np.asarray(mask, np.float32)
+  edges = np.flatnonzero(np.diff(np.concatenate([[0], (mask_T > 0).astype(np.int8), [0]])))
+  out_T = np.zeros(len(ids), np.float32)
+  for start, stop in reversed(list(zip(edges[::2], edges[1::2]))):
+    run = [int(t) for t in ids[start:stop]]
+    out_T[start:stop] = answer_span_mask(run, tok_bytes)
+    if out_T.any():
+      text = b"".join(tok_bytes[t] for t in run)
+      span = list(_ANSWER_SPAN.finditer(text))[-1].group()
+      return out_T, span[len(b"<answer>"):-len(b"</answer>")].decode("utf-8", "replace").strip()
+  return out_T, None
 
 
 def _eos_ids(model, tokenizer) -> tuple[int, ...]:
@@ -241,8 +264,8 @@ def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, gr
   width = smp.bucket(max(map(len, resp)), minimum=8)
   loss_mask = _pad(mask, width, np.float32)
   tok_bytes = stops.cached_token_bytes(tokenizer, model.cfg.vocab_size)
-  answer_mask = _pad([answer_span_mask(r, tok_bytes) for r in resp], width, np.float32)
-  answer_mask *= loss_mask  # a span quoted inside a retrieved document is not the model's answer
+  answers = [model_answer(r, m, tok_bytes) for r, m in zip(resp, mask)]
+  answer_mask = _pad([a[0] for a in answers], width, np.float32)
   # Statistics over every process's rows (each process returns only its own rows).
   per_row = hosts.gather_rows(np.stack([searches, invalid, turns,
                                         [f == "answer" for f in finish]], 1).astype(np.int64))
@@ -269,6 +292,7 @@ def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, gr
       response_len=np.array([len(r) for r in resp], np.int32),
       loss_mask=loss_mask,
       answer_mask=answer_mask,
+      answer=[a[1] for a in answers],
       sample_logp=_pad(logp, width, np.float32),
       valid_searches=searches,
       turns=turns,

@@ -33,7 +33,7 @@ import optax
 import tqdm
 from flax import nnx
 
-from llds_jax import data, losses, rollout as rl, sharding as shd
+from llds_jax import data, faults, losses, rollout as rl, sharding as shd
 from llds_jax.sampler import bucket
 from llds_jax.train_step import response_logprobs
 
@@ -182,6 +182,8 @@ def format_warmup(model: nnx.Module, tokenizer, retriever, examples: Sequence[da
     batch = {k: jax.device_put(pool[k][rows][:, :R if k == "loss_mask" else P + R], b_sh[k])
              for k in keys}
     params, opt_state, loss = step(params, opt_state, batch)
+    if i == 0:
+      faults.point("warmup")  # test-only crash injection (llds_jax/faults.py)
     out.append(loss)  # device scalars: fetched once at the end, so dispatch never blocks
     if progress and i % 25 == 24:  # ...except for an honest progress bar now and then
       bar.set_postfix(nll=f"{float(loss):.3f}")

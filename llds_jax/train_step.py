@@ -166,6 +166,9 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, sc: St
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
   updates, new_opt = tx.update(grads, opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
+  # A finite gradient can still overflow the weights (e.g. a huge lr or Adam's tiny-denominator
+  # step): such a step is skipped and counted exactly like a non-finite gradient.
+  finite &= jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
   # A non-finite update is dropped whole: params and optimizer state stay bitwise as they were
   # (the official NAN_CLIP is a no-op, PAPER.md §B.3.6).
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731

@@ -19,8 +19,8 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from llds_jax import checkpoint, data, evaluation, hf_io, hosts, losses, metrics as mlib, plots
-from llds_jax import rewards, sft
+from llds_jax import checkpoint, data, evaluation, faults, hf_io, hosts, losses, plots
+from llds_jax import metrics as mlib, rewards, sft
 from llds_jax import sharding as shd
 from llds_jax.model import ModelConfig, Transformer, compute_dtype_of
 from llds_jax.retriever import BM25Index
@@ -33,6 +33,14 @@ def validate(c) -> None:
   """Fail loud, naming the offending field, before any expensive work."""
   if not c.workdir:
     raise ValueError("config.workdir is required (--config.workdir=DIR)")
+  for field in ("rollout.prompts", "rollout.group_size", "total_steps", "ckpt.every",
+                "ckpt.keep", "rollout.max_turn_tokens", "rollout.max_prompt_tokens"):
+    value = c[field.split(".")[0]][field.split(".")[1]] if "." in field else c[field]
+    if value <= 0:
+      raise ValueError(f"config.{field}={value} must be > 0")
+  if c.rl.reward_scope not in rewards.REWARD_SCOPES:
+    raise ValueError(f"config.rl.reward_scope={c.rl.reward_scope!r} not in "
+                     f"{rewards.REWARD_SCOPES}")
   rows = c.rollout.prompts * c.rollout.group_size
   if c.rl.minibatch_size <= 0 or rows % c.rl.minibatch_size:
     raise ValueError(f"config.rl.minibatch_size={c.rl.minibatch_size} must divide the rollout rows "
@@ -207,15 +215,25 @@ def answer_beta(c, mean_valid_searches: float) -> float:
 def train(c) -> list[dict]:
   """Runs `c.total_steps` training steps in `c.workdir`; returns the metric records written."""
   validate(c)
+  fingerprint = checkpoint.model_fingerprint(c)
+  if c.resume:  # a run resumed with another model is refused before anything is touched
+    checkpoint.check_compatible(os.path.join(c.workdir, "checkpoints"), fingerprint)
   os.makedirs(c.workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(c.workdir, "config.json"), "w") as f:
-      f.write(c.to_json_best_effort(indent=2))
   mesh = shd.make_mesh(dict(c.mesh))
   show = c.log.progress and jax.process_index() == 0  # one set of progress bars per job
-  model, cfg, tokenizer = load_policy(c, mesh)
-  retriever = load_retriever(c.retriever.index)
+  # Data and corpus first: their errors name a file and row before anything is compiled.
   examples = data.load_examples(c.data.train.split(","))
+  val = data.load_examples(c.data.val.split(",")) if c.data.val else []
+  if c.log.eval_limit:
+    val = val[:c.log.eval_limit]
+  if c.rollout.prompts > len(examples):
+    raise ValueError(f"config.rollout.prompts={c.rollout.prompts} exceeds the {len(examples)} "
+                     f"questions of config.data.train={c.data.train!r}")
+  it = data.PromptIterator(examples, c.rollout.prompts, seed=c.seed, shuffle=c.data.shuffle)
+  retriever = load_retriever(c.retriever.index)
+  model, cfg, tokenizer = load_policy(c, mesh)
+  for field, exs in (("config.data.train", examples), ("config.data.val", val)):
+    data.check_prompt_lengths(exs, tokenizer, c.rollout.max_prompt_tokens, field)
   if c.model.format_warmup_steps:
     model, sft_losses = sft.format_warmup(
         model, tokenizer, retriever, examples, steps=c.model.format_warmup_steps,
@@ -227,7 +245,6 @@ def train(c) -> list[dict]:
   graphdef, params = nnx.split(model)
   # The frozen reference of the KL term is the policy RL starts from.
   ref_params = jax.tree.map(lambda x: x.copy(), params) if c.rl.kl_coef else None
-  it = data.PromptIterator(examples, c.rollout.prompts, seed=c.seed, shuffle=c.data.shuffle)
   abstract = jax.eval_shape(lambda: params)
   updater = Updater(graphdef, abstract, opt=c.opt, step_cfg=step_config(c), mesh=mesh)
   state = updater.init_state(params)
@@ -236,17 +253,19 @@ def train(c) -> list[dict]:
                                  async_save=c.ckpt.async_save)
   start = 0
   if c.resume:
-    restored = ckpt.restore_latest(checkpoint.abstract_like(state, updater.state_shardings))
+    restored = ckpt.restore_latest(checkpoint.abstract_like(state, updater.state_shardings),
+                                   fingerprint)
     if restored is not None:
       start, state, meta = restored
       it.restore(meta["data"])
       logging.info("resumed from step %d", start)
+  # Written once the checkpoint is known to match, so a refused resume leaves the run's own.
+  if jax.process_index() == 0:
+    with open(os.path.join(c.workdir, "config.json"), "w") as f:
+      f.write(c.to_json_best_effort(indent=2))
   writer = mlib.MetricWriter(c.workdir, tensorboard=c.log.tensorboard,
                              resume_step=start if c.resume else 0)
   rcfg = rollout_config(c)
-  val = data.load_examples(c.data.val.split(",")) if c.data.val else []
-  if c.log.eval_limit:
-    val = val[:c.log.eval_limit]
   records = []
   monitor = mlib.LLDMonitor(patience=c.log.lld_patience)
   if start and os.path.exists(writer.path):  # continue the streak an uninterrupted run would see
@@ -265,10 +284,11 @@ def train(c) -> list[dict]:
     ro = rollout(policy, tokenizer, retriever, prompts, group_size=c.rollout.group_size, cfg=rcfg,
                  seed=c.seed * 1_000_003 + step, mesh=mesh, progress=show)
     del policy  # the compute-dtype copy of the weights is not needed during the update
+    faults.point("rollout", step + 1)  # test-only crash injection (llds_jax/faults.py)
     t_roll = time.perf_counter() - t0
     rows, group_ids = data.repeat_groups(batch, c.rollout.group_size)
-    reward_N = np.array([rewards.exact_match(t, ex.golds) for t, ex in zip(ro.response_text, rows)],
-                        np.float32)
+    reward_N = np.array([rewards.em_of(rewards.scored_answer(a, t, c.rl.reward_scope), ex.golds)
+                         for a, t, ex in zip(ro.answer, ro.response_text, rows)], np.float32)
     # Batch statistics over every host's rows; this host keeps its own slice of the advantages.
     reward_all, group_all = hosts.gather_rows(reward_N), hosts.gather_rows(group_ids)
     adv_N = hosts.split(np.asarray(losses.grpo_advantages(reward_all, group_all)))
@@ -281,6 +301,7 @@ def train(c) -> list[dict]:
                                  minibatch=c.rl.minibatch_size,
                                  ppo_epochs=c.rl.ppo_epochs, shuffle_seed=shuffle,
                                  progress=progress)
+    faults.point("update", step + 1)
     m = mlib.summarize_minibatches(per_mb)
     m.update({k: float(v) for k, v in jax.device_get(batch_stats).items()})
     m.update(ro.stats)
@@ -289,19 +310,23 @@ def train(c) -> list[dict]:
               "llds/answer_beta": beta, "time/rollout_s": t_roll,
               "rollout/response_tokens_mean": float(hosts.gather_rows(ro.response_len).mean())})
     done = step + 1
-    if done % c.ckpt.every == 0 or done == c.total_steps:
-      ckpt.save(done, state, {"data": it.state(), "step": done})
     if val and c.log.eval_every and (done % c.log.eval_every == 0 or done == c.total_steps):
       table, _ = evaluation.evaluate(
           nnx.merge(graphdef, sampling_weights(state.params)), tokenizer, retriever, val,
           rollout_cfg=evaluation.eval_rollout_config(rcfg, max_turns=c.log.eval_max_turns),
-          batch_size=max(c.rollout.prompts, 1), mesh=mesh, seed=c.seed, progress=show)
+          batch_size=max(c.rollout.prompts, 1), mesh=mesh, seed=c.seed, progress=show,
+          reward_scope=c.rl.reward_scope)
       m.update({f"val/{src}/{k}": v for src, row in table.items() for k, v in row.items()})
+      faults.point("validation", done)
     same, both = hosts.gather_rows(np.array([mlib.repeat_counts(ro.response_ids, ro.loss_mask)
                                              ])).sum(0)
     m.update(monitor.update(done, m["lld/preserving_logp"], float(same / max(both, 1))))
     m["time/step_s"] = time.perf_counter() - t0
     rec = writer.write(done, m)
+    # The checkpoint follows its step's record, so after a kill anywhere they agree: a restored
+    # checkpoint's records are all on disk, and records past it are cut and redone on resume.
+    if done % c.ckpt.every == 0 or done == c.total_steps:
+      ckpt.save(done, state, {"data": it.state(), "step": done, "fingerprint": fingerprint})
     records.append(rec)
     bar.set_postfix(reward=f"{rec['reward/mean']:.3f}", llds=f"{rec['loss/llds']:.2e}")
   ckpt.close()

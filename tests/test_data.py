@@ -194,3 +194,49 @@ def test_fetch_assets_pip_failure_is_explained(monkeypatch, tmp_path):
   monkeypatch.setattr(fa.subprocess, "run", lambda *a, **k: failed)
   with pytest.raises(SystemExit, match=r"pip could not install fanoutqa==1.1.1 .*index reachable"):
     fa.pip_install(["fanoutqa==1.1.1"], str(tmp_path))
+
+
+@pytest.mark.parametrize("golds,with_good_row", [
+    ([], True), ([None], True), ([""], True), (["  the "], True), ([float("nan")], False),
+    ([3], False)])
+def test_bad_golds_name_file_and_row(tmp_path, golds, with_good_row):
+  rows = ([_row(0)] if with_good_row else []) + [_row(1, golds=golds)]
+  row_no = len(rows) - 1
+  with pytest.raises(ValueError, match=rf"d.parquet: row {row_no}: reward_model.ground_truth"):
+    data.load_examples(_write(tmp_path, rows))
+
+
+def test_empty_file_question_and_prompt_are_named(tmp_path):
+  empty = str(tmp_path / "empty.parquet")
+  pq.write_table(pa.Table.from_pylist([_row(0)]).slice(0, 0), empty)
+  with pytest.raises(ValueError, match="empty.parquet: no rows"):
+    data.load_examples(empty)
+  with pytest.raises(ValueError, match="d.parquet: row 1: empty question"):
+    data.load_examples(_write(tmp_path, [_row(0, with_prompt=False),
+                                         _row(1, question="  ", with_prompt=False)]))
+  bad = _row(1)
+  bad["prompt"] = [{"role": "user", "content": ""}]
+  with pytest.raises(ValueError, match="d.parquet: row 1: 'prompt' has no non-empty user"):
+    data.load_examples(_write(tmp_path, [_row(0), bad]))
+
+
+def test_over_long_question_anywhere_in_the_file_is_named(tmp_path):
+  tok = transformers.AutoTokenizer.from_pretrained(os.path.join(TESTDATA, "tiny_tokenizer"))
+  rows = [_row(i) for i in range(5)] + [_row(5, question="Who " * 300)]
+  examples = data.load_examples(_write(tmp_path, rows))
+  data.check_prompt_lengths(examples[:5], tok, 512, "config.data.train")
+  with pytest.raises(ValueError, match=r"config.data.train: question 5 .*extra_info.index 5\) is "
+                                       r"\d+ prompt tokens, over .*max_prompt_tokens=512"):
+    data.check_prompt_lengths(examples, tok, 512, "config.data.train")
+
+
+def test_corpus_non_utf8_and_duplicate_ids_name_file_and_line(tmp_path):
+  path = tmp_path / "corpus.jsonl"
+  path.write_bytes(b'{"id": "0", "contents": "\\"A\\"\\na"}\n{"id": "1", "contents": "b\xff"}\n')
+  with pytest.raises(ValueError, match=r"corpus.jsonl:2: not UTF-8 \(byte 0xff"):
+    list(data.read_corpus(str(path)))
+  path.write_text('{"id": "0", "contents": "a"}\n{"id": "1", "contents": "b"}\n'
+                  '{"id": "0", "contents": "c"}\n')
+  with pytest.raises(ValueError, match=r"corpus.jsonl:3: duplicate document id '0' \(first at "
+                                       r"line 1\)"):
+    list(data.read_corpus(str(path)))

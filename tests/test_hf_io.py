@@ -176,3 +176,22 @@ def test_refuses_nonfinite_export(tmp_path):
   model.layers[0].up[...] = model.layers[0].up[...].at[0, 0].set(jnp.nan)
   with pytest.raises(ValueError, match="non-finite.*up_proj"):
     hf_io.save_pretrained(model, cfg, str(tmp_path))
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.5, 40, 10])
+def test_truncated_gguf_names_the_file(tmp_path, keep):
+  import gguf
+  path = str(tmp_path / "m.gguf")
+  w = gguf.GGUFWriter(path, "qwen2")
+  w.add_block_count(1)
+  w.add_tensor("token_embd.weight", np.ones((16, 8), np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  blob = open(path, "rb").read()
+  cut = str(tmp_path / "cut.gguf")
+  with open(cut, "wb") as f:
+    f.write(blob[:int(len(blob) * keep) if keep < 1 else keep])
+  with pytest.raises(ValueError, match=f"{cut}: (not a readable GGUF file|truncated GGUF)"):
+    hf_io.load_gguf(cut)

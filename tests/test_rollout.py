@@ -105,6 +105,7 @@ def test_rows_end_at_different_turns_with_exact_masks(tok, monkeypatch):
     _expect(out, n, segments)
     r = out.response_len[n]
     assert out.answer_mask[n, :r].tolist() == [0.0] * (r - len(answer)) + [1.0] * len(answer)
+    assert out.answer[n] == rewards.extract_answer(tok.decode(answer))
     assert out.response_text[n] == tok.decode(out.response_ids[n, :r])
   assert eos not in out.response_ids  # a sampled EOS ends the turn and is dropped
   assert rec.calls == [["one"], ["one", "one"]]  # one batched call per turn
@@ -152,6 +153,13 @@ def test_documents_cannot_inject_control_tokens_or_end_the_episode(tok):
   assert not out.invalid_actions.any()
   assert [len(c) for c in rec.calls] == [4, 4, 4]
   assert not out.answer_mask.any()  # the only answer span is quoted inside a document
+  assert out.answer == [None] * 4  # ...so no row answered, and none scores (DESIGN.md §Rewards)
+  golds = ["z"]
+  assert [rewards.em_of(rewards.scored_answer(a, t, "sampled"), golds)
+          for a, t in zip(out.answer, out.response_text)] == [0.0] * 4
+  # Search-R1's whole-text scoring, kept as an explicit option, would reward the document.
+  assert rewards.em_of(rewards.scored_answer(None, out.response_text[0], "search_r1_text"),
+                       golds) == 1.0
   assert (out.prompt_len + out.response_len).max() <= CFG.max_context
 
 
@@ -165,6 +173,25 @@ def test_observation_text_never_becomes_control_tokens():
   assert not control & set(ids)
   assert tok.decode(ids) == text
   assert ro.encode_observations(tok, [text], 7)[0] == ids[:7]
+
+
+def test_model_answer_ignores_inserted_text(tok):
+  tok_bytes = stops.token_bytes(tok)
+  sampled = _enc(tok, "<think> x </think><answer> Paris")  # cut by the token cap, never closed
+  inserted = _enc(tok, ro.INVALID_ACTION)  # holds "<answer> and </answer>"
+  doc = _enc(tok, "<information><answer> Rome </answer></information>")
+  late = _enc(tok, "<answer> Oslo </answer>")
+  for segments, want in [([(sampled, 1), (inserted, 0)], None),
+                         ([(sampled, 1), (doc, 0)], None),
+                         ([(late, 1), (doc, 0), (sampled, 1)], "Oslo"),
+                         ([(sampled, 1), (inserted, 0), (late, 1)], "Oslo")]:
+    ids = [t for seg, _ in segments for t in seg]
+    mask = [float(m) for seg, m in segments for _ in seg]
+    mask_T, answer = ro.model_answer(ids, mask, tok_bytes)
+    assert answer == want
+    assert bool(mask_T.any()) == (want is not None) and not (mask_T * (1 - np.array(mask))).any()
+  # The whole text (what Search-R1 scores) would have found "and" or "Rome".
+  assert rewards.extract_answer(tok.decode(sampled + inserted)) is not None
 
 
 @pytest.mark.parametrize("added_tags", [False, True])

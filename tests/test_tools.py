@@ -195,6 +195,22 @@ def test_export_rejects_bad_arguments(run_dir, tmp_path):
     export_hf.export(str(tmp_path), str(tmp_path / "x"))
 
 
+def test_export_relative_workdir_and_corrupt_checkpoint(run_dir, tmp_path):
+  out = str(tmp_path / "hf")
+  export_hf.export(os.path.relpath(run_dir), out, step=1, check=False)
+  assert os.path.isfile(os.path.join(out, "model.safetensors"))
+  copy = tmp_path / "run"
+  shutil.copytree(run_dir, copy)
+  arrays = [os.path.join(r, f) for r, _, fs in os.walk(copy / "checkpoints" / "1" / "state")
+            for f in fs if os.path.basename(r) == "d"]
+  biggest = max(arrays, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.seek(os.path.getsize(biggest) // 2)
+    f.write(b"\0" * 4096)
+  with pytest.raises(ValueError, match=f"step 1 of .* is corrupt: {biggest}: sha256 differs"):
+    export_hf.export(str(copy), str(tmp_path / "x"), step=1, check=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # evaluate
 
@@ -204,8 +220,8 @@ def _recompute(records):
   out = {}
   for src in sorted({r["data_source"] for r in records}) + ["all"]:
     rows = [r for r in records if src in ("all", r["data_source"])]
-    out[src] = (len(rows), np.mean([rewards.exact_match(r["response"], r["golds"]) for r in rows]),
-                np.mean([rewards.f1(r["response"], r["golds"]) for r in rows]))
+    out[src] = (len(rows), np.mean([rewards.em_of(r["answer"], r["golds"]) for r in rows]),
+                np.mean([rewards.f1_of(r["answer"], r["golds"]) for r in rows]))
   return out
 
 
@@ -232,7 +248,9 @@ def test_evaluate_hf_table_matches_records(bigram_hf, fixture_parquet, tmp_path)
 
 def test_evaluate_checkpoint(run_dir, fixture_parquet, tmp_path):
   c = _config()
-  table, records, _ = evaluate_tool.run(c, data=fixture_parquet, checkpoint=f"{run_dir}:1",
+  # A relative run directory works (orbax alone would refuse it with a misleading message).
+  rel = os.path.relpath(run_dir)
+  table, records, _ = evaluate_tool.run(c, data=fixture_parquet, checkpoint=f"{rel}:1",
                                         limit=1, max_turns=1, batch_size=8, out=str(tmp_path),
                                         progress=False)
   saved = json.load(open(tmp_path / "mixed_test.json"))
@@ -290,6 +308,37 @@ def test_evaluate_fails_loud(fixture_parquet, tmp_path):
     evaluate_tool.run(c, data=str(tmp_path / "nope.parquet"), progress=False)
   with pytest.raises(FileNotFoundError, match="--hf .*: no such directory"):
     evaluate_tool.run(c, data=fixture_parquet, hf=str(tmp_path / "none"), progress=False)
+  empty = str(tmp_path / "empty.parquet")
+  pq.write_table(pa.Table.from_pylist([{"data_source": "nq"}]).slice(0, 0), empty)
+  with pytest.raises(ValueError, match="empty.parquet: no rows"):  # not a NaN table
+    evaluate_tool.run(c, data=empty, progress=False)
+  with pytest.raises(ValueError, match="no questions to evaluate"):
+    evaluation.evaluate(None, None, None, [], rollout_cfg=rollout.RolloutConfig(), progress=False)
+  with pytest.raises(FileNotFoundError, match="--checkpoint nowhere: no such run directory"):
+    evaluate_tool.run(c, data=fixture_parquet, checkpoint="nowhere", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# build_index
+
+
+def test_build_index_replaces_atomically_and_failed_build_leaves_nothing(tmp_path):
+  import argparse
+  build_index = _load("tools/build_index.py", "build_index_tool")
+  corpus, out = tmp_path / "corpus.jsonl", tmp_path / "index"
+  args = lambda: argparse.Namespace(corpus=str(corpus), out=str(out), variant="okapi", k1=None,  # noqa: E731
+                                    b=None, epsilon=0.25, quiet=True)
+  corpus.write_text('{"id": "0", "contents": "\\"A\\"\\nalpha"}\n'
+                    '{"id": "1", "contents": "\\"B\\"\\nbeta"}\n')
+  build_index.build(args())
+  first = sorted(os.listdir(out))
+  corpus.write_text('{"id": "0", "contents": "a"}\n{"id": "0", "contents": "b"}\n')
+  with pytest.raises(SystemExit, match="corpus.jsonl:2: duplicate document id"):
+    build_index.build(args())
+  assert sorted(os.listdir(tmp_path)) == ["corpus.jsonl", "index"]  # no half-built directory
+  assert sorted(os.listdir(out)) == first
+  from llds_jax.retriever import BM25Index
+  assert len(BM25Index.load(str(out)).store) == 2  # the working index survived
 
 
 # ---------------------------------------------------------------------------------------------

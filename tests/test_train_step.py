@@ -99,6 +99,20 @@ def test_nonfinite_update_is_skipped_and_counted():
   assert int(after.opt_step) == 0 and int(after.step) == 1
 
 
+def test_finite_gradient_with_nonfinite_updated_params_is_skipped_and_counted():
+  # lr overflows float32: the gradient and loss are finite, the updated weights are not.
+  up, state, ref = _updater({"data": 2, "fsdp": 2, "tensor": 2}, lr=1e39)
+  before = _host(state)
+  state, metrics, _ = update_phase(up, state, fake_batch(), ref, minibatch=8)
+  after = _host(state)
+  assert np.isfinite(float(metrics[0]["grad_norm"])) and np.isfinite(
+      float(metrics[0]["loss/total"]))
+  for a, b in zip(jax.tree.leaves((before.params, before.opt_state)),
+                  jax.tree.leaves((after.params, after.opt_state))):
+    np.testing.assert_array_equal(a, b)
+  assert int(after.skipped) == 1 and int(metrics[0]["skipped_nonfinite"]) == 1
+
+
 def test_llds_zero_on_first_minibatch_positive_later():
   up, state, ref = _updater({"data": 2, "fsdp": 1, "tensor": 1}, lr=3e-2, llds_lambda=0.2)
   _, metrics, _ = update_phase(up, state, fake_batch(), ref, minibatch=2)

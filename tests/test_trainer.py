@@ -122,7 +122,7 @@ def test_corrupt_newest_checkpoint_falls_back(uninterrupted, tmp_path):
       with open(os.path.join(root, f), "wb") as fh:
         fh.write(b"garbage")
   out = _run(tmp_path, "--config.total_steps=3")
-  assert "checkpoint 3" in out and "unreadable" in out
+  assert "checkpoints/3 is incomplete or corrupt" in out and "quarantine" in out
   recs = mlib.read_metrics(str(tmp_path / "metrics.jsonl"))
   assert [r["step"] for r in recs] == [1, 2, 3]  # step 3 redone from checkpoint 2
   assert _stream(tmp_path) == _stream(uninterrupted)
@@ -135,6 +135,10 @@ def test_corrupt_newest_checkpoint_falls_back(uninterrupted, tmp_path):
     ("--config.mesh.tensor=3", "config.mesh"),
     ("--config.resume=False", "config.resume"),
     ("--config.rollout.weight_sharding=fsdp", "rollout.weight_sharding"),
+    ("--config.rollout.prompts=0", "rollout.prompts"),
+    ("--config.rollout.group_size=-1", "rollout.group_size"),
+    ("--config.total_steps=0", "config.total_steps"),
+    ("--config.rl.reward_scope=text", "rl.reward_scope"),
 ])
 def test_bad_config_names_the_field(override, field, tmp_path):
   from llds_jax import trainer
@@ -150,7 +154,7 @@ def test_bad_config_names_the_field(override, field, tmp_path):
     section, name = key.split(".")
     c[section][name] = type(c[section][name])(value)
   else:
-    c[key] = value == "True"
+    c[key] = value == "True" if isinstance(c[key], bool) else type(c[key])(value)
   with pytest.raises((ValueError, FileNotFoundError), match=field):
     trainer.validate(c)
 
@@ -247,3 +251,52 @@ def test_sampling_weights_are_the_params_when_dtype_and_layout_match():
     c = ml_collections.ConfigDict({"model": {"dtype": "float32", "param_dtype": "float32"},
                                    "rollout": {"weight_sharding": layout}})
     assert trainer.compute_dtype_weights(c, jax.eval_shape(lambda: placed), mesh)(placed) is placed
+
+
+def test_unknown_config_field_is_named_before_parsing():
+  from llds_jax import overrides
+  tiny = os.path.join(ROOT, "configs", "tiny.py")
+  assert overrides.unknown_field(["main", f"--config={tiny}", "--config.rl.llds_lambda=0.3",
+                                  "--config.workdir=/tmp/x"]) is None
+  msg = overrides.unknown_field(["main", f"--config={tiny}", "--config.rl.llds_lamda=0.3"])
+  assert "no field config.rl.llds_lamda" in msg and "llds_lambda" in msg
+  assert "no field config.foo" in overrides.unknown_field(["m", "--config", tiny, "--config.foo"])
+  assert "config.seed is a value" in overrides.unknown_field(["m", f"--config={tiny}",
+                                                              "--config.seed.x=1"])
+  out = subprocess.run([sys.executable, "-m", "llds_jax.main", f"--config={tiny}",
+                        "--config.workdir=/tmp/x", "--config.foo=1"], cwd=ROOT, text=True,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+  assert out.returncode == 1 and "Traceback" not in out.stdout
+  assert "--config.foo=1: " in out.stdout and "no field config.foo" in out.stdout
+
+
+def test_resume_with_another_model_is_refused_and_touches_nothing(uninterrupted, tmp_path):
+  import shutil
+  shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
+  before = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(tmp_path) for p in fs}
+  proc = _run(tmp_path, "--config.total_steps=4", "--config.model.random.hidden_size=32",
+              wait=False)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode != 0
+  assert "'model.random.hidden_size': checkpoint has 64, this config 32" in out, out[-3000:]
+  after = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(tmp_path) for p in fs}
+  assert after == before  # checkpoints, metrics and config.json untouched
+
+
+def test_over_long_question_anywhere_fails_before_the_warm_up(tmp_path):
+  from llds_jax import trainer
+  sys.path.insert(0, ROOT)
+  from configs import tiny
+  c = tiny.get_config()  # 300 warm-up steps: minutes, if the check came after them
+  c.workdir = str(tmp_path)
+  c.mesh.update(data=2, fsdp=2, tensor=2)
+  c.rl.micro_batch_size = 4
+  c.rollout.max_prompt_tokens = 200
+  t0 = time.time()
+  with pytest.raises(ValueError, match=r"config.data.train: question \d+ .* prompt tokens, over "
+                                       r"config.rollout.max_prompt_tokens=200"):
+    trainer.train(c)
+  assert time.time() - t0 < 60
+  c.rollout.max_prompt_tokens, c.rollout.prompts = 512, 84  # the file has 83 questions
+  with pytest.raises(ValueError, match="config.rollout.prompts=84 exceeds the 83 questions"):
+    trainer.train(c)

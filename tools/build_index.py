@@ -10,6 +10,7 @@ Querying prints exactly the passage text a model sees between <information> and 
 
 import argparse
 import os
+import shutil
 import sys
 import time
 
@@ -38,8 +39,23 @@ def build(args):
   start = time.perf_counter()
   rows = tqdm(data.read_corpus(args.corpus), total=count_lines(args.corpus), unit=" docs",
               mininterval=1.0, disable=args.quiet)
-  index = retriever.BM25Index.build(rows, variant=args.variant, k1=args.k1, b=args.b,
-                                    epsilon=args.epsilon, store_dir=args.out)
+  out = os.path.abspath(args.out)
+  # Built beside its destination and renamed into place: a failed (re)build never touches a
+  # working index at --out, and leaves nothing there that looks like an index.
+  tmp = f"{out}.building-{os.getpid()}"
+  try:
+    index = retriever.BM25Index.build(rows, variant=args.variant, k1=args.k1, b=args.b,
+                                      epsilon=args.epsilon, store_dir=tmp)
+  except BaseException as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, ValueError):  # bad corpus rows: the message names file and line
+      raise SystemExit(f"build_index: {e}") from None
+    raise
+  old = f"{out}.old-{os.getpid()}"
+  if os.path.exists(out):
+    os.rename(out, old)
+  os.rename(tmp, out)
+  shutil.rmtree(old, ignore_errors=True)
   meta = index.meta
   print(f"index     {os.path.abspath(args.out)}")
   print(f"variant   {meta['variant']} (k1={meta['k1']}, b={meta['b']}"

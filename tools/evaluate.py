@@ -62,6 +62,9 @@ def load_weights(c, mesh, *, checkpoint=None, hf=None, gguf=None):
   dtypes = dict(dtype=jnp.dtype(c.model.dtype), param_dtype=c.model.param_dtype, remat="none")
   if checkpoint:
     workdir, step = parse_checkpoint(checkpoint)
+    workdir = os.path.abspath(workdir)  # orbax takes absolute paths only
+    if not os.path.isdir(workdir):
+      raise FileNotFoundError(f"--checkpoint {checkpoint}: no such run directory ({workdir})")
     run = restore.load_run(workdir, step, mesh, dtype=c.model.dtype)
     model, tokenizer, what = run.model, run.tokenizer, f"{workdir} step {run.step}"
   elif gguf:
@@ -108,16 +111,20 @@ def run(c, *, data: str, checkpoint=None, hf=None, gguf=None, limit: int = 0,
     raise ValueError(f"--max_turns={max_turns} and --limit={limit} must be >= 0 and "
                      f"--batch_size={batch_size} > 0")
   examples = evaluation.take_per_source(data_lib.load_examples(paths), limit)
+  if not examples:  # before any weights are loaded or anything compiled
+    raise ValueError(f"--data {','.join(paths)}: no questions to evaluate")
   mesh = shd.make_mesh(dict(c.mesh))
   model, tokenizer, what = load_weights(c, mesh, checkpoint=checkpoint, hf=hf, gguf=gguf)
   retriever = trainer.load_retriever(c.retriever.index)
   rcfg = evaluation.eval_rollout_config(trainer.rollout_config(c), max_turns=max_turns,
                                         greedy=not sample)
+  # The model's own answer unless the config asks for Search-R1's whole-text scoring (parity).
+  scope = c.rl.get("reward_scope", "sampled")
   t0 = time.perf_counter()
   table, records = evaluation.evaluate(model, tokenizer, retriever, examples, rollout_cfg=rcfg,
                                        batch_size=batch_size, mesh=mesh, seed=c.seed,
-                                       progress=progress)
-  settings = dict(data=paths, weights=what, questions=len(records), limit=limit,
+                                       progress=progress, reward_scope=scope)
+  settings = dict(reward_scope=scope, data=paths, weights=what, questions=len(records), limit=limit,
                   max_turns=max_turns, greedy=not sample, temperature=rcfg.temperature,
                   top_p=rcfg.top_p, top_k=rcfg.top_k, topk_passages=rcfg.topk,
                   retriever=c.retriever.index, seed=c.seed, seconds=time.perf_counter() - t0)
