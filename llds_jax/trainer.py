@@ -28,6 +28,10 @@ from llds_jax.rollout import RolloutConfig, rollout
 from llds_jax.sampler import bucket
 from llds_jax.train_step import StepConfig, Updater, update_phase
 
+# Progress notes a user should see are INFO on this logger (main.py shows the "llds_jax" tree at
+# INFO); WARNING is kept for things that need action.
+_log = logging.getLogger(__name__)
+
 
 def validate(c) -> None:
   """Fail loud, naming the offending field, before any expensive work."""
@@ -222,7 +226,7 @@ def train(c) -> list[dict]:
         lr=c.model.format_warmup_lr, batch_size=c.model.format_warmup_batch, seed=c.seed,
         mesh=mesh, topk=c.retriever.topk, max_obs_tokens=c.rollout.max_obs_tokens,
         progress=show)
-    logging.warning("format warm-up: NLL %.3f -> %.3f over %d steps", sft_losses[0],
+    _log.info("format warm-up: NLL %.3f -> %.3f over %d steps", sft_losses[0],
                     sft_losses[-1], len(sft_losses))
   graphdef, params = nnx.split(model)
   # The frozen reference of the KL term is the policy RL starts from.
@@ -240,7 +244,7 @@ def train(c) -> list[dict]:
     if restored is not None:
       start, state, meta = restored
       it.restore(meta["data"])
-      logging.info("resumed from step %d", start)
+      _log.info("resumed from step %d", start)
   writer = mlib.MetricWriter(c.workdir, tensorboard=c.log.tensorboard,
                              resume_step=start if c.resume else 0)
   rcfg = rollout_config(c)
@@ -308,6 +312,6 @@ def train(c) -> list[dict]:
   writer.close()
   if c.log.plots and jax.process_index() == 0 and records:
     written = plots.plot(writer.path, os.path.join(c.workdir, "plots"))
-    logging.warning("wrote %d plots to %s", len(written), os.path.join(c.workdir, "plots"))
+    _log.info("wrote %d plots to %s", len(written), os.path.join(c.workdir, "plots"))
   return records
 
