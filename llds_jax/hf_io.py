@@ -68,6 +68,11 @@ def _key_table(cfg: ModelConfig) -> dict[str, tuple[tuple, str]]:
         p + "mlp.up_proj.weight": (o + ("up",), "transpose"),
         p + "mlp.down_proj.weight": (o + ("down",), "transpose"),
     })
+    if cfg.qk_norm:
+      table.update({
+          p + "self_attn.q_norm.weight": (o + ("q_norm",), "same"),
+          p + "self_attn.k_norm.weight": (o + ("k_norm",), "same"),
+      })
     if cfg.attention_bias:
       table.update({
           p + "self_attn.q_proj.bias": (o + ("q_bias",), "q_bias"),
@@ -159,7 +164,7 @@ def _fill_params(cfg: ModelConfig, read: Callable[[str], np.ndarray], names: set
 
 def load_pretrained(path: str, *, dtype=jnp.float32, mesh=None, rules=shd.DEFAULT_RULES,
                     **overrides) -> tuple[Transformer, ModelConfig]:
-  """Load a HF Qwen2/Llama directory (single or sharded safetensors) as (model, cfg)."""
+  """Load a HF Qwen2/Qwen3/Llama directory (single or sharded safetensors) as (model, cfg)."""
   name = jnp.dtype(dtype).name
   overrides = {"param_dtype": name, "dtype": name, **overrides}
   cfg = read_config(path, **overrides)

@@ -29,7 +29,7 @@ def test_logits_match_transformers(name, tmp_path):
   assert diff <= 1e-4, diff
 
 
-@pytest.mark.parametrize("name", ["qwen2_odd", "llama3_rope"])
+@pytest.mark.parametrize("name", ["qwen2_odd", "llama3_rope", "qwen3_odd"])
 def test_padded_batch_matches_transformers(name, tmp_path):
   # Left padding with an attention mask: HF shifts positions itself only when given position_ids,
   # so compare on the valid tokens with explicit positions on both sides.
@@ -46,7 +46,8 @@ def test_padded_batch_matches_transformers(name, tmp_path):
   assert np.abs(ours - ref)[mask.astype(bool)].max() <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["qwen2_tied", "qwen2_untied_mqa", "llama3_rope"])
+@pytest.mark.parametrize("name", ["qwen2_tied", "qwen2_untied_mqa", "llama3_rope", "qwen3_odd",
+                                  "qwen3_tied"])
 def test_hf_roundtrip_bit_identical(name, tmp_path):
   save_torch_model(name, tmp_path / "in")
   model, cfg = hf_io.load_pretrained(str(tmp_path / "in"))
@@ -59,13 +60,19 @@ def test_hf_roundtrip_bit_identical(name, tmp_path):
   assert ModelConfig.from_hf(json.load(open(tmp_path / "out" / "config.json"))) == cfg
 
 
-@pytest.mark.parametrize("arch,tied", [("Qwen2ForCausalLM", False), ("LlamaForCausalLM", True)])
-def test_export_loads_in_transformers(arch, tied, tmp_path):
+@pytest.mark.parametrize("arch,tied,head_dim", [("Qwen2ForCausalLM", False, 8),
+                                                ("LlamaForCausalLM", True, 8),
+                                                ("Qwen3ForCausalLM", True, 10)])
+def test_export_loads_in_transformers(arch, tied, head_dim, tmp_path):
   cfg = ModelConfig(architecture=arch, vocab_size=80, hidden_size=24, intermediate_size=40,
-                    num_layers=2, num_heads=3, num_kv_heads=1, head_dim=8, rope_theta=1e4,
+                    num_layers=2, num_heads=3, num_kv_heads=1, head_dim=head_dim, rope_theta=1e4,
                     tie_word_embeddings=tied, attention_bias=arch.startswith("Qwen2"),
                     eos_token_id=3, bos_token_id=1)
   model = Transformer(cfg, rngs=nnx.Rngs(3))
+  if cfg.qk_norm:  # away from their all-ones init, so the export must carry them
+    for layer in model.layers:
+      layer.q_norm[...] = layer.q_norm[...] + 0.1 * jnp.arange(head_dim)
+      layer.k_norm[...] = layer.k_norm[...] - 0.05 * jnp.arange(head_dim)
   hf_io.save_pretrained(model, cfg, str(tmp_path))
   tm = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).float().eval()
   assert type(tm).__name__ == arch
@@ -120,6 +127,12 @@ def test_config_roundtrip_and_rope_forms():
   lcfg = ModelConfig.from_hf(transformers.LlamaConfig(**llama).to_dict())
   assert dict(lcfg.rope_scaling)["rope_type"] == "llama3"
   assert ModelConfig.from_hf(lcfg.to_hf()) == lcfg
+  q3 = ModelConfig.from_hf(transformers.Qwen3Config(
+      vocab_size=50, hidden_size=16, intermediate_size=8, num_hidden_layers=1,
+      num_attention_heads=2, num_key_value_heads=1, head_dim=12).to_dict())
+  assert q3.qk_norm and not q3.attention_bias and q3.head_dim == 12
+  assert ModelConfig.from_hf(q3.to_hf()) == q3
+  assert transformers.Qwen3Config(**q3.to_hf()).head_dim == 12
 
 
 # --- bad input: one clear error naming the file / tensor ------------------------------------
