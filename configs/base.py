@@ -56,7 +56,10 @@ def get_config():
   c.rollout.group_size = 5  # responses per prompt (GRPO group)
   c.rollout.max_turns = 3  # executed tool calls per trajectory (+1 final turn); eval uses 4
   c.rollout.max_turn_tokens = 500  # sampled tokens per turn
-  c.rollout.max_obs_tokens = 500  # observation tokens per search
+  c.rollout.max_obs_tokens = 500  # tokens per observation, the whole <information> block counted
+  # passages: a longer block has its passages cut and keeps `</information>\n\n` (default) |
+  # raw: Search-R1's cut of the tokenized block, which drops the closing tag (for parity runs)
+  c.rollout.obs_truncation = "passages"
   c.rollout.max_prompt_tokens = 2048  # longer prompts are an error (official: max_start_length)
   c.rollout.max_context = 4096  # prompt + response tokens per row
   c.rollout.temperature = 1.0

@@ -58,7 +58,8 @@ def question_plan(example: data.Example) -> list[str]:
 
 
 def build_trajectory(tokenizer, retriever, example: data.Example, queries: Sequence[str], *,
-                     topk: int = 3, max_obs_tokens: int = 500) -> Trajectory:
+                     topk: int = 3, max_obs_tokens: int = 500,
+                     obs_truncation: str = "passages") -> Trajectory:
   """Searches `queries` in order (real observations), then answers with the first gold."""
   prompt = data.encode_prompt(example.messages, tokenizer)
   resp, mask = [], []
@@ -70,7 +71,7 @@ def build_trajectory(tokenizer, retriever, example: data.Example, queries: Seque
 
   passages = retriever.retrieve_text(list(queries), topk) if queries else []
   obs = rl.encode_observations(tokenizer, [rl.information_block(p) for p in passages],
-                               max_obs_tokens)
+                               max_obs_tokens, obs_truncation)
   for query, obs_ids in zip(queries, obs):
     act(SEARCH_THINK.format(query=query))
     resp.extend(obs_ids)
@@ -82,12 +83,14 @@ def build_trajectory(tokenizer, retriever, example: data.Example, queries: Seque
 def build_pool(tokenizer, retriever, examples: Sequence[data.Example], *,
                plan: Callable[[data.Example], Sequence[str]] = question_plan,
                direct_frac: float = 0.0, seed: int = 0, topk: int = 3,
-               max_obs_tokens: int = 500) -> dict[str, np.ndarray]:
+               max_obs_tokens: int = 500, obs_truncation: str = "passages"
+               ) -> dict[str, np.ndarray]:
   """All trajectories as `[left-padded prompt | right-padded response]` host arrays."""
   rng = np.random.default_rng(seed)
   direct = rng.random(len(examples)) < direct_frac
   trajs = [build_trajectory(tokenizer, retriever, ex, [] if d else plan(ex), topk=topk,
-                            max_obs_tokens=max_obs_tokens) for ex, d in zip(examples, direct)]
+                            max_obs_tokens=max_obs_tokens, obs_truncation=obs_truncation)
+           for ex, d in zip(examples, direct)]
   P = max(len(t.prompt_ids) for t in trajs)
   R = max(len(t.response_ids) for t in trajs)
   ids = np.zeros((len(trajs), P + R), np.int32)
@@ -118,7 +121,7 @@ def format_warmup(model: nnx.Module, tokenizer, retriever, examples: Sequence[da
                   steps: int = 300, lr: float = 1e-3, batch_size: int = 16, seed: int = 0,
                   mesh=None, plan: Callable[[data.Example], Sequence[str]] = question_plan,
                   direct_frac: float = 0.0, topk: int = 3, max_obs_tokens: int = 500,
-                  weight_decay: float = 0.0, chunk_size: int = 256,
+                  obs_truncation: str = "passages", weight_decay: float = 0.0, chunk_size: int = 256,
                   progress: bool = False) -> tuple[nnx.Module, np.ndarray]:
   """AdamW on masked NLL of ideal trajectories; returns (trained model, per-step losses).
 
@@ -133,7 +136,7 @@ def format_warmup(model: nnx.Module, tokenizer, retriever, examples: Sequence[da
     raise ValueError(f"batch_size={batch_size} must be a multiple of the mesh's {shards} row "
                      "shards")
   pool = build_pool(tokenizer, retriever, examples, plan=plan, direct_frac=direct_frac, seed=seed,
-                    topk=topk, max_obs_tokens=max_obs_tokens)
+                    topk=topk, max_obs_tokens=max_obs_tokens, obs_truncation=obs_truncation)
   keys = ("input_ids", "attn_mask", "positions", "loss_mask")
   graphdef, params = nnx.split(model)
   sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps, lr / 10)

@@ -24,7 +24,7 @@ from llds_jax import rewards, sft
 from llds_jax import sharding as shd
 from llds_jax.model import ModelConfig, Transformer, compute_dtype_of
 from llds_jax.retriever import BM25Index
-from llds_jax.rollout import RolloutConfig, rollout
+from llds_jax.rollout import OBS_TRUNCATION, RolloutConfig, rollout
 from llds_jax.sampler import bucket
 from llds_jax.train_step import StepConfig, Updater, update_phase
 
@@ -51,6 +51,9 @@ def validate(c) -> None:
                          ("adaptive_beta", ("", "code", "paper"))):
     if c.rl[field] not in allowed:
       raise ValueError(f"config.rl.{field}={c.rl[field]!r} not in {allowed}")
+  if c.rollout.obs_truncation not in OBS_TRUNCATION:
+    raise ValueError(f"config.rollout.obs_truncation={c.rollout.obs_truncation!r} not in "
+                     f"{OBS_TRUNCATION}")
   if c.rollout.weight_sharding not in shd.WEIGHT_LAYOUTS:
     raise ValueError(f"config.rollout.weight_sharding={c.rollout.weight_sharding!r} not in "
                      f"{tuple(shd.WEIGHT_LAYOUTS)}")
@@ -123,7 +126,8 @@ def load_retriever(path: str) -> BM25Index:
 def rollout_config(c) -> RolloutConfig:
   r = c.rollout
   return RolloutConfig(max_turns=r.max_turns, max_turn_tokens=r.max_turn_tokens,
-                       max_obs_tokens=r.max_obs_tokens, max_context=r.max_context,
+                       max_obs_tokens=r.max_obs_tokens, obs_truncation=r.obs_truncation,
+                       max_context=r.max_context,
                        topk=c.retriever.topk, temperature=r.temperature, top_p=r.top_p,
                        top_k=r.top_k, cache_dtype=r.cache_dtype or None)
 
@@ -225,6 +229,7 @@ def train(c) -> list[dict]:
         model, tokenizer, retriever, examples, steps=c.model.format_warmup_steps,
         lr=c.model.format_warmup_lr, batch_size=c.model.format_warmup_batch, seed=c.seed,
         mesh=mesh, topk=c.retriever.topk, max_obs_tokens=c.rollout.max_obs_tokens,
+        obs_truncation=c.rollout.obs_truncation,
         progress=show)
     _log.info("format warm-up: NLL %.3f -> %.3f over %d steps", sft_losses[0],
                     sft_losses[-1], len(sft_losses))

@@ -135,6 +135,7 @@ def test_corrupt_newest_checkpoint_falls_back(uninterrupted, tmp_path):
     ("--config.mesh.tensor=3", "config.mesh"),
     ("--config.resume=False", "config.resume"),
     ("--config.rollout.weight_sharding=fsdp", "rollout.weight_sharding"),
+    ("--config.rollout.obs_truncation=tags", "rollout.obs_truncation"),
 ])
 def test_bad_config_names_the_field(override, field, tmp_path):
   from llds_jax import trainer

@@ -183,7 +183,8 @@ def warm_up(out: str, a) -> dict:
   model, losses = sft.format_warmup(
       model, tok, retriever, examples, steps=a.warmup_steps, lr=a.warmup_lr, batch_size=a.batch,
       seed=a.seed, mesh=mesh, plan=lambda ex: queries[ex.uid], direct_frac=a.direct_frac,
-      topk=rc.retriever.topk, max_obs_tokens=rc.rollout.max_obs_tokens, chunk_size=128)
+      topk=rc.retriever.topk, max_obs_tokens=rc.rollout.max_obs_tokens,
+      obs_truncation=rc.rollout.obs_truncation, chunk_size=128)
   hf_io.save_pretrained(model, cfg, os.path.join(out, "warm_model"), tokenizer=tok)
   k = max(len(losses) // 10, 1)
   summary = {"warmup/steps": len(losses), "warmup/loss_first": float(losses[:k].mean()),
