@@ -20,7 +20,7 @@ import tqdm
 from flax import nnx
 
 from llds_jax import checkpoint, data, evaluation, hf_io, hosts, losses, metrics as mlib, plots
-from llds_jax import rewards, sft
+from llds_jax import rewards, sft, tokenizer_check
 from llds_jax import sharding as shd
 from llds_jax.model import ModelConfig, Transformer, compute_dtype_of
 from llds_jax.retriever import BM25Index
@@ -92,9 +92,11 @@ def validate(c) -> None:
 
 
 def load_policy(c, mesh):
-  """(model, cfg, tokenizer): HF directory, GGUF file, or random init — placed on the mesh."""
-  from transformers import AutoTokenizer
+  """(model, cfg, tokenizer): HF directory, GGUF file, or random init — placed on the mesh.
 
+  The tokenizer is the model's own unless `model.tokenizer` names one; a different one than the
+  model carries is refused (`tokenizer_check.policy_tokenizer`).
+  """
   # The loaders' `dtype` sets compute and storage dtype; `param_dtype` then overrides storage.
   kw = dict(dtype=jnp.dtype(c.model.dtype), param_dtype=c.model.param_dtype, mesh=mesh,
             remat=c.model.remat, scan_layers=c.model.scan_layers)
@@ -108,11 +110,9 @@ def load_policy(c, mesh):
                               dtype=c.model.dtype, remat=c.model.remat,
                               scan_layers=c.model.scan_layers)
     model = shd.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(c.seed)), mesh)
-  tok_path = c.model.tokenizer or (c.model.path if tokenizer is None else "")
-  if tok_path:
-    tokenizer = AutoTokenizer.from_pretrained(tok_path)
-  if len(tokenizer) > cfg.vocab_size:
-    raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model vocab is {cfg.vocab_size}")
+  tokenizer = tokenizer_check.policy_tokenizer(
+      cfg, c.model.path, c.model.tokenizer, carried=tokenizer,
+      allow_mismatch=c.model.get("allow_tokenizer_mismatch", False))
   return model, cfg, tokenizer
 
 
