@@ -21,8 +21,8 @@ def get_config():
   c.model = ml_collections.ConfigDict()
   c.model.path = ""  # HF directory (safetensors) or a .gguf file; "" = random init from `random`
   c.model.tokenizer = ""  # HF tokenizer directory; "" = model.path (a GGUF carries its own)
-  # A model.tokenizer other than the one model.path carries is refused unless this is True
-  # (special ids must still fit the embedding and agree with the model config).
+  # True: use a model.tokenizer other than the one model.path carries, and eos/pad/bos ids other
+  # than config.json's (refused otherwise); special ids must still be rows of the embedding.
   c.model.allow_tokenizer_mismatch = False
   c.model.dtype = "bfloat16"  # compute dtype of matmuls (softmax/norm/log-sum-exp stay float32)
   c.model.param_dtype = "float32"  # master weights

@@ -7,9 +7,10 @@ Every loader path (`trainer.load_policy`, `restore.policy_config`, `tools/evalua
   `model.tokenizer` naming a different one is refused with both sources named, unless
   `model.allow_tokenizer_mismatch` says so. A copy of the same tokenizer elsewhere is fine.
 * Special ids (eos, pad, bos, and every added token such as the chat markers) must be rows of the
-  embedding, and eos / pad / bos must agree with the model config where both set them. Why: an id
-  past the embedding is a gather out of range (silently clamped under jit), and an eos the model
-  was not trained to emit makes every turn run to its token limit.
+  embedding, and eos / pad / bos must agree with the model config where both set them (the
+  override lifts only this agreement). Why: an id past the embedding is a gather out of range
+  (silently clamped under jit), and an eos the model was not trained to emit makes every turn run
+  to its token limit.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def difference(a, b) -> str | None:
   return None
 
 
-def check_special_ids(tokenizer, cfg, source: str) -> None:
+def check_special_ids(tokenizer, cfg, source: str, *, agree: bool = True) -> None:
   """Special and added-token ids inside the embedding; eos/pad/bos as the model config says."""
   if len(tokenizer) > cfg.vocab_size:
     raise ValueError(f"tokenizer {source} has {len(tokenizer)} tokens but the model vocab is "
@@ -58,12 +59,12 @@ def check_special_ids(tokenizer, cfg, source: str) -> None:
     if i is not None and not 0 <= i < cfg.vocab_size:
       raise ValueError(f"tokenizer {source}: {what} has id {i}, outside the model's embedding "
                        f"of {cfg.vocab_size} rows")
-  for name in _AGREE:
+  for name in _AGREE if agree else ():
     ours, model = getattr(tokenizer, name), getattr(cfg, name)
     allowed = model if isinstance(model, tuple) else (model,)
     if ours is not None and model is not None and ours not in allowed:
       raise ValueError(f"tokenizer {source}: {name}={ours} disagrees with the model config's "
-                       f"{name}={model}")
+                       f"{name}={model} (config.model.allow_tokenizer_mismatch=True overrides)")
 
 
 def policy_tokenizer(cfg, model_path: str, tokenizer_path: str = "", *, carried=None,
@@ -83,7 +84,7 @@ def policy_tokenizer(cfg, model_path: str, tokenizer_path: str = "", *, carried=
     if carried is None:
       raise ValueError(f"{field} is empty and {model_path or 'the random-init model'!r} carries no "
                        "tokenizer: name a tokenizer directory")
-    check_special_ids(carried, cfg, f"of {model_path}")
+    check_special_ids(carried, cfg, f"of {model_path}", agree=not allow_mismatch)
     return carried
   if not os.path.exists(tokenizer_path):
     raise FileNotFoundError(f"{field}={tokenizer_path!r}: no such directory")
@@ -94,5 +95,5 @@ def policy_tokenizer(cfg, model_path: str, tokenizer_path: str = "", *, carried=
         f"{field}={tokenizer_path!r} differs from the tokenizer that {model_path!r} carries "
         f"({why}): the model would read ids it was not trained on. Leave {field} empty to use "
         "the model's own, or set config.model.allow_tokenizer_mismatch=True to override")
-  check_special_ids(named, cfg, repr(tokenizer_path))
+  check_special_ids(named, cfg, repr(tokenizer_path), agree=not allow_mismatch)
   return named

@@ -77,6 +77,10 @@ def test_special_ids_outside_the_embedding_or_disagreeing_are_refused(dirs, tmp_
   c.model.random.eos_token_id = 5
   with pytest.raises(ValueError, match="eos_token_id=999 disagrees.*eos_token_id=5"):
     _load(c)
+  c.model.allow_tokenizer_mismatch = True  # lifts the agreement, never the embedding range
+  assert _load(c)[2].eos_token_id == 999
+  with pytest.raises(ValueError, match="outside"):
+    _load(_config(tokenizer=str(tmp_path / "sparse"), allow_tokenizer_mismatch=True))
 
 
 def test_restored_runs_go_through_the_same_check(dirs):
