@@ -247,7 +247,8 @@ def save_pretrained(model: Transformer, cfg: ModelConfig, path: str, *, tokenize
 
 
 # ---------------------------------------------------------------------------------------------
-# GGUF (the pip-shipped Qwen2.5-0.5B and SmolLM2-135M models): dequantize, un-permute, rename.
+# GGUF (the pip-shipped Qwen2.5-0.5B and SmolLM2-135M models; qwen2, qwen3, llama): dequantize,
+# un-permute, rename.
 
 _GGUF_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -260,6 +261,7 @@ _GGUF_BLOCK = {
     "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
     "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
     "attn_output.weight": "self_attn.o_proj.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
@@ -331,14 +333,15 @@ def load_gguf(path: str, *, dtype=jnp.float32, mesh=None, rules=shd.DEFAULT_RULE
   reader = gguf.GGUFReader(path)
   fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
   arch = fields.get("general.architecture")
-  if arch not in ("qwen2", "llama"):
-    raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (qwen2, llama)")
+  archs = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+  if arch not in archs:
+    raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported {tuple(archs)}")
   tensors = {t.name: t for t in reader.tensors}
   a = lambda k, default=None: fields.get(f"{arch}.{k}", default)  # noqa: E731
   heads = a("attention.head_count")
   vocab = len(fields["tokenizer.ggml.tokens"])
   hf = {
-      "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
+      "architectures": [archs[arch]],
       "vocab_size": a("vocab_size", vocab),
       "hidden_size": a("embedding_length"),
       "intermediate_size": a("feed_forward_length"),

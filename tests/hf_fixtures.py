@@ -38,9 +38,9 @@ TINY_CONFIGS = {
 }
 
 
-def make_torch_model(name: str, seed: int = 0):
-  """A randomly initialised HF causal LM (float32, eval mode) for config `name`."""
-  kw = dict(TINY_CONFIGS[name])
+def make_torch_model(name: str, seed: int = 0, **overrides):
+  """A randomly initialised HF causal LM (float32, eval mode) for config `name` (+ overrides)."""
+  kw = dict(TINY_CONFIGS[name], **overrides)
   arch = kw.pop("arch")
   torch.manual_seed(seed)
   if arch == "qwen2":
