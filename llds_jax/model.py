@@ -31,7 +31,8 @@ from llds_jax import sharding as shd
 from llds_jax.attention import KVCache, apply_rope, attend, rope_inv_freq, scatter_rows, write_slots
 
 ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM")
-_MODEL_TYPES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+_MODEL_TYPES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "llama": "LlamaForCausalLM"}
 
 
 @dataclasses.dataclass(frozen=True)

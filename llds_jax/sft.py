@@ -121,8 +121,8 @@ def format_warmup(model: nnx.Module, tokenizer, retriever, examples: Sequence[da
                   steps: int = 300, lr: float = 1e-3, batch_size: int = 16, seed: int = 0,
                   mesh=None, plan: Callable[[data.Example], Sequence[str]] = question_plan,
                   direct_frac: float = 0.0, topk: int = 3, max_obs_tokens: int = 500,
-                  obs_truncation: str = "passages", weight_decay: float = 0.0, chunk_size: int = 256,
-                  progress: bool = False) -> tuple[nnx.Module, np.ndarray]:
+                  obs_truncation: str = "passages", weight_decay: float = 0.0,
+                  chunk_size: int = 256, progress: bool = False) -> tuple[nnx.Module, np.ndarray]:
   """AdamW on masked NLL of ideal trajectories; returns (trained model, per-step losses).
 
   The lr warms up linearly over the first 10% of steps, then decays by cosine to lr/10. Batches

@@ -169,7 +169,8 @@ def test_observation_text_never_becomes_control_tokens():
 
 def test_long_observations_keep_their_closing_tag_within_the_limit():
   tok = transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-  passages = "".join(f"Doc {i}(Title: Paris) the city of light has many bridges.\n" for i in (1, 2, 3))
+  passages = "".join(f"Doc {i}(Title: Paris) the city of light has many bridges.\n"
+                     for i in (1, 2, 3))
   block, short = ro.information_block(passages), ro.information_block("Doc 1(Title: x) y")
   full = _enc(tok, block)
   for limit in (24, len(full) - 1):

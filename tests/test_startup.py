@@ -19,8 +19,8 @@ def test_transformers_torch_notice_is_silenced():
   hide = "import sys; sys.modules['torch'] = None; "
   bare = _python(hide + "import transformers")
   assert bare.returncode == 0 and "PyTorch was not found" in bare.stderr
-  ours = _python(hide + "import llds_jax, transformers; transformers.logging.get_logger('transformers')"
-                 ".warning('other warnings still show')")
+  ours = _python(hide + "import llds_jax, transformers; "
+                 "transformers.logging.get_logger('transformers').warning('other warnings still show')")
   assert ours.returncode == 0, ours.stderr
   assert "PyTorch was not found" not in ours.stderr
   assert "other warnings still show" in ours.stderr

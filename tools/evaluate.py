@@ -77,7 +77,8 @@ def load_weights(c, mesh, *, checkpoint=None, hf=None, gguf=None):
     carries = tokenizer_check.carries_tokenizer(hf)  # then the config's tokenizer is not used
     if not carries and not c.model.tokenizer:
       raise FileNotFoundError(f"--hf {hf}: no tokenizer files and config.model.tokenizer is empty")
-    tokenizer = tokenizer_check.policy_tokenizer(model.cfg, hf, "" if carries else c.model.tokenizer)
+    tokenizer = tokenizer_check.policy_tokenizer(model.cfg, hf,
+                                                 "" if carries else c.model.tokenizer)
     what = hf
   else:
     model, _, tokenizer = trainer.load_policy(c, mesh)
