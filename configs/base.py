@@ -21,6 +21,9 @@ def get_config():
   c.model = ml_collections.ConfigDict()
   c.model.path = ""  # HF directory (safetensors) or a .gguf file; "" = random init from `random`
   c.model.tokenizer = ""  # HF tokenizer directory; "" = model.path (a GGUF carries its own)
+  # True: use a model.tokenizer other than the one model.path carries, and eos/pad/bos ids other
+  # than config.json's (refused otherwise); special ids must still be rows of the embedding.
+  c.model.allow_tokenizer_mismatch = False
   c.model.dtype = "bfloat16"  # compute dtype of matmuls (softmax/norm/log-sum-exp stay float32)
   c.model.param_dtype = "float32"  # master weights
   c.model.remat = "full"  # none | full | dots: block rematerialization in the update
@@ -56,7 +59,10 @@ def get_config():
   c.rollout.group_size = 5  # responses per prompt (GRPO group)
   c.rollout.max_turns = 3  # executed tool calls per trajectory (+1 final turn); eval uses 4
   c.rollout.max_turn_tokens = 500  # sampled tokens per turn
-  c.rollout.max_obs_tokens = 500  # observation tokens per search
+  c.rollout.max_obs_tokens = 500  # tokens per observation, the whole <information> block counted
+  # passages: a longer block has its passages cut and keeps `</information>\n\n` (default) |
+  # raw: Search-R1's cut of the tokenized block, which drops the closing tag (for parity runs)
+  c.rollout.obs_truncation = "passages"
   c.rollout.max_prompt_tokens = 2048  # longer prompts are an error (official: max_start_length)
   c.rollout.max_context = 4096  # prompt + response tokens per row
   c.rollout.temperature = 1.0

@@ -68,6 +68,11 @@ def _key_table(cfg: ModelConfig) -> dict[str, tuple[tuple, str]]:
         p + "mlp.up_proj.weight": (o + ("up",), "transpose"),
         p + "mlp.down_proj.weight": (o + ("down",), "transpose"),
     })
+    if cfg.qk_norm:
+      table.update({
+          p + "self_attn.q_norm.weight": (o + ("q_norm",), "same"),
+          p + "self_attn.k_norm.weight": (o + ("k_norm",), "same"),
+      })
     if cfg.attention_bias:
       table.update({
           p + "self_attn.q_proj.bias": (o + ("q_bias",), "q_bias"),
@@ -159,7 +164,7 @@ def _fill_params(cfg: ModelConfig, read: Callable[[str], np.ndarray], names: set
 
 def load_pretrained(path: str, *, dtype=jnp.float32, mesh=None, rules=shd.DEFAULT_RULES,
                     **overrides) -> tuple[Transformer, ModelConfig]:
-  """Load a HF Qwen2/Llama directory (single or sharded safetensors) as (model, cfg)."""
+  """Load a HF Qwen2/Qwen3/Llama directory (single or sharded safetensors) as (model, cfg)."""
   name = jnp.dtype(dtype).name
   overrides = {"param_dtype": name, "dtype": name, **overrides}
   cfg = read_config(path, **overrides)
@@ -242,7 +247,8 @@ def save_pretrained(model: Transformer, cfg: ModelConfig, path: str, *, tokenize
 
 
 # ---------------------------------------------------------------------------------------------
-# GGUF (the pip-shipped Qwen2.5-0.5B and SmolLM2-135M models): dequantize, un-permute, rename.
+# GGUF (the pip-shipped Qwen2.5-0.5B and SmolLM2-135M models; qwen2, qwen3, llama): dequantize,
+# un-permute, rename.
 
 _GGUF_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -255,6 +261,8 @@ _GGUF_BLOCK = {
     "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
     "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "attn_output.weight": "self_attn.o_proj.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
@@ -335,14 +343,15 @@ def load_gguf(path: str, *, dtype=jnp.float32, mesh=None, rules=shd.DEFAULT_RULE
                        f"{t.data_offset + t.n_bytes}, the file has {size}")
   fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
   arch = fields.get("general.architecture")
-  if arch not in ("qwen2", "llama"):
-    raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (qwen2, llama)")
+  archs = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+  if arch not in archs:
+    raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported {tuple(archs)}")
   tensors = {t.name: t for t in reader.tensors}
   a = lambda k, default=None: fields.get(f"{arch}.{k}", default)  # noqa: E731
   heads = a("attention.head_count")
   vocab = len(fields["tokenizer.ggml.tokens"])
   hf = {
-      "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
+      "architectures": [archs[arch]],
       "vocab_size": a("vocab_size", vocab),
       "hidden_size": a("embedding_length"),
       "intermediate_size": a("feed_forward_length"),

@@ -3,6 +3,7 @@
 Intentionally short: parse flags, join the multi-host job if there is one, call `trainer.train`.
 """
 
+import logging as std_logging
 import os
 
 from absl import app, flags, logging
@@ -20,12 +21,19 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the j
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
+def setup_logging() -> None:
+  """Libraries at WARNING, our own progress notes (llds_jax.*) at INFO."""
+  # Orbax and absl log every checkpoint step at INFO; keep the console for progress bars. Our
+  # notes ("format warm-up: NLL ...", "wrote 8 plots ...") are information, not warnings.
+  logging.set_verbosity(logging.WARNING)
+  std_logging.getLogger("llds_jax").setLevel(std_logging.INFO)
+
+
 def main(argv):
   del argv
   import jax
 
-  # Orbax and absl log every checkpoint step at INFO; keep the console for progress bars.
-  logging.set_verbosity(logging.WARNING)
+  setup_logging()
 
   multi = _DISTRIBUTED.value
   if multi is None:  # TPU pod slices and SLURM/MPI set these; one host needs no coordinator

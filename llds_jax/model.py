@@ -1,9 +1,10 @@
-"""Qwen2 / Llama decoder in Flax NNX, with a slot-addressed KV cache.
+"""Qwen2 / Qwen3 / Llama decoder in Flax NNX, with a slot-addressed KV cache.
 
 Dims: B batch, T new tokens, S cache slots, D embed, H query heads, K kv heads,
 Dh head dim, F ffn, V vocab, L layers.
 
-One module serves `Qwen2ForCausalLM` (q/k/v bias) and `LlamaForCausalLM` (no bias, optional
+One module serves `Qwen2ForCausalLM` (q/k/v bias), `Qwen3ForCausalLM` (dense: per-head q/k
+RMSNorm before RoPE, explicit `head_dim`, no bias) and `LlamaForCausalLM` (no bias, optional
 `llama3` RoPE scaling). Every weight carries `logical_axes` metadata that `sharding.py` maps to the
 mesh; the model itself never names a mesh axis.
 
@@ -29,7 +30,9 @@ from jax import lax
 from llds_jax import sharding as shd
 from llds_jax.attention import KVCache, apply_rope, attend, rope_inv_freq, scatter_rows, write_slots
 
-ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM")
+_MODEL_TYPES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "llama": "LlamaForCausalLM"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +86,17 @@ class ModelConfig:
   def is_qwen2(self) -> bool:
     return self.architecture == "Qwen2ForCausalLM"
 
+  @property
+  def qk_norm(self) -> bool:
+    """Qwen3: RMSNorm over each head's query and key (weights [Dh]) before RoPE."""
+    return self.architecture == "Qwen3ForCausalLM"
+
   @classmethod
   def from_hf(cls, hf: dict, **overrides) -> "ModelConfig":
     """Build from a HF `config.json` dict; `overrides` set our own fields (dtype, remat, ...)."""
     arch = (hf.get("architectures") or [None])[0]
     if arch is None:
-      arch = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}.get(hf.get("model_type"))
+      arch = _MODEL_TYPES.get(hf.get("model_type"))
     if arch not in ARCHITECTURES:
       raise ValueError(f"config.json: unsupported architecture {arch!r} "
                        f"(model_type={hf.get('model_type')!r}); supported: {ARCHITECTURES}")
@@ -130,7 +138,7 @@ class ModelConfig:
 
   def to_hf(self) -> dict:
     """The HF `config.json` dict that `transformers` reads back to the same architecture."""
-    model_type = "qwen2" if self.is_qwen2 else "llama"
+    model_type = {v: k for k, v in _MODEL_TYPES.items()}[self.architecture]
     rope = {"rope_theta": self.rope_theta, "rope_type": "default"}
     rope.update(dict(self.rope_scaling or {}))
     eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
@@ -161,6 +169,9 @@ class ModelConfig:
     if self.is_qwen2:
       hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_layers,
                 attention_dropout=0.0)
+    elif self.qk_norm:
+      hf.update(attention_bias=self.attention_bias, use_sliding_window=False, sliding_window=None,
+                max_window_layers=self.num_layers, attention_dropout=0.0)
     else:
       hf.update(attention_bias=self.attention_bias, mlp_bias=False, attention_dropout=0.0,
                 pretraining_tp=1)
@@ -211,6 +222,9 @@ class Block(nnx.Module):
       self.q_bias = _param(rngs, (H, Dh), ("heads", "head_dim"), pd, 0.02)
       self.k_bias = _param(rngs, (K, Dh), ("kv_heads", "head_dim"), pd, 0.02)
       self.v_bias = _param(rngs, (K, Dh), ("kv_heads", "head_dim"), pd, 0.02)
+    if cfg.qk_norm:
+      self.q_norm = _param(rngs, (Dh,), ("norm",), pd, init="ones")
+      self.k_norm = _param(rngs, (Dh,), ("norm",), pd, init="ones")
     self.o = _param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), pd, 1 / math.sqrt(H * Dh))
     self.mlp_norm = _param(rngs, (D,), ("norm",), pd, init="ones")
     self.gate = _param(rngs, (D, F), ("embed", "mlp"), pd, s_in)
@@ -228,6 +242,9 @@ class Block(nnx.Module):
     v = jnp.einsum("btd,dhk->bthk", h, w(self.v))
     if cfg.attention_bias:
       q, k, v = q + w(self.q_bias)[None, None], k + w(self.k_bias)[None, None], v + w(self.v_bias)[None, None]
+    if cfg.qk_norm:  # Qwen3Attention: q_norm(q_proj(x)) per head, then RoPE
+      q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
+      k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
     q, k = apply_rope(q, pos_BxT, inv_freq), apply_rope(k, pos_BxT, inv_freq)
     if kv is None:
       keys, values, kpos_BxS, new_kv = k, v, pos_BxT, None

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from llds_jax import checkpoint, hf_io, sharding as shd
+from llds_jax import checkpoint, hf_io, sharding as shd, tokenizer_check
 from llds_jax.model import ModelConfig, Transformer
 
 
@@ -59,8 +59,6 @@ def policy_config(c, *, dtype: str | None = None):
 
   `dtype` overrides the compute dtype (params keep the run's `param_dtype`, as checkpointed).
   """
-  from transformers import AutoTokenizer
-
   # For the hf_io loaders `dtype` is the compute dtype once `param_dtype` is overridden.
   overrides = dict(param_dtype=c.model.param_dtype, dtype=dtype or c.model.dtype, remat="none")
   path, tokenizer = c.model.path, None
@@ -74,12 +72,12 @@ def policy_config(c, *, dtype: str | None = None):
     cfg = ModelConfig.from_hf(c.model.random.to_dict(), **overrides)
   else:
     raise ValueError("run config has neither model.path nor model.random: cannot rebuild the model")
-  tok_path = c.model.tokenizer or (path if tokenizer is None else "")
-  if tok_path:
-    if not os.path.exists(tok_path):
-      raise FileNotFoundError(f"run config model.tokenizer/model.path={tok_path!r}: no such "
-                              "directory (the run was made on another machine?)")
-    tokenizer = AutoTokenizer.from_pretrained(tok_path)
+  if c.model.tokenizer and not os.path.exists(c.model.tokenizer):
+    raise FileNotFoundError(f"run config model.tokenizer={c.model.tokenizer!r}: no such "
+                            "directory (the run was made on another machine?)")
+  tokenizer = tokenizer_check.policy_tokenizer(
+      cfg, path, c.model.tokenizer, carried=tokenizer, field="run config model.tokenizer",
+      allow_mismatch=c.model.get("allow_tokenizer_mismatch", False))
   return cfg, tokenizer
 
 

@@ -8,8 +8,10 @@ at the first `</search>` / `</answer>`; the turn's action is the first `<search>
 `<answer>…</answer>` span of its text. An answer ends the row; a search is answered with
 `\\n\\n<information>{top-k passages}</information>\\n\\n` (all searching rows in one retriever
 call); anything else gets the fixed correction message. Observations are tokenized with
-special-token parsing off, cut to `max_obs_tokens`, and fed with the row's pending token as one
-block at the row's own position: each token is prefilled exactly once. After `max_turns` such
+special-token parsing off, cut to `max_obs_tokens` (by default the passages are cut and the block
+keeps its closing `</information>\n\n`; `obs_truncation="raw"` is Search-R1's cut of the
+tokenized block), and fed with the row's pending token as one block at the row's own position:
+each token is prefilled exactly once. After `max_turns` such
 turns, rows still live get one final turn whose search is not executed.
 
 Training data are the sampled ids (`loss_mask` = 1) and the observation ids (`loss_mask` = 0),
@@ -40,6 +42,8 @@ from llds_jax import sampler as smp
 STOP_STRINGS = ("</search>", "</answer>")
 MIN_VIEW = 256  # cache slots a turn attends to are a power of two ≥ this (few compiled shapes)
 _ANSWER_SPAN = re.compile(rb"<answer>.*?</answer>", re.DOTALL)  # as rewards.extract_answer
+INFO_OPEN, INFO_CLOSE = "\n\n<information>", "</information>\n\n"
+OBS_TRUNCATION = ("passages", "raw")
 INVALID_ACTION = ("\nMy previous action is invalid. If I want to search, I should put the query "
                   "between <search> and </search>. If I want to give the final answer, I should "
                   "put the answer between <answer> and </answer>. Let me try again.\n")
@@ -51,7 +55,10 @@ class RolloutConfig:
 
   max_turns: int = 3  # executed actions; then one final turn without search execution
   max_turn_tokens: int = 500  # sampled tokens per turn
-  max_obs_tokens: int = 500  # observation tokens per turn (right-truncated)
+  max_obs_tokens: int = 500  # observation tokens per turn, the whole block counted
+  # passages: cut the passages and keep `</information>\n\n` | raw: Search-R1's right cut of the
+  # tokenized block (the closing tag is lost whenever the passages are long).
+  obs_truncation: str = "passages"
   max_context: int = 4096  # prompt + response tokens per row
   topk: int = 3  # passages per search
   temperature: float = 1.0
@@ -80,17 +87,42 @@ class Rollout:
   stats: dict[str, float]
 
 
-def encode_observations(tokenizer, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
-  """Observation ids with special-token parsing off (document text never becomes a control id)."""
+def encode_observations(tokenizer, texts: Sequence[str], max_tokens: int,
+                        truncation: str = "passages") -> list[list[int]]:
+  """Observation ids (at most `max_tokens` each) with special-token parsing off.
+
+  Special tokens are never parsed, so document text never becomes a control id. An information
+  block longer than `max_tokens` keeps its closing `</information>\n\n` under
+  `truncation="passages"`: the passages are cut to the room left after the closing tag's tokens.
+  Why: a block that stops mid-document teaches the model to continue writing documents (Search-R1's
+  raw cut, `truncation="raw"`, loses the tag for most long top-3 results). Other texts (the
+  invalid-action message) are cut raw.
+  """
+  if truncation not in OBS_TRUNCATION:
+    raise ValueError(f"observation truncation {truncation!r} not in {OBS_TRUNCATION} "
+                     "(config.rollout.obs_truncation)")
   if not texts:
     return []
-  enc = tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)
-  return [[int(t) for t in ids[:max_tokens]] for ids in enc["input_ids"]]
+  encode = lambda xs: tokenizer(list(xs), add_special_tokens=False,  # noqa: E731
+                                split_special_tokens=True)["input_ids"]
+  out = [[int(t) for t in ids] for ids in encode(texts)]
+  cut = [i for i, (text, ids) in enumerate(zip(texts, out))
+         if len(ids) > max_tokens and truncation == "passages" and text.endswith(INFO_CLOSE)]
+  if cut:
+    open_ids, close_ids = encode([INFO_OPEN, INFO_CLOSE])
+    room = max_tokens - len(close_ids)
+    if room < len(open_ids):
+      raise ValueError(f"max_obs_tokens={max_tokens} cannot hold the <information> tags "
+                       f"({len(open_ids) + len(close_ids)} tokens) (config.rollout.max_obs_tokens)")
+    heads = encode([texts[i][:-len(INFO_CLOSE)] for i in cut])
+    for i, head in zip(cut, heads):
+      out[i] = [int(t) for t in head[:room]] + [int(t) for t in close_ids]
+  return [ids[:max_tokens] for ids in out]
 
 
 def information_block(passages: str) -> str:
   """Search-R1 observation around the retrieved passages."""
-  return f"\n\n<information>{passages.strip()}</information>\n\n"
+  return f"{INFO_OPEN}{passages.strip()}{INFO_CLOSE}"
 
 
 def answer_span_mask(ids: Sequence[int], tok_bytes: Sequence[bytes]) -> np.ndarray:
@@ -247,7 +279,7 @@ def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, gr
         observations[n] = information_block(text)
     obs_rows = sorted(observations)
     obs_ids = encode_observations(tokenizer, [observations[n] for n in obs_rows],
-                                  cfg.max_obs_tokens)
+                                  cfg.max_obs_tokens, cfg.obs_truncation)
     for n, ids in zip(obs_rows, obs_ids):
       if total[n] + len(ids) + 1 > cap:  # no room to answer after this observation
         live[n], finish[n] = False, "context"

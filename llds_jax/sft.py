@@ -61,7 +61,8 @@ def question_plan(example: data.Example) -> list[str]:
 
 
 def build_trajectory(tokenizer, retriever, example: data.Example, queries: Sequence[str], *,
-                     topk: int = 3, max_obs_tokens: int = 500, think: bool = True) -> Trajectory:
+                     topk: int = 3, max_obs_tokens: int = 500, obs_truncation: str = "passages",
+                     think: bool = True) -> Trajectory:
   """Searches `queries` in order (real observations), then answers with the first gold.
 
   `think=False` drops the `<think>` steps, so every action starts with its tag.
@@ -76,7 +77,7 @@ def build_trajectory(tokenizer, retriever, example: data.Example, queries: Seque
 
   passages = retriever.retrieve_text(list(queries), topk) if queries else []
   obs = rl.encode_observations(tokenizer, [rl.information_block(p) for p in passages],
-                               max_obs_tokens)
+                               max_obs_tokens, obs_truncation)
   for query, obs_ids in zip(queries, obs):
     act((SEARCH_THINK if think else SEARCH_PLAIN).format(query=query))
     resp.extend(obs_ids)
@@ -89,11 +90,13 @@ def build_trajectory(tokenizer, retriever, example: data.Example, queries: Seque
 def build_trajectories(tokenizer, retriever, examples: Sequence[data.Example], *,
                        plan: Callable[[data.Example], Sequence[str]] = question_plan,
                        direct_frac: float = 0.0, seed: int = 0, topk: int = 3,
-                       max_obs_tokens: int = 500, think: bool = True) -> list[Trajectory]:
+                       max_obs_tokens: int = 500, obs_truncation: str = "passages",
+                       think: bool = True) -> list[Trajectory]:
   """One ideal trajectory per example; a seeded `direct_frac` of them answer without searching."""
   direct = np.random.default_rng(seed).random(len(examples)) < direct_frac
   return [build_trajectory(tokenizer, retriever, ex, [] if d else plan(ex), topk=topk,
-                           max_obs_tokens=max_obs_tokens, think=think)
+                           max_obs_tokens=max_obs_tokens, obs_truncation=obs_truncation,
+                           think=think)
           for ex, d in zip(examples, direct)]
 
 
@@ -129,7 +132,8 @@ def format_warmup(model: nnx.Module, tokenizer, retriever, examples: Sequence[da
                   steps: int = 300, lr: float = 1e-3, batch_size: int = 16, seed: int = 0,
                   mesh=None, plan: Callable[[data.Example], Sequence[str]] = question_plan,
                   direct_frac: float = 0.0, topk: int = 3, max_obs_tokens: int = 500,
-                  weight_decay: float = 0.0, chunk_size: int = 256, think: bool = True,
+                  obs_truncation: str = "passages", weight_decay: float = 0.0,
+                  chunk_size: int = 256, think: bool = True,
                   trajectories: Sequence[Trajectory] | None = None,
                   progress: bool = False) -> tuple[nnx.Module, np.ndarray]:
   """AdamW on masked NLL of ideal trajectories; returns (trained model, per-step losses).
@@ -143,7 +147,8 @@ def format_warmup(model: nnx.Module, tokenizer, retriever, examples: Sequence[da
   if trajectories is None:
     trajectories = build_trajectories(tokenizer, retriever, examples, plan=plan,
                                       direct_frac=direct_frac, seed=seed, topk=topk,
-                                      max_obs_tokens=max_obs_tokens, think=think)
+                                      max_obs_tokens=max_obs_tokens,
+                                      obs_truncation=obs_truncation, think=think)
   if steps < 1 or not trajectories:
     raise ValueError(f"format_warmup needs steps ≥ 1 and examples, got {steps}, "
                      f"{len(trajectories)}")

@@ -20,13 +20,17 @@ import tqdm
 from flax import nnx
 
 from llds_jax import checkpoint, data, evaluation, faults, hf_io, hosts, losses, plots
-from llds_jax import metrics as mlib, rewards, sft
+from llds_jax import metrics as mlib, rewards, sft, tokenizer_check
 from llds_jax import sharding as shd
 from llds_jax.model import ModelConfig, Transformer, compute_dtype_of
 from llds_jax.retriever import BM25Index
-from llds_jax.rollout import RolloutConfig, rollout
+from llds_jax.rollout import OBS_TRUNCATION, RolloutConfig, rollout
 from llds_jax.sampler import bucket
 from llds_jax.train_step import StepConfig, Updater, update_phase
+
+# Progress notes a user should see are INFO on this logger (main.py shows the "llds_jax" tree at
+# INFO); WARNING is kept for things that need action.
+_log = logging.getLogger(__name__)
 
 
 def validate(c) -> None:
@@ -55,6 +59,9 @@ def validate(c) -> None:
                          ("adaptive_beta", ("", "code", "paper"))):
     if c.rl[field] not in allowed:
       raise ValueError(f"config.rl.{field}={c.rl[field]!r} not in {allowed}")
+  if c.rollout.obs_truncation not in OBS_TRUNCATION:
+    raise ValueError(f"config.rollout.obs_truncation={c.rollout.obs_truncation!r} not in "
+                     f"{OBS_TRUNCATION}")
   if c.rollout.weight_sharding not in shd.WEIGHT_LAYOUTS:
     raise ValueError(f"config.rollout.weight_sharding={c.rollout.weight_sharding!r} not in "
                      f"{tuple(shd.WEIGHT_LAYOUTS)}")
@@ -93,9 +100,11 @@ def validate(c) -> None:
 
 
 def load_policy(c, mesh):
-  """(model, cfg, tokenizer): HF directory, GGUF file, or random init — placed on the mesh."""
-  from transformers import AutoTokenizer
+  """(model, cfg, tokenizer): HF directory, GGUF file, or random init — placed on the mesh.
 
+  The tokenizer is the model's own unless `model.tokenizer` names one; a different one than the
+  model carries is refused (`tokenizer_check.policy_tokenizer`).
+  """
   # The loaders' `dtype` sets compute and storage dtype; `param_dtype` then overrides storage.
   kw = dict(dtype=jnp.dtype(c.model.dtype), param_dtype=c.model.param_dtype, mesh=mesh,
             remat=c.model.remat, scan_layers=c.model.scan_layers)
@@ -109,11 +118,9 @@ def load_policy(c, mesh):
                               dtype=c.model.dtype, remat=c.model.remat,
                               scan_layers=c.model.scan_layers)
     model = shd.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(c.seed)), mesh)
-  tok_path = c.model.tokenizer or (c.model.path if tokenizer is None else "")
-  if tok_path:
-    tokenizer = AutoTokenizer.from_pretrained(tok_path)
-  if len(tokenizer) > cfg.vocab_size:
-    raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model vocab is {cfg.vocab_size}")
+  tokenizer = tokenizer_check.policy_tokenizer(
+      cfg, c.model.path, c.model.tokenizer, carried=tokenizer,
+      allow_mismatch=c.model.get("allow_tokenizer_mismatch", False))
   return model, cfg, tokenizer
 
 
@@ -127,7 +134,8 @@ def load_retriever(path: str) -> BM25Index:
 def rollout_config(c) -> RolloutConfig:
   r = c.rollout
   return RolloutConfig(max_turns=r.max_turns, max_turn_tokens=r.max_turn_tokens,
-                       max_obs_tokens=r.max_obs_tokens, max_context=r.max_context,
+                       max_obs_tokens=r.max_obs_tokens, obs_truncation=r.obs_truncation,
+                       max_context=r.max_context,
                        topk=c.retriever.topk, temperature=r.temperature, top_p=r.top_p,
                        top_k=r.top_k, cache_dtype=r.cache_dtype or None)
 
@@ -239,8 +247,9 @@ def train(c) -> list[dict]:
         model, tokenizer, retriever, examples, steps=c.model.format_warmup_steps,
         lr=c.model.format_warmup_lr, batch_size=c.model.format_warmup_batch, seed=c.seed,
         mesh=mesh, topk=c.retriever.topk, max_obs_tokens=c.rollout.max_obs_tokens,
+        obs_truncation=c.rollout.obs_truncation,
         progress=show)
-    logging.warning("format warm-up: NLL %.3f -> %.3f over %d steps", sft_losses[0],
+    _log.info("format warm-up: NLL %.3f -> %.3f over %d steps", sft_losses[0],
                     sft_losses[-1], len(sft_losses))
   graphdef, params = nnx.split(model)
   # The frozen reference of the KL term is the policy RL starts from.
@@ -258,7 +267,7 @@ def train(c) -> list[dict]:
     if restored is not None:
       start, state, meta = restored
       it.restore(meta["data"])
-      logging.info("resumed from step %d", start)
+      _log.info("resumed from step %d", start)
   # Written once the checkpoint is known to match, so a refused resume leaves the run's own.
   if jax.process_index() == 0:
     with open(os.path.join(c.workdir, "config.json"), "w") as f:
@@ -333,6 +342,6 @@ def train(c) -> list[dict]:
   writer.close()
   if c.log.plots and jax.process_index() == 0 and records:
     written = plots.plot(writer.path, os.path.join(c.workdir, "plots"))
-    logging.warning("wrote %d plots to %s", len(written), os.path.join(c.workdir, "plots"))
+    _log.info("wrote %d plots to %s", len(written), os.path.join(c.workdir, "plots"))
   return records
 

@@ -8,7 +8,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 # Each entry covers one feature of the decoder: tied/untied head, a single KV head, odd sizes,
-# Llama without bias and with llama3 RoPE scaling.
+# Llama without bias and with llama3 RoPE scaling, Qwen3's per-head q/k norm with a head_dim that
+# is not hidden / heads.
 TINY_CONFIGS = {
     "qwen2_tied": dict(arch="qwen2", vocab_size=128, hidden_size=32, intermediate_size=64,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -25,20 +26,29 @@ TINY_CONFIGS = {
                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0,
                                       "original_max_position_embeddings": 16}),
+    "qwen3_odd": dict(arch="qwen3", vocab_size=103, hidden_size=40, intermediate_size=72,
+                      num_hidden_layers=3, num_attention_heads=5, num_key_value_heads=1,
+                      head_dim=12, tie_word_embeddings=False, rope_theta=1e6, rms_norm_eps=1e-5),
+    "qwen3_tied": dict(arch="qwen3", vocab_size=128, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, tie_word_embeddings=True, rope_theta=1e4),
     "llama_untied": dict(arch="llama", vocab_size=64, hidden_size=32, intermediate_size=40,
                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                          tie_word_embeddings=False, rope_theta=1e4),
 }
 
 
-def make_torch_model(name: str, seed: int = 0):
-  """A randomly initialised HF causal LM (float32, eval mode) for config `name`."""
-  kw = dict(TINY_CONFIGS[name])
+def make_torch_model(name: str, seed: int = 0, **overrides):
+  """A randomly initialised HF causal LM (float32, eval mode) for config `name` (+ overrides)."""
+  kw = dict(TINY_CONFIGS[name], **overrides)
   arch = kw.pop("arch")
   torch.manual_seed(seed)
   if arch == "qwen2":
     cfg = transformers.Qwen2Config(**kw)
     model = transformers.Qwen2ForCausalLM(cfg)
+  elif arch == "qwen3":
+    cfg = transformers.Qwen3Config(**kw)
+    model = transformers.Qwen3ForCausalLM(cfg)
   else:
     cfg = transformers.LlamaConfig(**kw)
     model = transformers.LlamaForCausalLM(cfg)

@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
@@ -29,7 +30,7 @@ def test_logits_match_transformers(name, tmp_path):
   assert diff <= 1e-4, diff
 
 
-@pytest.mark.parametrize("name", ["qwen2_odd", "llama3_rope"])
+@pytest.mark.parametrize("name", ["qwen2_odd", "llama3_rope", "qwen3_odd"])
 def test_padded_batch_matches_transformers(name, tmp_path):
   # Left padding with an attention mask: HF shifts positions itself only when given position_ids,
   # so compare on the valid tokens with explicit positions on both sides.
@@ -46,7 +47,8 @@ def test_padded_batch_matches_transformers(name, tmp_path):
   assert np.abs(ours - ref)[mask.astype(bool)].max() <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["qwen2_tied", "qwen2_untied_mqa", "llama3_rope"])
+@pytest.mark.parametrize("name", ["qwen2_tied", "qwen2_untied_mqa", "llama3_rope", "qwen3_odd",
+                                  "qwen3_tied"])
 def test_hf_roundtrip_bit_identical(name, tmp_path):
   save_torch_model(name, tmp_path / "in")
   model, cfg = hf_io.load_pretrained(str(tmp_path / "in"))
@@ -59,13 +61,19 @@ def test_hf_roundtrip_bit_identical(name, tmp_path):
   assert ModelConfig.from_hf(json.load(open(tmp_path / "out" / "config.json"))) == cfg
 
 
-@pytest.mark.parametrize("arch,tied", [("Qwen2ForCausalLM", False), ("LlamaForCausalLM", True)])
-def test_export_loads_in_transformers(arch, tied, tmp_path):
+@pytest.mark.parametrize("arch,tied,head_dim", [("Qwen2ForCausalLM", False, 8),
+                                                ("LlamaForCausalLM", True, 8),
+                                                ("Qwen3ForCausalLM", True, 10)])
+def test_export_loads_in_transformers(arch, tied, head_dim, tmp_path):
   cfg = ModelConfig(architecture=arch, vocab_size=80, hidden_size=24, intermediate_size=40,
-                    num_layers=2, num_heads=3, num_kv_heads=1, head_dim=8, rope_theta=1e4,
+                    num_layers=2, num_heads=3, num_kv_heads=1, head_dim=head_dim, rope_theta=1e4,
                     tie_word_embeddings=tied, attention_bias=arch.startswith("Qwen2"),
                     eos_token_id=3, bos_token_id=1)
   model = Transformer(cfg, rngs=nnx.Rngs(3))
+  if cfg.qk_norm:  # away from their all-ones init, so the export must carry them
+    for layer in model.layers:
+      layer.q_norm[...] = layer.q_norm[...] + 0.1 * jnp.arange(head_dim)
+      layer.k_norm[...] = layer.k_norm[...] - 0.05 * jnp.arange(head_dim)
   hf_io.save_pretrained(model, cfg, str(tmp_path))
   tm = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).float().eval()
   assert type(tm).__name__ == arch
@@ -120,6 +128,12 @@ def test_config_roundtrip_and_rope_forms():
   lcfg = ModelConfig.from_hf(transformers.LlamaConfig(**llama).to_dict())
   assert dict(lcfg.rope_scaling)["rope_type"] == "llama3"
   assert ModelConfig.from_hf(lcfg.to_hf()) == lcfg
+  q3 = ModelConfig.from_hf(transformers.Qwen3Config(
+      vocab_size=50, hidden_size=16, intermediate_size=8, num_hidden_layers=1,
+      num_attention_heads=2, num_key_value_heads=1, head_dim=12).to_dict())
+  assert q3.qk_norm and not q3.attention_bias and q3.head_dim == 12
+  assert ModelConfig.from_hf(q3.to_hf()) == q3
+  assert transformers.Qwen3Config(**q3.to_hf()).head_dim == 12
 
 
 # --- bad input: one clear error naming the file / tensor ------------------------------------
@@ -195,3 +209,70 @@ def test_truncated_gguf_names_the_file(tmp_path, keep):
     f.write(blob[:int(len(blob) * keep) if keep < 1 else keep])
   with pytest.raises(ValueError, match=f"{cut}: (not a readable GGUF file|truncated GGUF)"):
     hf_io.load_gguf(cut)
+
+
+def _write_gguf(tm, path, tokenizer_dir):
+  """A float32 GGUF of torch model `tm` (qwen3) with `tokenizer_dir`'s byte-level BPE inside."""
+  import gguf
+
+  tok = json.load(open(os.path.join(tokenizer_dir, "tokenizer.json")))
+  vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+  vocab += sorted(((t["content"], t["id"]) for t in tok["added_tokens"]), key=lambda kv: kv[1])
+  assert [i for _, i in vocab] == list(range(len(vocab)))
+  c = tm.config
+  w = gguf.GGUFWriter(str(path), "qwen3")
+  w.add_block_count(c.num_hidden_layers)
+  w.add_context_length(c.max_position_embeddings)
+  w.add_embedding_length(c.hidden_size)
+  w.add_feed_forward_length(c.intermediate_size)
+  w.add_head_count(c.num_attention_heads)
+  w.add_head_count_kv(c.num_key_value_heads)
+  w.add_key_length(c.head_dim)
+  w.add_value_length(c.head_dim)
+  w.add_layer_norm_rms_eps(c.rms_norm_eps)
+  w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre("qwen2")
+  w.add_token_list([t for t, _ in vocab])
+  w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
+  w.add_token_types([3 if i >= len(tok["model"]["vocab"]) else 1 for _, i in vocab])
+  w.add_eos_token_id(c.eos_token_id)
+  to_gguf = {v: k for k, v in hf_io._GGUF_BLOCK.items()}
+  for name, p in tm.state_dict().items():
+    if name == "lm_head.weight" and c.tie_word_embeddings:
+      continue
+    short = {v: k for k, v in hf_io._GGUF_NAMES.items()}.get(name)
+    if short is None:
+      _, _, i, rest = name.split(".", 3)
+      short = f"blk.{i}.{to_gguf[rest]}"
+    w.add_tensor(short, p.numpy().astype(np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
+def test_qwen3_gguf_loads_with_its_tokenizer(tmp_path):
+  from hf_fixtures import make_torch_model
+  from llds_jax import trainer
+
+  tiny_tok = os.path.join(os.path.dirname(__file__), "testdata", "tiny_tokenizer")
+  tm = make_torch_model("qwen3_tied", vocab_size=1000, eos_token_id=999)  # the tokenizer's size
+  _write_gguf(tm, tmp_path / "m.gguf", tiny_tok)
+  model, cfg, tok = hf_io.load_gguf(str(tmp_path / "m.gguf"))
+  assert cfg.qk_norm and cfg.head_dim == 16 and cfg.eos_token_id == 999
+  ref = transformers.AutoTokenizer.from_pretrained(tiny_tok)
+  text = "<|im_start|>user\nWho wrote Hamlet? 1599<|im_end|>"
+  ids = tok(text)["input_ids"]
+  assert ids == ref(text)["input_ids"]
+  diff = np.abs(np.asarray(model(jnp.asarray([ids]))) - torch_logits(tm, [ids])).max()
+  assert diff <= 1e-4, diff
+  # The issue's trap: a config naming another tokenizer for a GGUF that carries its own.
+  ref.add_tokens(["<extra>"])
+  ref.save_pretrained(str(tmp_path / "other"))
+  c = ml_collections.ConfigDict(dict(
+      seed=0, model=dict(path=str(tmp_path / "m.gguf"), tokenizer=str(tmp_path / "other"),
+                         allow_tokenizer_mismatch=False, dtype="float32", param_dtype="float32",
+                         remat="none", scan_layers=True)))
+  with pytest.raises(ValueError, match="other' differs from the tokenizer that .*m.gguf' carries"):
+    trainer.load_policy(c, sharding.make_mesh())

@@ -267,3 +267,27 @@ def test_bad_config_fields():
     ModelConfig(attn_chunk=-1)
   with pytest.raises(ValueError, match="rope_type"):
     ModelConfig(rope_scaling=(("rope_type", "yarn"),))
+
+
+def test_qwen3_qk_norm_cache_and_scan_equal_full_forward():
+  # head_dim 12 != hidden / heads = 8; norms away from 1 so a skipped q/k norm shows.
+  cfg = _with(architecture="Qwen3ForCausalLM", attention_bias=False, head_dim=12, num_layers=3)
+  model = Transformer(cfg, rngs=nnx.Rngs(1))
+  for i, layer in enumerate(model.layers):
+    layer.q_norm[...] = 1 + 0.3 * jax.random.normal(jax.random.key(i), (12,))
+    layer.k_norm[...] = 1 - 0.3 * jax.random.normal(jax.random.key(i + 9), (12,))
+  ids = _ids((2, 10), 4)
+  full = np.asarray(model(ids))  # cache-free: the layer scan
+  unrolled = Transformer(ModelConfig(**{**cfg.__dict__, "scan_layers": False}), rngs=nnx.Rngs(1))
+  nnx.update(unrolled, nnx.state(model))
+  np.testing.assert_allclose(np.asarray(unrolled(ids)), full, atol=1e-5)
+  cache = KVCache.init(cfg, 2, 16)
+  h, cache = model.hidden(ids[:, :6], None, None, cache)
+  steps = [model.logits(h)]
+  for t in range(6, 10):
+    h, cache = model.hidden(ids[:, t:t + 1], jnp.full((2, 1), t), None, cache)
+    steps.append(model.logits(h))
+  np.testing.assert_allclose(np.concatenate([np.asarray(s) for s in steps], 1), full, atol=1e-4)
+  no_norm = Transformer(ModelConfig(**{**cfg.__dict__, "architecture": "LlamaForCausalLM"}),
+                        rngs=nnx.Rngs(1))
+  assert np.abs(np.asarray(no_norm(ids)) - full).max() > 1e-3  # the norms matter here

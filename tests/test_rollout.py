@@ -172,7 +172,37 @@ def test_observation_text_never_becomes_control_tokens():
   assert control & set(_enc(tok, text))  # default parsing would turn the text into control ids
   assert not control & set(ids)
   assert tok.decode(ids) == text
-  assert ro.encode_observations(tok, [text], 7)[0] == ids[:7]
+  assert ro.encode_observations(tok, [text], 7, "raw")[0] == ids[:7]
+
+
+def test_long_observations_keep_their_closing_tag_within_the_limit():
+  tok = transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+  passages = "".join(f"Doc {i}(Title: Paris) the city of light has many bridges.\n"
+                     for i in (1, 2, 3))
+  block, short = ro.information_block(passages), ro.information_block("Doc 1(Title: x) y")
+  full = _enc(tok, block)
+  for limit in (24, len(full) - 1):
+    ids, short_ids, corr = ro.encode_observations(tok, [block, short, ro.INVALID_ACTION], limit)
+    text = tok.decode(ids)
+    assert len(ids) == limit and text.endswith("</information>\n\n"), text
+    assert text.startswith("\n\n<information>Doc 1(Title: Paris)")
+    assert block.startswith(text[:-len(ro.INFO_CLOSE)])  # only the passages' tail is gone
+    assert short_ids == _enc(tok, short)  # blocks within the limit are untouched
+    assert corr == _enc(tok, ro.INVALID_ACTION)[:limit]
+  assert ro.encode_observations(tok, [block], len(full))[0] == full
+  # Search-R1's raw cut, kept for parity runs, drops the tag.
+  raw = ro.encode_observations(tok, [block], 24, "raw")[0]
+  assert raw == full[:24] and "</information>" not in tok.decode(raw)
+  with pytest.raises(ValueError, match="max_obs_tokens=6 cannot hold"):
+    ro.encode_observations(tok, [block], 6)
+  with pytest.raises(ValueError, match="obs_truncation"):
+    ro.encode_observations(tok, [block], 24, "tags")
+  # The format warm-up builds its observations with the same cut.
+  from llds_jax import data, sft
+  ex = data.Example("src", [{"role": "user", "content": "q?"}], ["a"], 0, "q?", 0)
+  traj = sft.build_trajectory(tok, FixedDocs(passages), ex, ["q"], max_obs_tokens=24)
+  obs = [t for t, m in zip(traj.response_ids, traj.loss_mask) if m == 0]
+  assert obs == ro.encode_observations(tok, [block], 24)[0]
 
 
 def test_model_answer_ignores_inserted_text(tok):

@@ -80,6 +80,12 @@ def _hf_model(arch: str, seed: int = 0):
             tie_word_embeddings=False)
   if arch == "qwen2":
     tm = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw))
+  elif arch == "qwen3":  # per-head q/k norm, head_dim 12 != hidden / heads
+    tm = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**kw, head_dim=12))
+    with torch.no_grad():
+      for name, p in tm.named_parameters():
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+          p.add_(torch.randn_like(p))
   else:
     tm = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
   return tm.float().eval()
@@ -125,7 +131,7 @@ def rand_model():
   return _to_ours(_hf_model("qwen2", seed=3))
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3"])
 def test_greedy_matches_transformers_ragged_batch_with_eos(arch):
   tm = _hf_model(arch)
   model = _to_ours(tm)

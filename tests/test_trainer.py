@@ -139,6 +139,7 @@ def test_corrupt_newest_checkpoint_falls_back(uninterrupted, tmp_path):
     ("--config.rollout.group_size=-1", "rollout.group_size"),
     ("--config.total_steps=0", "config.total_steps"),
     ("--config.rl.reward_scope=text", "rl.reward_scope"),
+    ("--config.rollout.obs_truncation=tags", "rollout.obs_truncation"),
 ])
 def test_bad_config_names_the_field(override, field, tmp_path):
   from llds_jax import trainer

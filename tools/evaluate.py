@@ -49,9 +49,8 @@ def parse_checkpoint(spec: str) -> tuple[str, int | None]:
 def load_weights(c, mesh, *, checkpoint=None, hf=None, gguf=None):
   """(model, tokenizer, description) from exactly one weight source, placed on `mesh`."""
   import jax.numpy as jnp
-  from transformers import AutoTokenizer
 
-  from llds_jax import hf_io, restore, trainer
+  from llds_jax import hf_io, restore, tokenizer_check, trainer
 
   given = [f"--{k}" for k, v in (("checkpoint", checkpoint), ("hf", hf), ("gguf", gguf)) if v]
   if len(given) > 1:
@@ -70,25 +69,23 @@ def load_weights(c, mesh, *, checkpoint=None, hf=None, gguf=None):
   elif gguf:
     if not os.path.isfile(gguf):
       raise FileNotFoundError(f"--gguf {gguf}: no such file")
+    # Weights given here bring their own tokenizer (the config's is for its own model).
     model, _, tokenizer = hf_io.load_gguf(gguf, mesh=mesh, **dtypes)
+    tokenizer = tokenizer_check.policy_tokenizer(model.cfg, gguf, carried=tokenizer)
     what = gguf
   elif hf:
     if not os.path.isdir(hf):
       raise FileNotFoundError(f"--hf {hf}: no such directory")
     model, _ = hf_io.load_pretrained(hf, mesh=mesh, **dtypes)
-    has_tok = any(os.path.exists(os.path.join(hf, f))
-                  for f in ("tokenizer.json", "tokenizer_config.json"))
-    tok_path = hf if has_tok else c.model.tokenizer
-    if not tok_path:
+    carries = tokenizer_check.carries_tokenizer(hf)  # then the config's tokenizer is not used
+    if not carries and not c.model.tokenizer:
       raise FileNotFoundError(f"--hf {hf}: no tokenizer files and config.model.tokenizer is empty")
-    tokenizer = AutoTokenizer.from_pretrained(tok_path)
+    tokenizer = tokenizer_check.policy_tokenizer(model.cfg, hf,
+                                                 "" if carries else c.model.tokenizer)
     what = hf
   else:
     model, _, tokenizer = trainer.load_policy(c, mesh)
     what = f"random init (seed {c.seed}) from the config"
-  if len(tokenizer) > model.cfg.vocab_size:
-    raise ValueError(f"{what}: tokenizer has {len(tokenizer)} tokens but the model vocab is "
-                     f"{model.cfg.vocab_size}")
   return model, tokenizer, what
 
 

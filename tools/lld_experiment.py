@@ -212,14 +212,16 @@ def warm_up(out: str, a) -> dict:
     raise ValueError(f"tokenizer has {len(tok)} tokens, the model vocab is {a.vocab}")
   rc = lld_testbed.get_config(out)  # observations exactly as the RL rollouts will show them
   trajs = []
-  for w, d in enumerate([out] + [os.path.join(out, f"shadow{w}") for w in range(1, a.warm_worlds)]):
+  worlds = [out] + [os.path.join(out, f"shadow{w}") for w in range(1, a.warm_worlds)]
+  for w, d in enumerate(worlds):
     path = os.path.join(d, "warmup.parquet")
     examples = data.load_examples(path)
     queries = [r["extra_info"]["queries"] for r in pq.read_table(path).to_pylist()]
     trajs += sft.build_trajectories(
         tok, trainer.load_retriever(os.path.join(d, "corpus.jsonl")), examples,
         plan=lambda ex: queries[ex.uid], direct_frac=a.direct_frac, seed=a.seed * 1000 + w,
-        topk=a.topk, max_obs_tokens=rc.rollout.max_obs_tokens, think=a.think)
+        topk=a.topk, max_obs_tokens=rc.rollout.max_obs_tokens,
+        obs_truncation=rc.rollout.obs_truncation, think=a.think)
   mesh = shd.make_mesh()
   cfg = ModelConfig.from_hf(model_config(a, tok.eos_token_id), param_dtype="float32",
                             dtype="float32", remat="none")
