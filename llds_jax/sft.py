@@ -189,7 +189,9 @@ def format_warmup(model: nnx.Module, tokenizer, retriever, examples: Sequence[da
     params, opt_state, loss = step(params, opt_state, batch)
     if i == 0:
       faults.point("warmup")  # test-only crash injection (llds_jax/faults.py)
-    out.append(loss)  # device scalars: fetched once at the end, so dispatch never blocks
+    out.append(loss)  # device scalars: fetched at the end, so the host runs ahead of the device
+    if i >= 2:  # ...by two steps at most: hundreds of queued multi-device steps (simulated CPU
+      out[i - 2].block_until_ready()  # devices) were seen to hang in XLA's collectives
     if progress and i % 25 == 24:  # ...except for an honest progress bar now and then
       bar.set_postfix(nll=f"{float(loss):.3f}")
   return nnx.merge(graphdef, params), np.asarray(jax.device_get(out), np.float32)
