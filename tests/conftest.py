@@ -2,8 +2,12 @@
 
 import os
 
+# The 8 simulated devices are threads: on a busy box one can be starved long enough for XLA's
+# CPU collectives to give up (40 s by default) and abort the whole test process, so wait longer.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120"
+    " --xla_cpu_collective_call_terminate_timeout_seconds=1200"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
