@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One command for one H100/H200-class GPU: Qwen2.5-Coder-0.5B-Instruct (pip-shipped GGUF) learns
+# Search-R1 search on FanOutQA + the Wikipedia-summaries BM25 index. Format warm-up, EM before
+# and after, then a GRPO arm and a GRPO + LLDS arm from the same warm model, EM after each
+# (tools/real_run.py; configs/real_model.py holds the sizes). Writes $OUT/summary.{json,md}.
+#
+#   bash tools/accelerator_run.sh [OUT]          # OUT defaults to /tmp/llds_accel
+#
+# Needs: `pip install -e .` with a CUDA jax (`pip install -U "jax[cuda12]"`) and the assets of
+# tools/fetch_assets.py (PyPI wheels; run it once where PyPI is reachable, then point
+# LLDS_ASSETS at the copy). Budget: ≤ 8 minutes on one GPU (not yet measured: no device was
+# lent when this was written; docs/real-model.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-/tmp/llds_accel}"
+MODEL="${MODEL:-qwen05b}"
+PY="${PYTHON:-python}"
+mkdir -p "$OUT"
+"$PY" - <<'PY'
+from llds_jax import data
+data.asset_paths(require=["qwen_gguf", "smollm_gguf", "wiki_index", "fanoutqa_train",
+                          "fanoutqa_test"])  # raises naming the missing asset and the fix
+PY
+"$PY" -c "import jax; print('devices:', jax.devices())"
+start=$(date +%s)
+set -o pipefail
+"$PY" tools/real_run.py --model="$MODEL" --outdir="$OUT" --steps="${STEPS:-40}" \
+    --eval_limit="${EVAL_LIMIT:-100}" 2>&1 | tee "$OUT/log.txt"
+echo "accelerator_run: $(( $(date +%s) - start )) s in all; summary in $OUT/summary.md"
