@@ -1,0 +1,197 @@
+"""Packed rows: layout, segment isolation, and packed == padded losses and gradients."""
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llds_jax import losses, packing, sharding
+from llds_jax.model import Transformer
+from llds_jax.packed_step import (ROW_KEYS, micro_objective, micro_scales, packed_logprobs,
+                                  packed_minibatch_grads)
+from llds_jax.train_step import (StepConfig, Updater, minibatch_grads, response_logprobs,
+                                 update_phase)
+from test_train_step import CFG, N, P, R, _opt, _updater, fake_batch
+
+SINGLE = {"data": 1, "fsdp": 1, "tensor": 1}
+MESH = {"data": 2, "fsdp": 2, "tensor": 2}
+S = 24  # packed sequence length: 1-3 rows of up to P + R = 16 tokens each
+
+
+def _model(mesh_shape=SINGLE):
+  mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(list(mesh_shape.values())))])
+  return mesh, sharding.init_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), mesh)
+
+
+def test_first_fit_and_layout_round_trip():
+  batch = fake_batch(3)
+  pk = packing.pack_rows(batch, np.arange(N), S)
+  p_N, r_N = packing.row_extents(batch["attn_mask"], P)
+  assert pk["input_ids"].shape[0] < N  # several rows share a sequence
+  for i in range(N):
+    # The token after each gathered position is the row's response token t.
+    nxt = pk["input_ids"].reshape(-1)[pk["gather"][i, :r_N[i]] + 1]
+    np.testing.assert_array_equal(nxt, batch["input_ids"][i, P:P + r_N[i]])
+    seq, start = divmod(int(pk["gather"][i, 0]) - int(p_N[i]) + 1, S)
+    seg = pk["segment_ids"][seq, start:start + p_N[i] + r_N[i]]
+    assert len(set(seg)) == 1 and seg[0] > 0
+    np.testing.assert_array_equal(pk["positions"][seq, start:start + p_N[i] + r_N[i]],
+                                  np.arange(p_N[i] + r_N[i]))
+  assert (pk["segment_ids"] > 0).sum() == batch["attn_mask"].sum()  # every token exactly once
+  assert packing.non_pad_fraction(batch["attn_mask"], S) == (
+      batch["attn_mask"].sum() / pk["input_ids"].size)
+  assert packing.non_pad_fraction(batch["attn_mask"]) == batch["attn_mask"].mean()
+
+
+def test_row_longer_than_sequence_is_named():
+  with pytest.raises(ValueError, match="row 0 has"):
+    packing.pack_rows(fake_batch(), np.arange(N), 4)
+
+
+def test_segments_never_see_their_neighbours():
+  """Packed log-probs equal each row's padded log-probs; rewriting a neighbour changes nothing."""
+  mesh, model = _model()
+  graphdef, params = nnx.split(model)
+  batch = fake_batch(1)
+  sc = StepConfig(loss=losses.LossConfig(), num_micro=1, chunk_size=4)
+  pad_NxR, _ = response_logprobs(graphdef, params, batch, resp_len=R, chunk_size=4)
+  pk = packing.pack_rows(batch, np.arange(N), S)
+  seqs = {k: jnp.asarray(pk[k]) for k in ("input_ids", "positions", "segment_ids")}
+  logp_QxS, _ = packed_logprobs(graphdef, params, seqs, sc=sc)
+  mask_NxR = batch["attn_mask"][:, P:] > 0
+  got_NxR = np.asarray(logp_QxS).reshape(-1)[pk["gather"]]
+  np.testing.assert_allclose(np.where(mask_NxR, got_NxR, 0), np.where(mask_NxR, pad_NxR, 0),
+                             atol=1e-5)
+  # Scramble every token of segment 1 in each sequence: rows in other segments keep their values.
+  seg_QxS = pk["segment_ids"]
+  ids = np.where(seg_QxS == 1, (pk["input_ids"] * 7 + 3) % CFG.vocab_size, pk["input_ids"])
+  logp2_QxS, _ = packed_logprobs(graphdef, params, dict(seqs, input_ids=jnp.asarray(ids)), sc=sc)
+  other_QxS = seg_QxS > 1
+  assert other_QxS.any()
+  np.testing.assert_array_equal(np.asarray(logp2_QxS)[other_QxS], np.asarray(logp_QxS)[other_QxS])
+  assert not np.allclose(np.asarray(logp2_QxS)[seg_QxS == 1], np.asarray(logp_QxS)[seg_QxS == 1])
+
+
+def _rows_of(batch, old, ref, stacked):
+  """The device gather of `packed_update_phase`, on the host: row keys per micro-batch slot."""
+  full = dict(batch, old_logp=old, ref_logp=ref)
+  out = {}
+  for k in ROW_KEYS:
+    x = np.asarray(full[k], np.float32)
+    pad = np.zeros((1, *x.shape[1:]), np.float32)
+    out[k] = np.concatenate([x, pad])[stacked["rows"]]
+  return out
+
+
+def _packed_minibatch(batch, old, ref, micro_seqs, row_multiple=1):
+  lay = packing.minibatch_layout(batch, np.arange(N), S, micro_seqs)
+  st = packing.stack_micro([lay], N, row_multiple)[0]
+  return {**{k: st[k] for k in ("input_ids", "positions", "segment_ids", "gather")},
+          **_rows_of(batch, old, ref, st)}, st
+
+
+def _loss_inputs(seed=0):
+  batch = fake_batch(seed)
+  rng = np.random.RandomState(seed + 10)
+  logp_NxR = -np.abs(rng.randn(N, R)).astype(np.float32)
+  old_NxR = (logp_NxR + 0.3 * rng.randn(N, R)).astype(np.float32)
+  ref_NxR = (logp_NxR + 0.3 * rng.randn(N, R)).astype(np.float32)
+  ent_NxR = np.abs(rng.randn(N, R)).astype(np.float32)
+  batch["answer_weight"] = np.where(rng.rand(N, R) < 0.3, 0.25, 1.0).astype(np.float32)
+  return batch, logp_NxR, old_NxR, ref_NxR, ent_NxR
+
+
+VARIANTS = [dict(loss=loss, agg=agg, llds_gate=gate, llds_norm=norm)
+            for (loss, agg), gate, norm in itertools.product(
+                [("grpo", None), ("gspo", None), ("grpo", "seq-mean-token-mean"),
+                 ("gspo", "token-mean")], losses.GATES, losses.NORMS)]
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_packed_objective_equals_padded(kw):
+  """Every loss × gate × norm (with LLDS-MA weights, KL and entropy on): value and gradient
+  with respect to the per-token log-probs and entropies, packed into 3 uneven micro-batches."""
+  cfg = losses.LossConfig(**kw, kl_kind="k3", kl_coef=0.1, entropy_coef=0.01)
+  batch, logp_NxR, old_NxR, ref_NxR, ent_NxR = _loss_inputs()
+  mb, st = _packed_minibatch(batch, old_NxR, ref_NxR, micro_seqs=1)
+  a = mb["input_ids"].shape[0]
+  assert a >= 3
+  valid_NxR = np.arange(R)[None] < packing.row_extents(batch["attn_mask"], P)[1][:, None]
+
+  def padded(lp, ent):
+    return losses.policy_loss(lp, old_NxR, batch["adv"], batch["loss_mask"], cfg,
+                              ref_logp_BxT=ref_NxR, entropy_BxT=ent,
+                              answer_weight_BxT=batch["answer_weight"])[0]
+
+  def packed(lp, ent):
+    scales = micro_scales(jnp.asarray(mb["loss_mask"]), jnp.asarray(mb["adv"]))
+    total = 0.0
+    for u in range(a):
+      rows = st["rows"][u][st["rows"][u] < N]
+      idx = st["gather"][u][:len(rows)][valid_NxR[rows]]
+      grid = lambda x: jnp.zeros(S * mb["input_ids"].shape[1]).at[idx].set(  # noqa: E731
+          x[rows][valid_NxR[rows]]).reshape(-1, S)
+      micro = {k: mb[k][u] for k in ("gather",) + ROW_KEYS}
+      micro["scales"] = {k: v[u] for k, v in scales.items()}
+      total += micro_objective(grid(lp), grid(ent), micro, cfg)[0]
+    return total
+
+  want, want_g = jax.value_and_grad(padded, argnums=(0, 1))(logp_NxR, ent_NxR)
+  got, got_g = jax.value_and_grad(packed, argnums=(0, 1))(logp_NxR, ent_NxR)
+  assert float(jnp.abs(want)) > 1e-3
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  for g, w in zip(got_g, want_g):
+    np.testing.assert_allclose(np.where(valid_NxR, g, 0), np.where(valid_NxR, w, 0), atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh_shape,kw", [
+    (SINGLE, dict(loss="grpo", llds_gate="action", llds_norm="token")),
+    (SINGLE, dict(loss="gspo", llds_gate="response", llds_norm="response", kl_kind="k3",
+                  kl_coef=0.1)),
+    (MESH, dict(loss="grpo", llds_gate="action", llds_norm="response", kl_coef=0.1)),
+], ids=["single-grpo", "single-gspo-kl", "mesh222-grpo-kl"])
+def test_packed_model_gradients_equal_padded(mesh_shape, kw):
+  """Through the model: packed micro-batches (token budgets) == the padded minibatch, ≤ 1e-5."""
+  mesh, model = _model(mesh_shape)
+  graphdef, params = nnx.split(model)
+  rs = mesh.shape["data"] * mesh.shape["fsdp"]
+  sc = StepConfig(loss=losses.LossConfig(**kw, llds_lambda=0.5), num_micro=1, chunk_size=4,
+                  pack_len=S, pack_micro_seqs=2 * rs)
+  batch, _, _, _, _ = _loss_inputs(1)
+  lp_NxR, _ = response_logprobs(graphdef, params, batch, resp_len=R, chunk_size=4)
+  rng = np.random.RandomState(5)
+  old = np.asarray(lp_NxR) + 0.2 * rng.randn(N, R).astype(np.float32)
+  ref = np.asarray(lp_NxR) + 0.2 * rng.randn(N, R).astype(np.float32)
+  pad = {k: batch[k] for k in ("input_ids", "attn_mask", "positions", "loss_mask", "adv",
+                               "answer_weight")}
+  pad.update(old_logp=old, ref_logp=ref)
+  mb, _ = _packed_minibatch(batch, old, ref, micro_seqs=2 * rs, row_multiple=rs)
+  with jax.set_mesh(mesh):
+    want_g, want_m = jax.jit(lambda p, b: minibatch_grads(p, b, graphdef=graphdef, sc=sc))(
+        params, pad)
+    got_g, got_m = jax.jit(lambda p, b: packed_minibatch_grads(p, b, graphdef=graphdef, sc=sc))(
+        params, mb)
+  for k in ("loss/total", "loss/pg", "loss/llds", "loss/kl", "entropy"):
+    np.testing.assert_allclose(got_m[k], want_m[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert float(want_m["loss/llds"]) > 0
+  for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
+
+
+def test_packed_update_phase_matches_padded():
+  """The whole phase (old + ref passes, 2 minibatch steps): same metrics and params as padded."""
+  results = []
+  for pack in (0, S):
+    up, state, ref = _updater(SINGLE, num_micro=1, llds_lambda=0.0, kl_coef=0.1)
+    if pack:  # the same model and optimizer, packed
+      up = Updater(up.graphdef, jax.eval_shape(lambda: ref), opt=_opt(), mesh=up.mesh,
+                   step_cfg=dataclasses.replace(up.sc, pack_len=S, pack_micro_seqs=1))
+    state, m, _ = update_phase(up, state, fake_batch(2), ref, minibatch=4)
+    results.append((jax.tree.map(np.asarray, state.params), [float(x["loss/total"]) for x in m]))
+  np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
+    np.testing.assert_allclose(a, b, atol=1e-5)
