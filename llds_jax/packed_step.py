@@ -52,7 +52,7 @@ def blocked_packed_logprobs(graphdef, params, seqs: dict, gather_NxR, *, sc: Ste
   """Response log-probs `N×R` (no entropy) of a packed rollout batch, `sc.logprob_rows` sequences
   per block (the packed counterpart of `train_step.blocked_logprobs`)."""
   q = seqs["input_ids"].shape[0]
-  rows = sc.logprob_rows or q
+  rows = min(sc.logprob_rows, q) if sc.logprob_rows else q
   if q % rows:
     raise ValueError(f"{q} packed sequences do not split into log-prob blocks of {rows}")
   fn = lambda s: packed_logprobs(graphdef, params, s, sc=sc, with_entropy=False)[0]  # noqa: E731
@@ -149,6 +149,15 @@ class PackedPrograms:
     self.row_shardings = row(2)
 
 
+def _seqs_per_block(batch: dict, rows, seq_len: int, most: int, row_shards: int) -> int:
+  """Sequences per block: `most` (0 = no limit), or fewer when the rows need fewer (bucketed)."""
+  p_N, r_N = packing.row_extents(batch["attn_mask"][rows], batch["input_ids"].shape[1]
+                                 - batch["loss_mask"].shape[1])
+  _, _, used = packing.first_fit(p_N + r_N, seq_len)
+  need = -(-packing.few_shapes(used) // row_shards) * row_shards
+  return min(most, need) if most else need
+
+
 def packed_update_phase(updater, state: TrainState, batch: dict, ref_params, *, minibatch: int,
                         ppo_epochs: int = 1, shuffle_seed: int | None = None, progress=None):
   """`train_step.update_phase` on packed rows: same minibatch rows, same steps, no padding."""
@@ -157,14 +166,15 @@ def packed_update_phase(updater, state: TrainState, batch: dict, ref_params, *, 
                               "(every host would need every row's tokens); set rl.pack=False")
   sc, progs = updater.sc, updater.packed
   row_shards = updater.mesh.shape["data"] * updater.mesh.shape["fsdp"]
-  placed = place_batch({k: v for k, v in batch.items() if k in ("loss_mask", "adv", "answer_weight")},
+  placed = place_batch({k: batch[k] for k in ("loss_mask", "adv", "answer_weight")},
                        updater.batch_shardings)
   n = len(batch["adv"])
   if n % minibatch:
     raise ValueError(f"rollout rows {n} not divisible by rl.minibatch_size={minibatch}")
-  # Sequences per log-prob block: `logprob_rows` (a multiple of the row shards, trainer.validate).
-  lp = packing.pack_rows(batch, np.arange(n), sc.pack_len,
-                         seq_multiple=sc.logprob_rows or row_shards)
+  # A batch that needs fewer sequences than a block (or a micro-batch) gets a smaller one:
+  # short rollouts would otherwise pay for pack_len × logprob_rows slots of padding.
+  lp = packing.pack_rows(batch, np.arange(n), sc.pack_len, seq_multiple=_seqs_per_block(
+      batch, np.arange(n), sc.pack_len, sc.logprob_rows, row_shards))
   seqs = place_batch({k: lp[k] for k in SEQ_KEYS}, progs.seq_shardings)
   gather = place_batch({"g": lp["gather"]}, {"g": progs.row_shardings})["g"]
   placed["old_logp"] = progs.logprobs(state.params, seqs, gather)
@@ -178,8 +188,10 @@ def packed_update_phase(updater, state: TrainState, batch: dict, ref_params, *, 
   orders = {e: (np.arange(n) if shuffle_seed is None
                 else np.random.default_rng((shuffle_seed, e)).permutation(n))
             for e in range(ppo_epochs)}
-  layouts = [packing.minibatch_layout(batch, orders[e][i * minibatch:(i + 1) * minibatch],
-                                      sc.pack_len, sc.pack_micro_seqs) for e, i in steps]
+  mb_rows = [orders[e][i * minibatch:(i + 1) * minibatch] for e, i in steps]
+  qm = max(_seqs_per_block(batch, r, sc.pack_len, sc.pack_micro_seqs, row_shards)
+           for r in mb_rows)
+  layouts = [packing.minibatch_layout(batch, r, sc.pack_len, qm) for r in mb_rows]
   stacked = packing.stack_micro(layouts, n, row_shards)
   metrics = []
   for st in (progress(stacked) if progress else stacked):

@@ -59,7 +59,7 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def _few_shapes(n: int) -> int:
+def few_shapes(n: int) -> int:
   """n rounded up on `sampler.bucket`'s ladder (2, 3, 4, 6, 8, 12, ...): few compiled shapes."""
   return n if n <= 2 else bucket(n, minimum=2)
 
@@ -129,8 +129,8 @@ def stack_micro(layouts: list[list[dict]], num_rows: int, row_multiple: int) -> 
   compile; empty micro-batches and row slots are padding: their `rows` entry is `num_rows`
   (out of range, so the device gather fills it with zeros: no loss tokens).
   """
-  a = _few_shapes(max(len(mb) for mb in layouts))
-  m = _round_up(_few_shapes(max(len(u["rows"]) for mb in layouts for u in mb)), row_multiple)
+  a = few_shapes(max(len(mb) for mb in layouts))
+  m = _round_up(few_shapes(max(len(u["rows"]) for mb in layouts for u in mb)), row_multiple)
   out = []
   for mb in layouts:
     qm, s = mb[0]["input_ids"].shape

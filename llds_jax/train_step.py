@@ -144,7 +144,7 @@ def minibatch_grads(params, batch: dict, *, graphdef, sc: StepConfig, grad_shard
 
 
 def accumulate_micro(params, micros: dict, loss_fn, *, divisor: int, grad_shardings=None):
-  """Σ over the leading (micro-batch) axis of (grad, metrics) of `loss_fn(params, micro)` / divisor."""
+  """Σ over the leading (micro-batch) axis of `loss_fn(params, micro)`'s (grad, metrics) / divisor."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   # The float32 accumulator is pinned to the params' sharding (`grad_shardings`), so each
@@ -169,7 +169,8 @@ def accumulate_micro(params, micros: dict, loss_fn, *, divisor: int, grad_shardi
   return grads, metrics
 
 
-def apply_grads(state: TrainState, grads, metrics: dict, *, tx, schedule) -> tuple[TrainState, dict]:
+def apply_grads(state: TrainState, grads, metrics: dict, *, tx,
+                schedule) -> tuple[TrainState, dict]:
   """One optimizer update from accumulated grads; a non-finite loss or gradient skips it."""
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss/total"])

@@ -149,11 +149,10 @@ def test_packed_objective_equals_padded(kw):
 
 
 @pytest.mark.parametrize("mesh_shape,kw", [
-    (SINGLE, dict(loss="grpo", llds_gate="action", llds_norm="token")),
     (SINGLE, dict(loss="gspo", llds_gate="response", llds_norm="response", kl_kind="k3",
                   kl_coef=0.1)),
     (MESH, dict(loss="grpo", llds_gate="action", llds_norm="response", kl_coef=0.1)),
-], ids=["single-grpo", "single-gspo-kl", "mesh222-grpo-kl"])
+], ids=["single-gspo-kl", "mesh222-grpo-kl"])
 def test_packed_model_gradients_equal_padded(mesh_shape, kw):
   """Through the model: packed micro-batches (token budgets) == the padded minibatch, ≤ 1e-5."""
   mesh, model = _model(mesh_shape)
@@ -195,3 +194,59 @@ def test_packed_update_phase_matches_padded():
   np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def _tiny_config(tmp_path):
+  import os
+  import sys
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import tiny
+  c = tiny.get_config()
+  c.workdir = str(tmp_path)
+  c.mesh.update(data=2, fsdp=2, tensor=2)
+  c.rl.micro_batch_size = 4
+  return c
+
+
+def test_pack_config_switch_and_bad_fields(tmp_path):
+  from llds_jax import trainer
+  c = _tiny_config(tmp_path)
+  assert trainer.step_config(c).pack_len == 0  # the padded path unless asked
+  c.rl.pack = True
+  sc = trainer.step_config(c)
+  assert (sc.pack_len, sc.pack_micro_seqs) == (c.rollout.max_context, c.rl.micro_batch_size)
+  trainer.validate(c)
+  for field, value in (("pack_len", c.rollout.max_context - 1), ("pack_micro_seqs", 6)):
+    bad = _tiny_config(tmp_path)
+    bad.rl.pack = True
+    bad.rl[field] = value
+    with pytest.raises(ValueError, match=f"rl.{field}"):
+      trainer.validate(bad)
+
+
+def test_zero_variance_filter_drops_equal_groups_and_cuts_to_minibatches():
+  from llds_jax.trainer import zero_variance_filter
+  group_N = np.repeat(np.arange(4), 3)
+  reward_N = np.array([1, 1, 1, 0, 1, 0, 0, 0, 0, 1, 0, 0], np.float32)
+  used, m = zero_variance_filter(reward_N, group_N, minibatch=2)
+  np.testing.assert_array_equal(used, [3, 4, 5, 9, 10, 11])  # groups 1 and 3
+  assert m == {"filter/zero_variance_frac": 0.5, "filter/rows_used": 6.0}
+  used, m = zero_variance_filter(reward_N, group_N, minibatch=4)
+  np.testing.assert_array_equal(used, [3, 4, 5, 9])  # whole minibatches only
+  used, _ = zero_variance_filter(np.zeros(12, np.float32), group_N, minibatch=2)
+  assert used.size == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [["--config.rl.pack=True"],
+                                   ["--config.rl.pack=True", "--config.rl.filter_zero_variance=True"]],
+                         ids=["packed", "packed-filtered"])
+def test_tiny_run_packed(extra, tmp_path):
+  """The trainer end to end with packing (and with every group filtered: a random model scores 0)."""
+  from test_trainer import _run, _stream
+  _run(tmp_path, "--config.total_steps=2", "--config.log.plots=False", *extra)
+  recs = _stream(tmp_path)
+  assert [r["step"] for r in recs] == [1, 2]
+  filtered = "--config.rl.filter_zero_variance=True" in extra
+  assert all(r["update/optimizer_steps"] == (0 if filtered else 2) for r in recs)
+  assert all(("filter/zero_variance_frac" in r) == filtered for r in recs)
