@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llds_jax import losses, packing, sharding as shd
+from llds_jax import hosts, losses, packing, sharding as shd
 from llds_jax.logprobs import token_logprobs
 from llds_jax.train_step import (StepConfig, TrainState, accumulate_micro, apply_grads,
                                  place_batch)
@@ -149,6 +149,16 @@ class PackedPrograms:
     self.row_shardings = row(2)
 
 
+def _place(arrs: dict, shardings: dict, axis: int) -> dict:
+  """Arrays every process computed identically → global arrays: each passes its own slice of
+  `axis` (the one split over the row shards; hosts own contiguous blocks, `hosts.split`)."""
+  out = {}
+  for k, x in arrs.items():
+    local = np.moveaxis(np.asarray(hosts.split(np.moveaxis(x, axis, 0))), 0, axis)
+    out[k] = jax.make_array_from_process_local_data(shardings[k], local, x.shape)
+  return out
+
+
 def _seqs_per_block(batch: dict, rows, seq_len: int, most: int, row_shards: int) -> int:
   """Sequences per block: `most` (0 = no limit), or fewer when the rows need fewer (bucketed)."""
   p_N, r_N = packing.row_extents(batch["attn_mask"][rows], batch["input_ids"].shape[1]
@@ -161,22 +171,22 @@ def _seqs_per_block(batch: dict, rows, seq_len: int, most: int, row_shards: int)
 def packed_update_phase(updater, state: TrainState, batch: dict, ref_params, *, minibatch: int,
                         ppo_epochs: int = 1, shuffle_seed: int | None = None, progress=None):
   """`train_step.update_phase` on packed rows: same minibatch rows, same steps, no padding."""
-  if jax.process_count() > 1:
-    raise NotImplementedError("config.rl.pack: packed updates are single-process for now "
-                              "(every host would need every row's tokens); set rl.pack=False")
   sc, progs = updater.sc, updater.packed
   row_shards = updater.mesh.shape["data"] * updater.mesh.shape["fsdp"]
   placed = place_batch({k: batch[k] for k in ("loss_mask", "adv", "answer_weight")},
                        updater.batch_shardings)
-  n = len(batch["adv"])
+  # A minibatch's rows may live on other hosts: every process packs all rows (the same layout
+  # everywhere) and places its own slice of the sequences.
+  batch = {k: hosts.gather_rows(batch[k]) for k in ("input_ids", "attn_mask", "loss_mask")}
+  n = batch["input_ids"].shape[0]
   if n % minibatch:
     raise ValueError(f"rollout rows {n} not divisible by rl.minibatch_size={minibatch}")
   # A batch that needs fewer sequences than a block (or a micro-batch) gets a smaller one:
   # short rollouts would otherwise pay for pack_len × logprob_rows slots of padding.
   lp = packing.pack_rows(batch, np.arange(n), sc.pack_len, seq_multiple=_seqs_per_block(
       batch, np.arange(n), sc.pack_len, sc.logprob_rows, row_shards))
-  seqs = place_batch({k: lp[k] for k in SEQ_KEYS}, progs.seq_shardings)
-  gather = place_batch({"g": lp["gather"]}, {"g": progs.row_shardings})["g"]
+  seqs = _place({k: lp[k] for k in SEQ_KEYS}, progs.seq_shardings, axis=0)
+  gather = _place({"g": lp["gather"]}, {"g": progs.row_shardings}, axis=0)["g"]
   placed["old_logp"] = progs.logprobs(state.params, seqs, gather)
   if sc.loss.kl_coef:
     placed["ref_logp"] = progs.logprobs(ref_params, seqs, gather)
@@ -196,8 +206,7 @@ def packed_update_phase(updater, state: TrainState, batch: dict, ref_params, *, 
   metrics = []
   for st in (progress(stacked) if progress else stacked):
     mb = progs.select_rows(placed, jnp.asarray(st["rows"]))
-    mb.update(place_batch({k: st[k] for k in SEQ_KEYS + ("gather",)},
-                          {k: progs.step_shardings[k] for k in SEQ_KEYS + ("gather",)}))
+    mb.update(_place({k: st[k] for k in SEQ_KEYS + ("gather",)}, progs.step_shardings, axis=1))
     state, m = progs.step(state, mb)
     metrics.append(m)
   return updater.advance(state), metrics, batch_stats

@@ -100,8 +100,6 @@ def _validate_packing(c, row_shards: int) -> None:
   if lp < 0 or lp % row_shards:
     raise ValueError(f"config.rl.logprob_micro_batch_size={lp} must be a multiple of the mesh's "
                      f"{row_shards} row shards (0 = off)")
-  if jax.process_count() > 1:
-    raise ValueError("config.rl.pack=True is single-process for now; set rl.pack=False")
 
 
 def zero_variance_filter(reward_N: np.ndarray, group_N: np.ndarray,
