@@ -23,8 +23,8 @@ from flax import nnx
 
 from llds_jax import hosts, losses, packing, sharding as shd
 from llds_jax.logprobs import token_logprobs
-from llds_jax.train_step import (StepConfig, TrainState, accumulate_micro, apply_grads,
-                                 place_batch)
+from llds_jax.train_step import (StepConfig, TrainState, accumulate_micro, place_batch,
+                                 train_step)
 
 SEQ_KEYS = ("input_ids", "positions", "segment_ids")  # Q×S per packed sequence
 ROW_KEYS = ("loss_mask", "adv", "old_logp", "ref_logp", "answer_weight")  # gathered per row slot
@@ -106,14 +106,6 @@ def packed_minibatch_grads(params, batch: dict, *, graphdef, sc: StepConfig, gra
                           divisor=1, grad_shardings=grad_shardings)
 
 
-def packed_train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, sc: StepConfig,
-                      grad_shardings=None) -> tuple[TrainState, dict]:
-  """One optimizer update on a packed minibatch (the packed `train_step.train_step`)."""
-  grads, metrics = packed_minibatch_grads(state.params, batch, graphdef=graphdef, sc=sc,
-                                          grad_shardings=grad_shardings)
-  return apply_grads(state, grads, metrics, tx=tx, schedule=schedule)
-
-
 class PackedPrograms:
   """The jitted packed passes of an `Updater` (same params, mesh and step config)."""
 
@@ -129,9 +121,10 @@ class PackedPrograms:
                                                           "loss_mask", "answer_weight")}
     self.step_shardings["adv"] = stack(2)
     self.step = shd.OnMesh(jax.jit(
-        lambda s, b: packed_train_step(s, b, graphdef=graphdef, tx=updater.tx,
-                                       schedule=updater.schedule, sc=sc,
-                                       grad_shardings=updater.param_shardings),
+        lambda s, b: train_step(s, b, graphdef=graphdef, tx=updater.tx,
+                                schedule=updater.schedule, sc=sc,
+                                grad_shardings=updater.param_shardings,
+                                grads_fn=packed_minibatch_grads),
         in_shardings=(updater.state_shardings, self.step_shardings),
         out_shardings=(updater.state_shardings, rep), donate_argnames=("s",)), mesh)
     self.logprobs = shd.OnMesh(jax.jit(

@@ -192,10 +192,11 @@ def apply_grads(state: TrainState, grads, metrics: dict, *, tx,
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, sc: StepConfig,
-               grad_shardings=None) -> tuple[TrainState, dict]:
-  """One optimizer update on a padded minibatch (`minibatch_grads`, then `apply_grads`)."""
-  grads, metrics = minibatch_grads(state.params, batch, graphdef=graphdef, sc=sc,
-                                   grad_shardings=grad_shardings)
+               grad_shardings=None, grads_fn=None) -> tuple[TrainState, dict]:
+  """One optimizer update on a minibatch: `grads_fn` (default `minibatch_grads`, padded rows;
+  `packed_step.packed_minibatch_grads` for packed ones), then `apply_grads`."""
+  grads, metrics = (grads_fn or minibatch_grads)(state.params, batch, graphdef=graphdef, sc=sc,
+                                                 grad_shardings=grad_shardings)
   return apply_grads(state, grads, metrics, tx=tx, schedule=schedule)
 
 
