@@ -9,7 +9,7 @@ writes every row's prompt and response length to bench/packing_lengths.json. The
 `--rows` trajectories from that distribution (random token ids of those lengths), lays them out
 as the trainer does (`trainer.build_batch`), and times the whole update phase (old and reference
 log-prob passes + every minibatch step, `train_step.update_phase`) on a Qwen2-shaped model, once
-padded and once packed (`rl.pack`, sequences of the recorded max_context). It reports the share
+padded and once packed (`rl.pack`, sequences of `--pack_len`, default the recorded max_context). It reports the share
 of token slots holding a real token, the median update-phase seconds after a compiling call, and
 XLA's memory estimate (arguments + temporaries) of the largest compiled program of each path.
 The last line is `packed/padded update time: X (non-pad fraction A -> B)`.
@@ -133,6 +133,7 @@ def main():
   ap.add_argument("--layers", type=int, default=4)
   ap.add_argument("--hidden", type=int, default=256)
   ap.add_argument("--vocab", type=int, default=32768)
+  ap.add_argument("--pack_len", type=int, default=0, help="0 = the recorded max_context")
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--no_append", action="store_true", help="do not write bench/RESULTS.md")
   args = ap.parse_args()
@@ -156,9 +157,10 @@ def main():
   batch = synthetic_batch(dist, args.rows, args.vocab)
   base = StepConfig(loss=losses.LossConfig(), num_micro=args.minibatch // args.micro,
                     chunk_size=128, logprob_rows=args.logprob_rows)
-  packed_sc = dataclasses.replace(base, pack_len=dist["max_context"], pack_micro_seqs=args.micro)
+  pack_len = args.pack_len or dist["max_context"]
+  packed_sc = dataclasses.replace(base, pack_len=pack_len, pack_micro_seqs=args.micro)
   frac = {"padded": packing.non_pad_fraction(batch["attn_mask"]),
-          "packed": packing.non_pad_fraction(batch["attn_mask"], dist["max_context"])}
+          "packed": packing.non_pad_fraction(batch["attn_mask"], pack_len)}
   out = {}
   for mode, sc in (("padded", base), ("packed", packed_sc)):
     out[mode] = run(mode, batch, graphdef, params, sc, mesh, args.minibatch, args.repeats)
@@ -171,7 +173,7 @@ def main():
   row = (f"| {datetime.date.today()} | {platform.machine()}, {os.cpu_count()} cores, "
          f"{jax.devices()[0].device_kind} ×{jax.device_count()}, load {load:.1f} | "
          f"{args.layers}L D{D} V{args.vocab} ({n_params / 1e6:.0f}M) f32 | {args.rows} rows, "
-         f"mb {args.minibatch}, micro {args.micro} | {out['padded'][0]:.2f} | "
+         f"mb {args.minibatch}, micro {args.micro}, pack_len {pack_len} | {out['padded'][0]:.2f} | "
          f"{out['packed'][0]:.2f} | **{ratio:.2f}** | {frac['padded']:.3f} → {frac['packed']:.3f} | "
          f"{out['padded'][1] / 2**20:.0f} → {out['packed'][1] / 2**20:.0f} |")
   if not args.no_append:

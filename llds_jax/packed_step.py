@@ -1,10 +1,11 @@
 """The update phase on packed rows: old/ref log-prob passes and minibatch steps without padding.
 
-Dims: N rollout rows, R response tokens, Q packed sequences of S tokens, A micro-batches of Qm
-sequences, M row slots per micro-batch, D embed.
+Dims: N rollout rows, R response tokens, Q packed sequences of S tokens, K loss-token positions
+per sequence, A micro-batches of Qm sequences, M row slots per micro-batch, D embed.
 
 Layouts come from `packing.py`. The model runs on the packed `Q×S` grid (segment ids keep rows
-apart); the per-token log-probs and entropies are gathered back to a row grid (`N×R`, or `M×R`
+apart) and the unembedding only on its loss-token positions (`Q×K`); the per-token log-probs
+and entropies are gathered back to a row grid (`N×R`, or `M×R`
 per micro-batch) and the unchanged `losses.policy_loss` runs there. A minibatch holds the same
 rows as the padded path's minibatch; its micro-batches are token budgets (Qm sequences), so
 their row counts differ, and `micro_scales` weights each micro-batch's means by its share of the
@@ -26,26 +27,30 @@ from llds_jax.logprobs import token_logprobs
 from llds_jax.train_step import (StepConfig, TrainState, accumulate_micro, place_batch,
                                  train_step)
 
-SEQ_KEYS = ("input_ids", "positions", "segment_ids")  # Q×S per packed sequence
+SEQ_KEYS = packing.SEQ_KEYS  # Q×S tokens, positions, segment ids; Q×K loss positions
 ROW_KEYS = ("loss_mask", "adv", "old_logp", "ref_logp", "answer_weight")  # gathered per row slot
 
 
 def packed_logprobs(graphdef, params, seqs: dict, *, sc: StepConfig, with_entropy: bool = True):
-  """(logp_QxS, entropy_QxS): log p of each packed token's successor, from that token's state.
+  """(logp_QxK, entropy_QxK) at each sequence's `keep` positions: log p of the token after
+  each, from that position's hidden state.
 
-  The last token of a segment predicts the next segment's first token: meaningless, but no
-  row's gather index points at it.
+  Only positions that predict a loss token get logits: prompts, observations and padding cost
+  the transformer but not the `D×V` unembedding (the padded path computes it on all of `N×R`).
+  The gather runs along each sequence, so it stays local to the sequence's shard.
   """
   model = nnx.merge(graphdef, params)
-  ids_QxS, seg_QxS = seqs["input_ids"], seqs["segment_ids"]
+  ids_QxS, seg_QxS, keep_QxK = seqs["input_ids"], seqs["segment_ids"], seqs["keep"]
   h_QxSxD, _ = model.hidden(ids_QxS, seqs["positions"], seg_QxS > 0, segment_ids_BxT=seg_QxS)
   tgt_QxS = jnp.concatenate([ids_QxS[:, 1:], jnp.zeros_like(ids_QxS[:, :1])], axis=1)
-  return token_logprobs(h_QxSxD, model.unembed(), tgt_QxS, chunk_size=sc.chunk_size,
-                        temperature=sc.temperature, with_entropy=with_entropy)
+  h_QxKxD = jnp.take_along_axis(h_QxSxD, keep_QxK[:, :, None], axis=1)
+  return token_logprobs(h_QxKxD, model.unembed(), jnp.take_along_axis(tgt_QxS, keep_QxK, axis=1),
+                        chunk_size=sc.chunk_size, temperature=sc.temperature,
+                        with_entropy=with_entropy)
 
 
-def _take(x_QxS, gather_NxR):
-  return jnp.take(x_QxS.reshape(-1), gather_NxR, axis=0)
+def _take(x_QxK, gather_NxR):
+  return jnp.take(x_QxK.reshape(-1), gather_NxR, axis=0)
 
 
 def blocked_packed_logprobs(graphdef, params, seqs: dict, gather_NxR, *, sc: StepConfig):
@@ -57,12 +62,12 @@ def blocked_packed_logprobs(graphdef, params, seqs: dict, gather_NxR, *, sc: Ste
     raise ValueError(f"{q} packed sequences do not split into log-prob blocks of {rows}")
   fn = lambda s: packed_logprobs(graphdef, params, s, sc=sc, with_entropy=False)[0]  # noqa: E731
   if rows == q:
-    logp_QxS = fn(seqs)
+    logp_QxK = fn(seqs)
   else:
     blocks = {k: shd.constrain(v.reshape(q // rows, rows, -1), (None, "batch", None))
               for k, v in seqs.items()}
-    logp_QxS = jax.lax.map(fn, blocks).reshape(q, -1)
-  return shd.constrain(_take(logp_QxS, gather_NxR), ("batch", None))
+    logp_QxK = jax.lax.map(fn, blocks).reshape(q, -1)
+  return shd.constrain(_take(logp_QxK, gather_NxR), ("batch", None))
 
 
 def micro_scales(mask_AxMxR, adv_AxM) -> dict[str, jax.Array]:
@@ -79,9 +84,9 @@ def micro_scales(mask_AxMxR, adv_AxM) -> dict[str, jax.Array]:
   return {"token": share(n_AxM), "seq": share(has_AxM), "resp": share(pres_AxM)}
 
 
-def micro_objective(logp_QxS, ent_QxS, micro: dict, cfg: losses.LossConfig):
+def micro_objective(logp_QxK, ent_QxK, micro: dict, cfg: losses.LossConfig):
   """One micro-batch's share of the minibatch loss, from its packed per-token log-probs."""
-  logp_MxR, ent_MxR = _take(logp_QxS, micro["gather"]), _take(ent_QxS, micro["gather"])
+  logp_MxR, ent_MxR = _take(logp_QxK, micro["gather"]), _take(ent_QxK, micro["gather"])
   scales = micro["scales"]
   ref = micro["ref_logp"] if cfg.kl_coef else None
   total, metrics = losses.policy_loss(
@@ -93,8 +98,8 @@ def micro_objective(logp_QxS, ent_QxS, micro: dict, cfg: losses.LossConfig):
 
 
 def _packed_micro_loss(params, graphdef, micro: dict, sc: StepConfig):
-  logp_QxS, ent_QxS = packed_logprobs(graphdef, params, micro, sc=sc)
-  return micro_objective(logp_QxS, ent_QxS, micro, sc.loss)
+  logp_QxK, ent_QxK = packed_logprobs(graphdef, params, micro, sc=sc)
+  return micro_objective(logp_QxK, ent_QxK, micro, sc.loss)
 
 
 def packed_minibatch_grads(params, batch: dict, *, graphdef, sc: StepConfig, grad_shardings=None):

@@ -21,6 +21,8 @@ import numpy as np
 
 from llds_jax.sampler import bucket
 
+SEQ_KEYS = ("input_ids", "positions", "segment_ids", "keep")  # per packed sequence
+
 
 def row_extents(attn_NxL: np.ndarray, prompt_width: int) -> tuple[np.ndarray, np.ndarray]:
   """(prompt tokens p_N, response tokens r_N) of padded `[prompt | response]` rows."""
@@ -70,14 +72,18 @@ def pack_rows(batch: dict, rows: np.ndarray, seq_len: int, num_seqs: int | None 
 
   `batch` holds `input_ids` / `attn_mask` (`N×L`) and `loss_mask` (`N×R`, R fixes P = L − R).
   Returns input_ids, positions, segment_ids (`Q×S`, Q = `num_seqs` or the sequences needed
-  rounded up to `seq_multiple`) and `gather` (`len(rows)×R` flat indices into `Q×S`; columns past
-  a row's response point at its first token, whose value the loss mask then ignores).
+  rounded up to `seq_multiple`), `keep` (`Q×K`: per sequence, the positions whose hidden state
+  predicts a loss token, K = the most in any sequence, bucketed; only these get logits),
+  `gather` (`len(rows)×R` flat indices into `Q×K`; a column without a loss token points at 0,
+  whose value the loss mask then ignores), and each row's sequence `row_seq` and segment id
+  `row_segment`.
   """
   ids_NxL, attn_NxL = np.asarray(batch["input_ids"]), np.asarray(batch["attn_mask"])
   R = np.asarray(batch["loss_mask"]).shape[1]
   P = ids_NxL.shape[1] - R
   rows = np.asarray(rows, np.int64)
   p_N, r_N = row_extents(attn_NxL[rows], P)
+  loss_NxR = np.asarray(batch["loss_mask"])[rows] > 0
   empty = np.flatnonzero(p_N == 0)
   if empty.size:
     raise ValueError(f"packing: row {int(rows[empty[0]])} has no prompt token (its first "
@@ -89,41 +95,51 @@ def pack_rows(batch: dict, rows: np.ndarray, seq_len: int, num_seqs: int | None 
   ids_QxS = np.zeros((q, seq_len), np.int32)
   pos_QxS = np.zeros((q, seq_len), np.int32)
   seg_QxS = np.zeros((q, seq_len), np.int32)
+  slot_N = np.zeros(len(rows), np.int32)
+  count_Q = np.bincount(seq_N, weights=loss_NxR.sum(1), minlength=q).astype(np.int64)
+  k = min(bucket(max(int(count_Q.max(initial=0)), 1)), seq_len)
+  keep_QxK = np.zeros((q, k), np.int32)
   gather_NxR = np.zeros((len(rows), R), np.int32)
   slot_Q = np.zeros(q, np.int32)
-  t_R = np.arange(R)
+  fill_Q = np.zeros(q, np.int64)
   for j, i in enumerate(rows):
     p, r, s, o = int(p_N[j]), int(r_N[j]), int(seq_N[j]), int(off_N[j])
     n = p + r
     ids_QxS[s, o:o + n] = ids_NxL[i, P - p:P + r]
     pos_QxS[s, o:o + n] = np.arange(n)
     slot_Q[s] += 1
+    slot_N[j] = slot_Q[s]
     seg_QxS[s, o:o + n] = slot_Q[s]
-    gather_NxR[j] = s * seq_len + np.where(t_R < r, o + p + t_R - 1, o)
-  return dict(input_ids=ids_QxS, positions=pos_QxS, segment_ids=seg_QxS, gather=gather_NxR)
+    t_T = np.flatnonzero(loss_NxR[j])
+    c = fill_Q[s]
+    keep_QxK[s, c:c + len(t_T)] = o + p + t_T - 1
+    gather_NxR[j, t_T] = s * k + c + np.arange(len(t_T))
+    fill_Q[s] += len(t_T)
+  return dict(input_ids=ids_QxS, positions=pos_QxS, segment_ids=seg_QxS, keep=keep_QxK,
+              gather=gather_NxR, row_seq=seq_N, row_segment=slot_N)
 
 
 def minibatch_layout(batch: dict, rows: np.ndarray, seq_len: int, micro_seqs: int) -> list[dict]:
   """One minibatch's rows packed, then cut into micro-batches of `micro_seqs` sequences.
 
-  Returns per micro-batch: its sequences (`micro_seqs×S`), `rows` (the batch rows it holds) and
-  `gather` (those rows' indices into its own `micro_seqs×S` grid). Every row lies in exactly one
-  micro-batch, whole.
+  Returns per micro-batch: its sequences (`micro_seqs×S` and `keep`), `rows` (the batch rows it
+  holds) and `gather` (those rows' indices into its own `micro_seqs×K` grid). Every row lies in
+  exactly one micro-batch, whole.
   """
   pk = pack_rows(batch, rows, seq_len, seq_multiple=micro_seqs)
-  seq_N = pk["gather"][:, 0] // seq_len if len(rows) else np.zeros(0, np.int64)
+  k = pk["keep"].shape[1]
   out = []
   for a in range(pk["input_ids"].shape[0] // micro_seqs):
     sl = slice(a * micro_seqs, (a + 1) * micro_seqs)
-    mine = np.flatnonzero((seq_N >= sl.start) & (seq_N < sl.stop))
-    out.append(dict(input_ids=pk["input_ids"][sl], positions=pk["positions"][sl],
-                    segment_ids=pk["segment_ids"][sl], rows=np.asarray(rows)[mine],
-                    gather=pk["gather"][mine] - sl.start * seq_len))
+    mine = np.flatnonzero((pk["row_seq"] >= sl.start) & (pk["row_seq"] < sl.stop))
+    g = pk["gather"][mine]
+    out.append({**{key: pk[key][sl] for key in SEQ_KEYS}, "rows": np.asarray(rows)[mine],
+                "gather": np.where(g > 0, g - sl.start * k, 0)})
   return out
 
 
 def stack_micro(layouts: list[list[dict]], num_rows: int, row_multiple: int) -> list[dict]:
-  """Pads every minibatch's micro-batches to one shape (A micro-batches × M row slots).
+  """Pads every minibatch's micro-batches to one shape (A micro-batches × M row slots × K).
 
   A and M are the largest over the minibatches, bucketed (`sampler.bucket`) so few shapes
   compile; empty micro-batches and row slots are padding: their `rows` entry is `num_rows`
@@ -131,18 +147,21 @@ def stack_micro(layouts: list[list[dict]], num_rows: int, row_multiple: int) -> 
   """
   a = few_shapes(max(len(mb) for mb in layouts))
   m = _round_up(few_shapes(max(len(u["rows"]) for mb in layouts for u in mb)), row_multiple)
+  k = max(u["keep"].shape[1] for mb in layouts for u in mb)
   out = []
   for mb in layouts:
     qm, s = mb[0]["input_ids"].shape
     r = mb[0]["gather"].shape[1]
-    st = dict(input_ids=np.zeros((a, qm, s), np.int32), positions=np.zeros((a, qm, s), np.int32),
-              segment_ids=np.zeros((a, qm, s), np.int32), rows=np.full((a, m), num_rows, np.int32),
+    st = {key: np.zeros((a, qm, s), np.int32) for key in ("input_ids", "positions", "segment_ids")}
+    st.update(keep=np.zeros((a, qm, k), np.int32), rows=np.full((a, m), num_rows, np.int32),
               gather=np.zeros((a, m, r), np.int32))
     for j, u in enumerate(mb):
-      for k in ("input_ids", "positions", "segment_ids"):
-        st[k][j] = u[k]
+      for key in ("input_ids", "positions", "segment_ids"):
+        st[key][j] = u[key]
+      ku = u["keep"].shape[1]
+      st["keep"][j, :, :ku] = u["keep"]
       st["rows"][j, :len(u["rows"])] = u["rows"]
-      st["gather"][j, :len(u["rows"])] = u["gather"]
+      st["gather"][j, :len(u["rows"])] = u["gather"] // ku * k + u["gather"] % ku  # K → max K
     out.append(st)
   return out
 

@@ -31,16 +31,22 @@ def test_first_fit_and_layout_round_trip():
   batch = fake_batch(3)
   pk = packing.pack_rows(batch, np.arange(N), S)
   p_N, r_N = packing.row_extents(batch["attn_mask"], P)
-  assert pk["input_ids"].shape[0] < N  # several rows share a sequence
+  q, k = pk["keep"].shape
+  assert q < N  # several rows share a sequence
   for i in range(N):
-    # The token after each gathered position is the row's response token t.
-    nxt = pk["input_ids"].reshape(-1)[pk["gather"][i, :r_N[i]] + 1]
-    np.testing.assert_array_equal(nxt, batch["input_ids"][i, P:P + r_N[i]])
-    seq, start = divmod(int(pk["gather"][i, 0]) - int(p_N[i]) + 1, S)
-    seg = pk["segment_ids"][seq, start:start + p_N[i] + r_N[i]]
-    assert len(set(seg)) == 1 and seg[0] > 0
-    np.testing.assert_array_equal(pk["positions"][seq, start:start + p_N[i] + r_N[i]],
-                                  np.arange(p_N[i] + r_N[i]))
+    seq, seg = pk["row_seq"][i], pk["row_segment"][i]
+    where = np.flatnonzero(pk["segment_ids"][seq] == seg)
+    assert len(where) == p_N[i] + r_N[i] and np.all(np.diff(where) == 1)
+    np.testing.assert_array_equal(pk["positions"][seq, where], np.arange(len(where)))
+    np.testing.assert_array_equal(pk["input_ids"][seq, where],
+                                  batch["input_ids"][i, P - p_N[i]:P + r_N[i]])
+    # Each loss token's gathered position is the one before it in its row's segment.
+    t = np.flatnonzero(batch["loss_mask"][i])
+    g = pk["gather"][i, t]
+    assert np.all(g // k == seq)
+    pos = pk["keep"].reshape(-1)[g]
+    np.testing.assert_array_equal(pk["input_ids"][seq, pos + 1], batch["input_ids"][i, P + t])
+    assert np.all(pk["segment_ids"][seq, pos] == seg)
   assert (pk["segment_ids"] > 0).sum() == batch["attn_mask"].sum()  # every token exactly once
   assert packing.non_pad_fraction(batch["attn_mask"], S) == (
       batch["attn_mask"].sum() / pk["input_ids"].size)
@@ -60,20 +66,23 @@ def test_segments_never_see_their_neighbours():
   sc = StepConfig(loss=losses.LossConfig(), num_micro=1, chunk_size=4)
   pad_NxR, _ = response_logprobs(graphdef, params, batch, resp_len=R, chunk_size=4)
   pk = packing.pack_rows(batch, np.arange(N), S)
-  seqs = {k: jnp.asarray(pk[k]) for k in ("input_ids", "positions", "segment_ids")}
-  logp_QxS, _ = packed_logprobs(graphdef, params, seqs, sc=sc)
-  mask_NxR = batch["attn_mask"][:, P:] > 0
-  got_NxR = np.asarray(logp_QxS).reshape(-1)[pk["gather"]]
+  seqs = {k: jnp.asarray(pk[k]) for k in packing.SEQ_KEYS}
+  logp_QxK, _ = packed_logprobs(graphdef, params, seqs, sc=sc)
+  mask_NxR = batch["loss_mask"] > 0
+  got_NxR = np.asarray(logp_QxK).reshape(-1)[pk["gather"]]
   np.testing.assert_allclose(np.where(mask_NxR, got_NxR, 0), np.where(mask_NxR, pad_NxR, 0),
                              atol=1e-5)
   # Scramble every token of segment 1 in each sequence: rows in other segments keep their values.
-  seg_QxS = pk["segment_ids"]
-  ids = np.where(seg_QxS == 1, (pk["input_ids"] * 7 + 3) % CFG.vocab_size, pk["input_ids"])
-  logp2_QxS, _ = packed_logprobs(graphdef, params, dict(seqs, input_ids=jnp.asarray(ids)), sc=sc)
-  other_QxS = seg_QxS > 1
-  assert other_QxS.any()
-  np.testing.assert_array_equal(np.asarray(logp2_QxS)[other_QxS], np.asarray(logp_QxS)[other_QxS])
-  assert not np.allclose(np.asarray(logp2_QxS)[seg_QxS == 1], np.asarray(logp_QxS)[seg_QxS == 1])
+  ids = np.where(pk["segment_ids"] == 1, (pk["input_ids"] * 7 + 3) % CFG.vocab_size,
+                 pk["input_ids"])
+  logp2_QxK, _ = packed_logprobs(graphdef, params, dict(seqs, input_ids=jnp.asarray(ids)), sc=sc)
+  got2_NxR = np.asarray(logp2_QxK).reshape(-1)[pk["gather"]]
+  other_N = pk["row_segment"] > 1
+  assert other_N.any()
+  np.testing.assert_array_equal(np.where(mask_NxR, got2_NxR, 0)[other_N],
+                                np.where(mask_NxR, got_NxR, 0)[other_N])
+  assert not np.allclose(got2_NxR[~other_N][mask_NxR[~other_N]],
+                         got_NxR[~other_N][mask_NxR[~other_N]])
 
 
 def test_query_blocked_attention_keeps_segments():
@@ -104,7 +113,7 @@ def _rows_of(batch, old, ref, stacked):
 def _packed_minibatch(batch, old, ref, micro_seqs, row_multiple=1):
   lay = packing.minibatch_layout(batch, np.arange(N), S, micro_seqs)
   st = packing.stack_micro([lay], N, row_multiple)[0]
-  return {**{k: st[k] for k in ("input_ids", "positions", "segment_ids", "gather")},
+  return {**{k: st[k] for k in packing.SEQ_KEYS + ("gather",)},
           **_rows_of(batch, old, ref, st)}, st
 
 
@@ -134,7 +143,7 @@ def test_packed_objective_equals_padded(kw):
   mb, st = _packed_minibatch(batch, old_NxR, ref_NxR, micro_seqs=1)
   a = mb["input_ids"].shape[0]
   assert a >= 3
-  valid_NxR = np.arange(R)[None] < packing.row_extents(batch["attn_mask"], P)[1][:, None]
+  valid_NxR = batch["loss_mask"] > 0  # the positions whose log-probs the losses read
 
   def padded(lp, ent):
     return losses.policy_loss(lp, old_NxR, batch["adv"], batch["loss_mask"], cfg,
@@ -147,8 +156,8 @@ def test_packed_objective_equals_padded(kw):
     for u in range(a):
       rows = st["rows"][u][st["rows"][u] < N]
       idx = st["gather"][u][:len(rows)][valid_NxR[rows]]
-      grid = lambda x: jnp.zeros(S * mb["input_ids"].shape[1]).at[idx].set(  # noqa: E731
-          x[rows][valid_NxR[rows]]).reshape(-1, S)
+      grid = lambda x: jnp.zeros(mb["keep"][u].size).at[idx].set(  # noqa: E731
+          x[rows][valid_NxR[rows]]).reshape(mb["keep"][u].shape)
       micro = {k: mb[k][u] for k in ("gather",) + ROW_KEYS}
       micro["scales"] = {k: v[u] for k, v in scales.items()}
       total += micro_objective(grid(lp), grid(ent), micro, cfg)[0]
