@@ -9,9 +9,12 @@ writes every row's prompt and response length to bench/packing_lengths.json. The
 `--rows` trajectories from that distribution (random token ids of those lengths), lays them out
 as the trainer does (`trainer.build_batch`), and times the whole update phase (old and reference
 log-prob passes + every minibatch step, `train_step.update_phase`) on a Qwen2-shaped model, once
-padded and once packed (`rl.pack`, sequences of `--pack_len`, default the recorded max_context). It reports the share
+padded and once packed (`rl.pack`, sequences of `--pack_len`, default the recorded max_context,
+micro-batches of the same token budget). It reports the share
 of token slots holding a real token, the median update-phase seconds after a compiling call, and
 XLA's memory estimate (arguments + temporaries) of the largest compiled program of each path.
+The non-pad fraction counts every token slot the phase's programs ran on (both log-prob passes
+and every micro-batch), so packing's rounding to whole sequences and micro-batches is included.
 The last line is `packed/padded update time: X (non-pad fraction A -> B)`.
 """
 
@@ -79,12 +82,16 @@ def synthetic_batch(dist: dict, rows: int, vocab: int, seed: int = 0) -> dict:
 
 
 class Recorder:
-  """Wraps a jitted program; remembers its largest call's memory estimate (bytes)."""
+  """Wraps a jitted program; remembers its largest call's memory estimate (bytes) and counts
+  the real tokens and the token slots it was given (`valid_key`: attn_mask or segment_ids)."""
 
-  def __init__(self, program):
+  def __init__(self, program, valid_key: str):
     self.program, self.peak, self.seen = program, 0, set()
+    self.valid_key, self.tokens, self.slots = valid_key, 0, 0
 
   def __call__(self, *args):
+    valid = np.asarray(jax.device_get(args[1][self.valid_key])) > 0
+    self.tokens, self.slots = self.tokens + int(valid.sum()), self.slots + valid.size
     # Shapes first: the train step donates (deletes) its state argument.
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
                           if isinstance(x, jax.Array) else x, args)
@@ -99,8 +106,9 @@ class Recorder:
 
 
 def run(mode: str, batch: dict, graphdef, params, sc: StepConfig, mesh, minibatch: int,
-        repeats: int) -> tuple[float, float]:
-  """(median update-phase seconds, peak program bytes) of one path."""
+        repeats: int) -> tuple[float, float, float]:
+  """(median update-phase seconds, peak program bytes, non-pad fraction of every token slot
+  the phase's programs were fed) of one path."""
   opt = ml_collections.ConfigDict(dict(lr=1e-6, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
                                        weight_decay=0.01, grad_clip=1.0))
   up = Updater(graphdef, jax.eval_shape(lambda: params), opt=opt, step_cfg=sc, mesh=mesh)
@@ -108,7 +116,7 @@ def run(mode: str, batch: dict, graphdef, params, sc: StepConfig, mesh, minibatc
   recs = []
   for p in progs:
     for name in ("step", "logprobs") if mode == "packed" else ("step", "logprobs_program"):
-      rec = Recorder(getattr(p, name))
+      rec = Recorder(getattr(p, name), "segment_ids" if mode == "packed" else "attn_mask")
       setattr(p, name, rec)
       recs.append(rec)
   holder = {"s": up.init_state(params)}
@@ -118,7 +126,8 @@ def run(mode: str, batch: dict, graphdef, params, sc: StepConfig, mesh, minibatc
     jax.block_until_ready((holder["s"], m, stats))
 
   secs = results.median_time(phase, repeats)
-  return secs, max(r.peak for r in recs)
+  frac = sum(r.tokens for r in recs) / sum(r.slots for r in recs)
+  return secs, max(r.peak for r in recs), frac
 
 
 def main():
@@ -128,7 +137,8 @@ def main():
   ap.add_argument("--lengths", default=LENGTHS)
   ap.add_argument("--rows", type=int, default=80, help="rollout rows of the benched batch")
   ap.add_argument("--minibatch", type=int, default=16)
-  ap.add_argument("--micro", type=int, default=8, help="rows (padded) / sequences (packed)")
+  ap.add_argument("--micro", type=int, default=8,
+                  help="rows per padded micro-batch; packed: the same tokens in sequences")
   ap.add_argument("--logprob_rows", type=int, default=16)
   ap.add_argument("--layers", type=int, default=4)
   ap.add_argument("--hidden", type=int, default=256)
@@ -158,13 +168,18 @@ def main():
   base = StepConfig(loss=losses.LossConfig(), num_micro=args.minibatch // args.micro,
                     chunk_size=128, logprob_rows=args.logprob_rows)
   pack_len = args.pack_len or dist["max_context"]
-  packed_sc = dataclasses.replace(base, pack_len=pack_len, pack_micro_seqs=args.micro)
-  frac = {"padded": packing.non_pad_fraction(batch["attn_mask"]),
-          "packed": packing.non_pad_fraction(batch["attn_mask"], pack_len)}
-  out = {}
+  # The same token budget per micro-batch: `micro` rows of max_context, in sequences of pack_len.
+  packed_sc = dataclasses.replace(base, pack_len=pack_len, pack_micro_seqs=max(
+      1, args.micro * dist["max_context"] // pack_len))
+  print(f"non-pad fraction of the whole batch: padded "
+        f"{packing.non_pad_fraction(batch['attn_mask']):.3f}, packed into {pack_len}-token sequences "
+        f"{packing.non_pad_fraction(batch['attn_mask'], pack_len):.3f}")
+  out, frac = {}, {}
   for mode, sc in (("padded", base), ("packed", packed_sc)):
     out[mode] = run(mode, batch, graphdef, params, sc, mesh, args.minibatch, args.repeats)
-    print(f"{mode}: update phase {out[mode][0]:.2f} s, non-pad fraction {frac[mode]:.3f}, "
+    frac[mode] = out[mode][2]
+    print(f"{mode}: update phase {out[mode][0]:.2f} s, non-pad fraction of the slots its "
+          f"programs ran on {frac[mode]:.3f}, "
           f"largest program {out[mode][1] / 2**20:.0f} MiB (XLA estimate), batch "
           f"{batch['input_ids'].shape}")
   ratio = out["packed"][0] / out["padded"][0]
@@ -174,7 +189,8 @@ def main():
          f"{jax.devices()[0].device_kind} ×{jax.device_count()}, load {load:.1f} | "
          f"{args.layers}L D{D} V{args.vocab} ({n_params / 1e6:.0f}M) f32 | {args.rows} rows, "
          f"mb {args.minibatch}, micro {args.micro}, pack_len {pack_len} | {out['padded'][0]:.2f} | "
-         f"{out['packed'][0]:.2f} | **{ratio:.2f}** | {frac['padded']:.3f} → {frac['packed']:.3f} | "
+         f"{out['packed'][0]:.2f} | **{ratio:.2f}** | {frac['padded']:.3f} → "
+         f"{frac['packed']:.3f} | "
          f"{out['padded'][1] / 2**20:.0f} → {out['packed'][1] / 2**20:.0f} |")
   if not args.no_append:
     results.append_row(
