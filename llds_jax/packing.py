@@ -1,16 +1,19 @@
 """Packed rows: several trajectories per fixed-length sequence instead of one padded row each.
 
 Dims: N rollout rows, L = P + R padded row (left-padded prompt of P, right-padded response of
-R), Q packed sequences of S tokens, A micro-batches per minibatch, M row slots per micro-batch.
+R), Q packed sequences of S tokens, K loss-token positions per sequence, A micro-batches per
+minibatch, M row slots per micro-batch.
 
 A row's valid tokens `[prompt | response]` are contiguous in the padded layout (columns
 `[P - p, P + r)`); packing copies them to `[o, o + p + r)` of one sequence, with positions
 `0 .. p + r - 1` (the padded path's `cumsum(attn) - 1`, so RoPE sees the same numbers) and a
 segment id (1, 2, ... within the sequence; 0 = padding). Attention only looks inside a segment
 (`attention.attend`). The hidden state that predicts response token t of that row sits at
-`o + p + t - 1`; `gather_NxR` holds that flat index into the Q×S grid, so per-token log-probs come
-back to the row grid `N×R` where every loss already lives, and each loss keeps its exact
-per-row meaning (GSPO's sequence ratio, LLDS's gates and norms, seq-mean-token-mean).
+`o + p + t - 1`; for loss tokens (`loss_mask` = 1) that position is listed in the sequence's
+`keep` row (only those get logits), and `gather_NxR` holds its flat index into the Q×K grid, so
+per-token log-probs come back to the row grid `N×R` where every loss already lives, and each
+loss keeps its exact per-row meaning (GSPO's sequence ratio, LLDS's gates and norms,
+seq-mean-token-mean).
 
 Host side only (NumPy): the jitted passes that consume these layouts are in `packed_step.py`.
 """
