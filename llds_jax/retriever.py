@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from llds_jax import data, postings
+from llds_jax import data, postings, pruning
 
 FORMAT = "llds_jax.bm25/1"
 _WORD_RE = re.compile(r"\w+")
@@ -131,8 +131,9 @@ class BM25Index:
   _ARRAYS = ("indptr_V1", "docs_P", "weights_P", "doc_lens_N", "dense_terms_D", "dense_DxN",
              "dense_max_D")
 
-  def __init__(self, *, vocab, meta, store=None, **arrays):
+  def __init__(self, *, vocab, meta, store=None, blockmax=None, **arrays):
     self.vocab, self.meta, self.store = vocab, meta, store
+    self._blockmax = blockmax  # pruning.BlockMax, built on first need when not saved
     for name in self._ARRAYS:
       setattr(self, name, arrays[name])
     self.num_docs = len(self.doc_lens_N)
@@ -232,11 +233,23 @@ class BM25Index:
 
   # ---- persistence ----
 
+  @property
+  def blockmax(self) -> pruning.BlockMax:
+    """Per-block impact maxima for pruned search (saved with the index, else computed once)."""
+    if self._blockmax is None:
+      self._blockmax = pruning.BlockMax.compute(self)
+    return self._blockmax
+
+  @blockmax.setter
+  def blockmax(self, value: pruning.BlockMax):
+    self._blockmax = value
+
   def _save_postings(self, out_dir: str):
     for name in self._ARRAYS:
       np.save(os.path.join(out_dir, f"{name}.npy"), np.asarray(getattr(self, name)))
     with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
       json.dump(list(self.vocab), f, ensure_ascii=False)  # dict order is term-id order
+    self.meta.update(self.blockmax.save(out_dir))
     with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
       json.dump({**self.meta, "has_store": self.store is not None}, f, indent=1)
 
@@ -266,7 +279,8 @@ class BM25Index:
     with open(os.path.join(index_dir, "vocab.json"), encoding="utf-8") as f:
       vocab = {term: i for i, term in enumerate(json.load(f))}
     store = data.DocStore.load(index_dir, mmap) if meta.pop("has_store") else None
-    return cls(vocab=vocab, meta=meta, store=store, **arrays)
+    return cls(vocab=vocab, meta=meta, store=store,
+               blockmax=pruning.BlockMax.load(index_dir, meta, mmap), **arrays)
 
   # ---- scoring ----
   # Term-at-a-time: a query's postings slices (terms in ascending id order) are concatenated and
@@ -340,12 +354,13 @@ class BM25Index:
       return None
     return _top_k(hits[above].astype(np.int64), sums[above], self.num_docs, k)
 
-  def search(self, queries: Sequence[str | Sequence[str]],
-             k: int = 3) -> list[list[tuple[int, float]]]:
+  def search(self, queries: Sequence[str | Sequence[str]], k: int = 3, *,
+             prune: bool = True) -> list[list[tuple[int, float]]]:
     """Top-k (doc index, score) per query, best first; ties and all-zero queries → lower index first.
 
     Strings are tokenized with `tokenize`; lists are used as given. An empty query (or one with no
-    known term) returns docs 0..k-1 with score 0.
+    known term) returns docs 0..k-1 with score 0. `prune` scores the queries the candidate path
+    cannot settle with exact block-max pruning (pruning.py) instead of all N docs; same results.
     """
     parsed = self._term_counts(queries)
     if k < 1:
@@ -354,6 +369,8 @@ class BM25Index:
     out, dense = [], []
     for i, terms in enumerate(parsed):
       top = self._candidates_top_k(terms, k) if terms else (np.arange(k), np.zeros(k))
+      if top is None and prune:
+        top = pruning.search_one(self, self.blockmax, terms, k)
       out.append(None if top is None else list(zip(top[0].tolist(), top[1].tolist())))
       if top is None:
         dense.append(i)

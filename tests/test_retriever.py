@@ -273,7 +273,7 @@ def test_dense_and_sparse_paths_agree_bitwise(zipf, monkeypatch):
   proven = [index._candidates_top_k(t, 7) is not None for t in mixed]
   assert any(proven) and not all(proven)
   monkeypatch.setattr(retriever, "_DENSE_FRACTION", 10**12)  # dense path for every non-empty query
-  assert index.search(queries + rare, k=7) == default
+  assert index.search(queries + rare, k=7, prune=False) == default
 
 
 def test_negative_epsilon_floor_on_tiny_corpus():
