@@ -1,178 +1,152 @@
-"""Exact block-max pruning for BM25 top-k: a query reads only the doc ranges that can still win.
+"""Exact MaxScore pruning for BM25 top-k: a query reads its common terms only at candidate docs.
 
-Dims: N documents, J doc blocks of `block_docs` consecutive docs, U "blocked" sparse terms (their
-sparse df ≥ min_df), D dense-row terms, S blocks scored in one round, k results per query.
+Dims: V vocabulary terms, N documents, C candidate docs of one query, k results per query.
 
-Idea (block-max pruning over document ranges, as in Ding & Suel's block-max indexes and Lucene's
-impacts, but over fixed doc-id ranges so it vectorizes in numpy): per term and block j keep the
-largest impact of the term in j. A query's upper bound for block j is Σ_terms count · max_j; blocks
-are scored exactly in decreasing bound order, and the search stops once the next bound is below the
-current k-th score. Every doc not scored lies in a block whose bound is below the k-th score, so it
-cannot enter the top k (nor tie with it), and the top k equals the exhaustive one, ties included.
+Idea (MaxScore, Turtle & Flood 1995; the essential/non-essential split of Lucene's
+MaxScoreBulkScorer), vectorized per query in numpy. Every term has an upper bound
+ub = count · (its largest impact). With θ ≤ the k-th best score, the longest run of smallest-bound
+terms whose bounds sum below θ is "non-essential": a doc holding only those terms scores < θ, so it
+can neither enter the top k nor tie with it. Candidates are the docs of the essential (rare,
+high-idf) terms; the common terms (dense rows included) are looked up at the candidates, largest
+bound first, dropping each candidate whose partial sum plus the bounds still to come is below θ.
 
-Exactness in floating point: the bound of block j adds the per-term maxima in the same order, with
-the same float64 operations, as the exact scorer adds a doc's impacts (sparse terms in ascending id,
-then dense rows in id order; see BM25Index._dense). Rounding is monotone, so each bound is ≥ the
-computed score of every doc in its block; a 1e-12 relative margin is kept on top as insurance.
-Scored docs get the exhaustive scorer's exact bits: same numbers, same order of additions.
+θ (pass 1): partial sums are ≤ full scores, so the k-th best partial sum of the docs of the
+highest-bound sparse terms (dense rows added) is ≤ the k-th best score; the exact scores of the
+REFINE·k best of them raise it (still a lower bound). Each candidate's partial sum raises it again.
 
-Terms with sparse df < min_df keep no block table: their few postings are read whole per query and
-their per-block maxima are taken on the fly.
+The survivors, a superset of the top k, get the exhaustive scorer's exact bits: the same impacts
+added in the same order (sparse terms in ascending id, then dense rows in id order, see
+BM25Index._dense) with the same float64 operations, a missing term adding an exact 0. Bound sums
+and θ may differ from exact arithmetic by float64 rounding (~1e-16 relative); every comparison
+with θ keeps a 1e-9 relative margin on the safe side.
+
+`search_one` returns None where pruning cannot pay off or prove anything: a dense-row term is
+essential, ≥ N/FALLBACK_FRACTION candidates, fewer than k hits, or negative impacts (okapi's idf
+floor when the mean idf is negative). The caller then scores all N docs.
 """
-
-import dataclasses
-import os
 
 import numpy as np
 
-BLOCK_DOCS = 1024  # docs per block: ~N/1024 bounds per blocked term; tighter bounds vs bound cost
-MIN_DF = 256  # terms rarer than max(MIN_DF, J) are read whole: cheaper than a J-row of bounds
-FIRST_ROUND = 8  # blocks scored in the first round; each later round scores up to twice as many
-_MARGIN = 1e-12  # relative slack on the bounds (the bound is exact already; see module docstring)
-_FILES = ("terms_U", "ptr_UxJ1", "max_UxJ", "dense_max_DxJ")
+FALLBACK_FRACTION = 8  # ≥ N/8 candidates: the exhaustive dense path is cheaper than lookups
+REFINE = 4  # pass 1 scores exactly the REFINE·k docs with the best partial sums
+_MARGIN = 1e-9
 
 
-@dataclasses.dataclass
-class BlockMax:
-  """Per-block impact maxima of an index's common terms (and of its dense rows)."""
-  block_docs: int
-  min_df: int
-  terms_U: np.ndarray  # int32 sorted ids of the blocked sparse terms
-  ptr_UxJ1: np.ndarray  # int32: offset in the term's postings of its first doc ≥ j·block_docs
-  max_UxJ: np.ndarray  # float32: the term's largest impact in block j (0 where absent)
-  dense_max_DxJ: np.ndarray  # float32: each dense row's largest value in block j
-
-  @classmethod
-  def compute(cls, index, block_docs: int = BLOCK_DOCS, min_df: int | None = None) -> "BlockMax":
-    if block_docs < 1:
-      raise ValueError(f"block_docs must be ≥ 1, got {block_docs}")
-    n = index.num_docs
-    n_blocks = -(-n // block_docs)
-    min_df = max(MIN_DF, n_blocks) if min_df is None else int(min_df)
-    df_V = np.diff(np.asarray(index.indptr_V1))
-    terms_U = np.flatnonzero(df_V >= max(1, min_df)).astype(np.int32)
-    edges_J1 = np.arange(n_blocks + 1, dtype=np.int64) * block_docs
-    ptr_UxJ1 = np.zeros((len(terms_U), n_blocks + 1), np.int32)
-    max_UxJ = np.zeros((len(terms_U), n_blocks), np.float32)
-    for u, t in enumerate(terms_U):
-      lo, hi = int(index.indptr_V1[t]), int(index.indptr_V1[t + 1])
-      ptr_UxJ1[u] = np.searchsorted(index.docs_P[lo:hi], edges_J1)
-      max_UxJ[u] = _segment_max(np.asarray(index.weights_P[lo:hi]), ptr_UxJ1[u])
-    dense_DxN = np.asarray(index.dense_DxN)
-    dense_max_DxJ = (np.maximum.reduceat(dense_DxN, edges_J1[:-1], axis=1) if len(dense_DxN)
-                     else np.zeros((0, n_blocks), np.float32))
-    return cls(block_docs, min_df, terms_U, ptr_UxJ1, max_UxJ, dense_max_DxJ)
-
-  def save(self, out_dir: str) -> dict:
-    """Writes blockmax_*.npy into out_dir; returns the meta.json fields that describe them."""
-    for name in _FILES:
-      np.save(os.path.join(out_dir, f"blockmax_{name}.npy"), getattr(self, name))
-    return {"block_docs": self.block_docs, "block_min_df": self.min_df}
-
-  @classmethod
-  def load(cls, index_dir: str, meta: dict, mmap: bool = True) -> "BlockMax | None":
-    """The saved tables, or None for an index saved without them (then they are recomputed)."""
-    paths = [os.path.join(index_dir, f"blockmax_{name}.npy") for name in _FILES]
-    if "block_docs" not in meta or not all(map(os.path.exists, paths)):
-      return None
-    arrays = [np.load(p, mmap_mode="r" if mmap else None) for p in paths]
-    return cls(int(meta["block_docs"]), int(meta["block_min_df"]), *arrays)
-
-
-def _segment_max(w_P: np.ndarray, ptr_J1: np.ndarray) -> np.ndarray:
-  """Max of w over each segment [ptr[j], ptr[j+1]); 0 for empty segments."""
-  out_J = np.zeros(len(ptr_J1) - 1, np.float32)
-  nonempty = ptr_J1[1:] > ptr_J1[:-1]
+def term_max(indptr_V1: np.ndarray, weights_P: np.ndarray) -> np.ndarray:
+  """float32 [V]: each term's largest sparse impact (0 for terms without sparse postings)."""
+  indptr_V1 = np.asarray(indptr_V1)
+  max_V = np.zeros(len(indptr_V1) - 1, np.float32)
+  nonempty = indptr_V1[1:] > indptr_V1[:-1]
   if nonempty.any():
-    out_J[nonempty] = np.maximum.reduceat(w_P, ptr_J1[:-1][nonempty])
-  return out_J
+    max_V[nonempty] = np.maximum.reduceat(weights_P, indptr_V1[:-1][nonempty])
+  return max_V
 
 
-def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-  """Concatenation of arange(s, s + l) over the pairs, vectorized."""
-  ends = np.cumsum(lens)
-  return np.repeat(starts - (ends - lens), lens) + np.arange(ends[-1] if len(ends) else 0)
+def _times(w: np.ndarray, count: int) -> np.ndarray:
+  # Repeated query terms count once per repeat; the same operation as the exhaustive scorer's.
+  return w if count == 1 else w * np.float64(count)
 
 
-def search_one(index, bm: BlockMax, terms: list[tuple[int, int]], k: int):
-  """Exact top-k (doc ids, float64 scores) of one query's sorted (term id, count) pairs."""
-  n, bd = index.num_docs, bm.block_docs
-  n_blocks = bm.max_UxJ.shape[1] if bm.max_UxJ.ndim == 2 else -(-n // bd)
-  ub_J = np.zeros(n_blocks)
-  sparse, dense = [], []  # in ascending term id: the exact scorer's order of additions
+def score_docs(index, docs_C: np.ndarray, sparse, dense) -> np.ndarray:
+  """Exact float64 scores at sorted docs: sparse (term, count) lookups, then dense (row, count)."""
+  s_C = np.zeros(len(docs_C))
+  for t, count in sparse:
+    s_C += _times(_lookup(index, t, docs_C), count)
+  for r, count in dense:
+    s_C += _times(index.dense_DxN[r, docs_C], count)
+  return s_C
+
+
+def _lookup(index, t: int, docs_C: np.ndarray) -> np.ndarray:
+  """Term t's impacts at sorted docs (float32; an exact 0 where the doc lacks the term)."""
+  lo, hi = int(index.indptr_V1[t]), int(index.indptr_V1[t + 1])
+  docs = index.docs_P[lo:hi]
+  pos_C = np.minimum(np.searchsorted(docs, docs_C), hi - lo - 1)
+  return np.where(docs[pos_C] == docs_C, index.weights_P[lo + pos_C], np.float32(0))
+
+
+def _df(index, t: int) -> int:
+  return int(index.indptr_V1[t + 1] - index.indptr_V1[t])
+
+
+def _merged_postings(index, terms):
+  """Union of the terms' postings, sorted, with the sum of their count-scaled impacts per doc."""
+  docs, ws = [], []
   for t, count in terms:
-    if t in index._dense_row:  # pylint: disable=protected-access
-      dense.append((index._dense_row[t], count))  # pylint: disable=protected-access
-      continue
     lo, hi = int(index.indptr_V1[t]), int(index.indptr_V1[t + 1])
-    u = int(np.searchsorted(bm.terms_U, t))
-    if u < len(bm.terms_U) and bm.terms_U[u] == t:
-      m = bm.max_UxJ[u]
-      ub_J += m if count == 1 else m * np.float64(count)
-      sparse.append((lo, bm.ptr_UxJ1[u], count, None, None))
-    elif hi > lo:
-      docs, w = index.docs_P[lo:hi], index.weights_P[lo:hi]
-      w = w if count == 1 else w * np.float64(count)
-      blk = docs // bd
-      starts = np.flatnonzero(np.r_[True, blk[1:] != blk[:-1]])
-      ub_J[blk[starts]] += np.maximum.reduceat(w, starts)
-      sparse.append((lo, None, count, docs, w))
-  for r, count in dense:
-    m = bm.dense_max_DxJ[r]
-    ub_J += m if count == 1 else m * np.float64(count)
-  ub_J += np.abs(ub_J) * _MARGIN
-
-  order_J = np.argsort(-ub_J, kind="stable")
-  neg_ub_J = -ub_J[order_J]  # ascending, for searchsorted
-  top_ids, top_s = np.zeros(0, np.int64), np.zeros(0)
-  theta, done, batch = -np.inf, 0, FIRST_ROUND
-  while done < n_blocks and -neg_ub_J[done] >= theta:
-    end = min(n_blocks, done + batch, int(np.searchsorted(neg_ub_J, -theta, "right")))
-    ids, s = _score_blocks(index, bd, np.sort(order_J[done:end]), sparse, dense)
-    top_ids, top_s = _merge(np.concatenate([top_ids, ids]), np.concatenate([top_s, s]), k)
-    if len(top_s) == k:
-      theta = top_s[-1]
-    done, batch = end, batch * 2
-  return top_ids, top_s
+    docs.append(index.docs_P[lo:hi])
+    ws.append(_times(index.weights_P[lo:hi], count).astype(np.float64))
+  if len(docs) == 1:
+    return np.asarray(docs[0]), ws[0]
+  docs, ws = np.concatenate(docs), np.concatenate(ws)
+  order = np.argsort(docs, kind="stable")  # sorted runs: timsort merges them
+  docs, ws = docs[order], ws[order]
+  starts = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]])
+  return docs[starts], np.add.reduceat(ws, starts)
 
 
-def _score_blocks(index, bd: int, blocks_S: np.ndarray, sparse, dense):
-  """Exact scores of every doc in the (sorted) blocks: doc ids and float64 scores."""
-  n = index.num_docs
-  slot_J = np.full(-(-n // bd), -1, np.int64)
-  slot_J[blocks_S] = np.arange(len(blocks_S))
-  starts_S = blocks_S.astype(np.int64) * bd
-  lens_S = np.minimum(bd, n - starts_S)
-  off_S = np.cumsum(lens_S) - lens_S
-  docs_parts, w_parts = [np.zeros(0, np.int64)], [np.zeros(0)]
-  for lo, ptr_J1, count, docs, w in sparse:
-    if ptr_J1 is not None:  # blocked term: only its postings inside the chosen blocks
-      a_S = ptr_J1[blocks_S].astype(np.int64)
-      idx = lo + _ranges(a_S, ptr_J1[blocks_S + 1] - a_S)
-      docs, w = index.docs_P[idx], index.weights_P[idx]
-      w = w if count == 1 else w * np.float64(count)
-    else:
-      keep = slot_J[docs // bd] >= 0
-      docs, w = docs[keep], w[keep]
-    docs_parts.append(docs.astype(np.int64))
-    w_parts.append(w)
-  docs = np.concatenate(docs_parts)
-  slot = slot_J[docs // bd]
-  local = off_S[slot] + (docs - starts_S[slot])
-  total = int(lens_S.sum())
-  # (bincount returns int64 for no postings at all: a dense-rows-only query)
-  s = np.bincount(local, np.concatenate(w_parts), minlength=total).astype(np.float64, copy=False)
-  cand = _ranges(starts_S, lens_S)
-  for r, count in dense:
-    w = index.dense_DxN[r, cand]
-    s += w if count == 1 else w * np.float64(count)
-  return cand, s
-
-
-def _merge(ids: np.ndarray, scores: np.ndarray, k: int):
+def top_k(ids_C: np.ndarray, s_C: np.ndarray, k: int):
   """Best k of (ids, scores), best first; ties → lower doc index."""
-  if len(scores) > k:
-    keep = scores >= np.partition(scores, len(scores) - k)[len(scores) - k]
-    ids, scores = ids[keep], scores[keep]
-  order = np.lexsort((ids, -scores))[:k]
-  return ids[order], scores[order]
+  if len(s_C) > k:
+    keep = s_C >= np.partition(s_C, len(s_C) - k)[len(s_C) - k]
+    ids_C, s_C = ids_C[keep], s_C[keep]
+  order = np.lexsort((ids_C, -s_C))[:k]
+  return ids_C[order].astype(np.int64), s_C[order]
+
+
+def search_one(index, max_V: np.ndarray, terms: list[tuple[int, int]], k: int):
+  """Exact top-k (doc ids, float64 scores) of one query's sorted (term id, count) pairs, or None
+  when pruning cannot pay off (then the caller scores all N docs)."""
+  dense_row = index._dense_row  # pylint: disable=protected-access
+  sparse = [(t, c) for t, c in terms if t not in dense_row]
+  dense = [(dense_row[t], c) for t, c in terms if t in dense_row]
+  ub = {("s", t): float(max_V[t]) * c for t, c in sparse}
+  ub.update({("d", r): float(index.dense_max_D[r]) * c for r, c in dense})
+  by_ub = sorted(ub, key=ub.get, reverse=True)
+  counts, dense_counts = dict(sparse), dict(dense)
+  if not sparse or min(ub.values()) < 0:  # negative impacts (okapi's floor): no useful bound
+    return None
+  # Pass 1: a lower bound θ on the k-th best score from the docs of the highest-bound sparse terms
+  # (≥ k postings): partial sums (their postings plus the dense rows, no lookups) pick the
+  # REFINE·k most promising, whose exact k-th best score is θ.
+  first = []
+  for kind, t in by_ub:
+    if kind == "s" and sum(_df(index, u) for u, _ in first) < k:
+      first.append((t, counts[t]))
+  docs, part = _merged_postings(index, first)
+  if len(docs) < k or len(docs) * FALLBACK_FRACTION >= index.num_docs:
+    return None
+  for r, count in dense:
+    part = part + _times(index.dense_DxN[r, docs], count)
+  best = (np.arange(len(docs)) if len(docs) <= REFINE * k else
+          np.sort(np.argpartition(part, len(docs) - REFINE * k)[-REFINE * k:]))
+  theta = top_k(docs[best], score_docs(index, docs[best], sparse, dense), k)[1][-1]
+  # Pass 2: the non-essential prefix (smallest bounds) sums below θ; the rest are essential.
+  essential, rest = [], []
+  total = 0.0
+  for key in reversed(by_ub):
+    if not essential and (total + ub[key]) * (1 + _MARGIN) < theta:
+      total += ub[key]
+      rest.append(key)
+    else:
+      essential.append(key)
+  if not theta > 0 or any(kind == "d" for kind, _ in essential):
+    return None  # nothing proven (fewer than k hits), or a dense-row term is essential
+  cand, part_C = _merged_postings(index, [(t, counts[t]) for _, t in essential])
+  if len(cand) * FALLBACK_FRACTION >= index.num_docs:
+    return None
+  if len(cand) > k:  # partial sums are ≤ the scores, so their k-th best is a lower bound too
+    theta = max(theta, np.partition(part_C, len(cand) - k)[len(cand) - k])
+  # MaxScore: add the non-essential terms, largest bound first, dropping every candidate whose
+  # partial sum plus the bounds still to come is below θ.
+  for key in reversed(rest):
+    keep = (part_C + total) * (1 + _MARGIN) >= theta
+    cand, part_C = cand[keep], part_C[keep]
+    kind, t = key
+    if kind == "s":
+      part_C = part_C + _times(_lookup(index, t, cand), counts[t])
+    else:
+      part_C = part_C + _times(index.dense_DxN[t, cand], dense_counts[t])
+    total -= ub[key]
+  # The survivors (a superset of the top k) get their exact scores, in the exhaustive order.
+  return top_k(cand, score_docs(index, cand, sparse, dense), k)
