@@ -369,9 +369,10 @@ class BM25Index:
     out, dense = [], []
     for i, terms in enumerate(parsed):
       top = (np.arange(k), np.zeros(k)) if not terms else None
-      if terms and prune:  # MaxScore first: it settles most queries the candidate path can, cheaper
+      prune_q = prune and terms and pruning.exhaustive_work(self, terms) >= pruning.MIN_WORK
+      if prune_q:  # MaxScore first: it settles most queries the candidate path can, cheaper
         top = pruning.search_one(self, self.term_max_V, terms, k)
-      if terms and top is None and (not prune or not any(t in self._dense_row for t, _ in terms)):
+      if terms and top is None and not (prune_q and any(t in self._dense_row for t, _ in terms)):
         top = self._candidates_top_k(terms, k)
       out.append(None if top is None else list(zip(top[0].tolist(), top[1].tolist())))
       if top is None:

@@ -59,6 +59,7 @@ def test_pruned_top_k_equals_exhaustive(variant, corpus, request, monkeypatch):
   if corpus == "zipf_docs":
     assert index.meta["num_dense_terms"] >= 3  # df > N/2 terms, stored as dense rows
   parsed = index._term_counts(queries)
+  monkeypatch.setattr(pruning, "MIN_WORK", 0)  # search() prunes whatever the corpus size
   for fraction in (pruning.FALLBACK_FRACTION, 1):  # default; and pruning even with many candidates
     monkeypatch.setattr(pruning, "FALLBACK_FRACTION", fraction)
     for k in (1, 3, 10):
