@@ -10,9 +10,9 @@ can neither enter the top k nor tie with it. Candidates are the docs of the esse
 high-idf) terms; the common terms (dense rows included) are looked up at the candidates, largest
 bound first, dropping each candidate whose partial sum plus the bounds still to come is below θ.
 
-θ (pass 1): partial sums are ≤ full scores, so the k-th best partial sum of the docs of the
-highest-bound sparse terms (dense rows added) is ≤ the k-th best score; the exact scores of the
-REFINE·k best of them raise it (still a lower bound). Each candidate's partial sum raises it again.
+θ (pass 1): the exact k-th best score of any set of docs is ≤ the true k-th best; the set is the
+REFINE·k docs of the highest-bound sparse terms with the best partial sums over those terms. Partial
+sums are ≤ full scores, so the candidates' k-th best partial sum may raise θ again.
 
 The survivors, a superset of the top k, get the exhaustive scorer's exact bits: the same impacts
 added in the same order (sparse terms in ascending id, then dense rows in id order, see
@@ -29,7 +29,7 @@ import numpy as np
 
 FALLBACK_FRACTION = 8  # ≥ N/8 candidates: the exhaustive dense path is cheaper than lookups
 MIN_WORK = 1 << 20  # exhaustive work (postings + N per dense row) below which pruning costs more
-REFINE = 4  # pass 1 scores exactly the REFINE·k docs with the best partial sums
+REFINE = 8  # pass 1 scores exactly the REFINE·k docs with the best partial sums
 _MARGIN = 1e-9
 
 
@@ -119,8 +119,8 @@ def search_one(index, max_V: np.ndarray, terms: list[tuple[int, int]], k: int):
   if not sparse or min(ub.values()) < 0:  # negative impacts (okapi's floor): no useful bound
     return None
   # Pass 1: a lower bound θ on the k-th best score from the docs of the highest-bound sparse terms
-  # (≥ k postings): partial sums (their postings plus the dense rows, no lookups) pick the
-  # REFINE·k most promising, whose exact k-th best score is θ.
+  # (≥ k postings): those terms' partial sums (no lookups) pick the REFINE·k most promising docs,
+  # whose exact k-th best score is θ.
   first = []
   for kind, t in by_ub:
     if kind == "s" and sum(_df(index, u) for u, _ in first) < k:
@@ -128,8 +128,6 @@ def search_one(index, max_V: np.ndarray, terms: list[tuple[int, int]], k: int):
   docs, part = _merged_postings(index, first)
   if len(docs) < k or len(docs) * FALLBACK_FRACTION >= index.num_docs:
     return None
-  for r, count in dense:
-    part = part + _times(index.dense_DxN[r, docs], count)
   best = (np.arange(len(docs)) if len(docs) <= REFINE * k else
           np.sort(np.argpartition(part, len(docs) - REFINE * k)[-REFINE * k:]))
   theta = top_k(docs[best], score_docs(index, docs[best], sparse, dense), k)[1][-1]
