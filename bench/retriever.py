@@ -69,9 +69,11 @@ def pool_rates(index_dir: str, index, questions) -> dict:
   for workers in (1, 2):
     with search_pool.SearchPool(index_dir, workers) as pool:
       pool.search(questions[:64], K)  # start the workers (spawn + load) before timing
+      cpu0 = pool.cpu_s
       hits, t = timed(lambda: pool.search(questions, K))  # pylint: disable=cell-var-from-loop
       assert hits == want
       out[f"pool{workers}_qps"] = len(questions) / t
+      out[f"pool{workers}_qpcs"] = len(questions) / (pool.cpu_s - cpu0)
   with concurrent.futures.ThreadPoolExecutor(2) as threads:
     half = len(questions) // 2
     (a, b), t = timed(lambda: list(threads.map(lambda qs: index.search(qs, K),
@@ -231,14 +233,15 @@ def scaling(sizes: list[int], pool: bool = False):
            "are 100 words); build = tools/build_index.py end to end (okapi); queries: the 1,788 "
            "FanOutQA questions, batched, k=10. q/CPU-s = queries per CPU-second of the searching "
            "process (pruned top-10 lists asserted equal to the exhaustive ones); pool columns are "
-           "wall-clock q/s, so they depend on the load.\n",
+           "wall-clock q/s, so they depend on the load (in brackets: q per CPU-s summed over the workers).\n",
            "| passages | build s | peak RSS MiB | postings | terms | dense-row terms | postings+vocab "
            "MiB | doc store MiB | corpus jsonl MiB | queries/s (wall) | exhaustive q/CPU-s | pruned "
            "q/CPU-s | pruned ÷ exhaustive | pool 1 proc q/s | pool 2 proc q/s | 2 threads q/s |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    pools = " | ".join(f"{r[c]:,.0f}" if c in r else "–"
-                       for c in ("pool1_qps", "pool2_qps", "threads2_qps"))
+    pools = " | ".join(
+        (f"{r[c]:,.0f}" + (f" ({r[c[:5] + '_qpcs']:,.0f})" if c.startswith("pool") else ""))
+        if c in r else "–" for c in ("pool1_qps", "pool2_qps", "threads2_qps"))
     lines.append(f"| {r['n']:,} | {r['build_s']:.1f} | {r['rss_mib']:,.0f} | {r['postings']:,} | "
                  f"{r['terms']:,} | {r['dense']} | {r['index_mib']:,.0f} | {r['store_mib']:,.0f} | "
                  f"{r['corpus_mib']:,.0f} | {r['qps']:,.0f} | {r['qpcs_exhaustive']:,.0f} | "

@@ -14,6 +14,7 @@ results are exactly the single-process ones.
 import concurrent.futures
 import multiprocessing
 import os
+import time
 from collections.abc import Sequence
 
 from llds_jax import retriever
@@ -27,7 +28,9 @@ def _open(index_dir: str):
 
 
 def _call(method: str, queries, k: int):
-  return getattr(_INDEX, method)(queries, k)
+  start = time.process_time()
+  out = getattr(_INDEX, method)(queries, k)
+  return out, time.process_time() - start
 
 
 class SearchPool:
@@ -41,6 +44,7 @@ class SearchPool:
                        f"{index_dir!r}")
     self.index = retriever.BM25Index.load(index_dir)  # checks the index once, loud, in this process
     self.workers = workers
+    self.cpu_s = 0.0  # CPU seconds the workers spent searching (q/CPU-s under a loaded host)
     self._pool = concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn"), initializer=_open,
         initargs=(index_dir,))
@@ -55,7 +59,9 @@ class SearchPool:
     bounds = [len(queries) * i // n for i in range(n + 1)]
     futures = [self._pool.submit(_call, method, queries[lo:hi], k)
                for lo, hi in zip(bounds, bounds[1:])]
-    return [hit for f in futures for hit in f.result()]
+    results = [f.result() for f in futures]
+    self.cpu_s += sum(cpu for _, cpu in results)
+    return [hit for out, _ in results for hit in out]
 
   def search(self, queries, k: int = 3) -> list[list[tuple[int, float]]]:
     return self._map("search", queries, k)
