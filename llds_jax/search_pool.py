@@ -54,8 +54,8 @@ class SearchPool:
       raise TypeError("expected a list of queries, got a single str")
     queries = list(queries)
     n = min(self.workers, len(queries))
-    if n <= 1:  # nothing to share out: no round trip
-      return getattr(self.index, method)(queries, k)
+    if n == 0:
+      return []
     bounds = [len(queries) * i // n for i in range(n + 1)]
     futures = [self._pool.submit(_call, method, queries[lo:hi], k)
                for lo, hi in zip(bounds, bounds[1:])]

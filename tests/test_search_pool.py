@@ -20,7 +20,7 @@ def test_pool_answers_like_the_index(tmp_path):
     assert pool.retrieve_text(questions, 3) == index.retrieve_text(questions, 3)
     assert pool.cpu_s > 0  # the workers' search time is accounted
     assert pool.search(questions[:5], 7) == index.search(questions[:5], 7)  # in order, 2 chunks
-    assert pool.retrieve(questions[:1], 2) == index.retrieve(questions[:1], 2)  # in-process
+    assert pool.retrieve(questions[:1], 2) == index.retrieve(questions[:1], 2)  # one worker busy
     assert pool.retrieve_text([], 3) == []
     with pytest.raises(TypeError, match="list of queries"):
       pool.search("one string", 3)
