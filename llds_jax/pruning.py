@@ -38,7 +38,7 @@ def exhaustive_work(index, terms) -> int:
 
   Pruning costs ~30 numpy calls per query whatever N, so it pays only for large `index`es and
   common-word queries (measured in bench/retriever.py --scaling: 0.3× at 5k passages, 1× at 200k,
-  1.9× at 1M).
+  1.5–1.7× at 1M).
   """
   return sum(index.num_docs if t in index._dense_row else _df(index, t)  # pylint: disable=protected-access
              for t, _ in terms)
