@@ -53,6 +53,7 @@ def get_config():
   c.retriever = ml_collections.ConfigDict()
   c.retriever.index = ""  # BM25 index dir (tools/build_index.py); the paper used e5 + FAISS
   c.retriever.topk = 3  # passages per search
+  c.retriever.workers = 1  # processes sharing a turn's searches (search_pool.py); 1 = in-process
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.prompts = 512  # prompts per training step (global)

@@ -26,6 +26,7 @@ from llds_jax.model import ModelConfig, Transformer, compute_dtype_of
 from llds_jax.retriever import BM25Index
 from llds_jax.rollout import OBS_TRUNCATION, RolloutConfig, rollout
 from llds_jax.sampler import bucket
+from llds_jax.search_pool import SearchPool
 from llds_jax.train_step import StepConfig, Updater, update_phase
 
 # Progress notes a user should see are INFO on this logger (main.py shows the "llds_jax" tree at
@@ -157,8 +158,11 @@ def load_policy(c, mesh):
   return model, cfg, tokenizer
 
 
-def load_retriever(path: str) -> BM25Index:
-  """A saved index directory, or a corpus jsonl indexed in memory (small corpora only)."""
+def load_retriever(path: str, workers: int = 1) -> BM25Index | SearchPool:
+  """A saved index directory, or a corpus jsonl indexed in memory (small corpora only); with
+  `workers` > 1, a pool of that many processes searching the saved index (search_pool.py)."""
+  if workers > 1:
+    return SearchPool(path, workers)
   if path.endswith(".jsonl"):
     return BM25Index.build(data.read_corpus(path))
   return BM25Index.load(path)
@@ -273,7 +277,7 @@ def train(c) -> list[dict]:
     raise ValueError(f"config.rollout.prompts={c.rollout.prompts} exceeds the {len(examples)} "
                      f"questions of config.data.train={c.data.train!r}")
   it = data.PromptIterator(examples, c.rollout.prompts, seed=c.seed, shuffle=c.data.shuffle)
-  retriever = load_retriever(c.retriever.index)
+  retriever = load_retriever(c.retriever.index, c.retriever.workers)
   model, cfg, tokenizer = load_policy(c, mesh)
   for field, exs in (("config.data.train", examples), ("config.data.val", val)):
     data.check_prompt_lengths(exs, tokenizer, c.rollout.max_prompt_tokens, field)
