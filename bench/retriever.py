@@ -1,12 +1,14 @@
 """Retrieval throughput: llds_jax BM25 vs rank_bm25 (and bm25s if installed), identical scores asserted.
 
   python bench/retriever.py [--synthetic_docs 200000] [--rank_bm25_queries 40]
-  python bench/retriever.py --scaling 50000,100000,200000,400000
+  python bench/retriever.py --scaling 50000,100000,200000,400000 [--pool]
 
 `--scaling` instead measures tools/build_index.py end to end (jsonl → index directory) on
 wiki-18-like passages (a random title + ~100 words of real sentences from the Wikipedia summaries),
-reports build time, peak memory, size on disk and batched query rate per size, and extrapolates
-linearly to the 21,015,324 passages of wiki-18.
+reports build time, peak memory, size on disk and batched query rate per size, exhaustive and pruned
+(MaxScore, llds_jax/pruning.py) in queries per CPU-second with their top-10 lists asserted equal,
+and extrapolates linearly to the 21,015,324 passages of wiki-18. `--pool` adds the wall-clock rate of
+search_pool.SearchPool with 1 and 2 worker processes and of 2 threads sharing one index.
 
 Corpora: the 10,033 Wikipedia summaries of tools/fetch_assets.py (queries: the 1,788 FanOutQA
 sub-questions) and a synthetic Zipf corpus (queries: 5 words drawn from a random target document).
@@ -19,6 +21,7 @@ Appends a dated table to bench/RESULTS.md.
 """
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import os
@@ -35,7 +38,7 @@ import pyarrow.parquet as pq
 from rank_bm25 import BM25Okapi
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from llds_jax import data, retriever  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llds_jax import data, retriever, search_pool  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 try:
   import bm25s  # pylint: disable=g-import-not-at-top
@@ -50,6 +53,34 @@ def timed(fn):
   start = time.perf_counter()
   out = fn()
   return out, time.perf_counter() - start
+
+
+def cpu_timed(fn):
+  """CPU seconds of this process: robust to other jobs on a shared box, unlike wall time."""
+  start = time.process_time()
+  out = fn()
+  return out, time.process_time() - start
+
+
+def pool_rates(index_dir: str, index, questions) -> dict:
+  """Wall-clock q/s of one batch of questions: SearchPool with 1 and 2 processes, 2 threads."""
+  out = {}
+  want = index.search(questions, K)
+  for workers in (1, 2):
+    with search_pool.SearchPool(index_dir, workers) as pool:
+      pool.search(questions[:64], K)  # start the workers (spawn + load) before timing
+      cpu0 = pool.cpu_s
+      hits, t = timed(lambda: pool.search(questions, K))  # pylint: disable=cell-var-from-loop
+      assert hits == want
+      out[f"pool{workers}_qps"] = len(questions) / t
+      out[f"pool{workers}_qpcs"] = len(questions) / (pool.cpu_s - cpu0)
+  with concurrent.futures.ThreadPoolExecutor(2) as threads:
+    half = len(questions) // 2
+    (a, b), t = timed(lambda: list(threads.map(lambda qs: index.search(qs, K),
+                                               [questions[:half], questions[half:]])))
+    assert a + b == want
+    out["threads2_qps"] = len(questions) / t
+  return out
 
 
 def wiki_corpus():
@@ -160,7 +191,7 @@ def write_passages(path: str, n: int, seed: int = 0):
       f.write(json.dumps({"id": str(i), "contents": contents}) + "\n")
 
 
-def scaling(sizes: list[int]):
+def scaling(sizes: list[int], pool: bool = False):
   questions = wiki_corpus()[1]
   tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "build_index.py")
   rows = []
@@ -176,8 +207,14 @@ def scaling(sizes: list[int]):
       files = {f: os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)}
       index = retriever.BM25Index.load(out)
       index.search(questions[:16], K)
+      index.search(questions[:16], K, prune=False)
       _, t = timed(lambda: index.search(questions, K))
+      exhaustive, cpu_e = cpu_timed(lambda: index.search(questions, K, prune=False))
+      pruned, cpu_p = cpu_timed(lambda: index.search(questions, K))
+      assert pruned == exhaustive  # exact: same ids, same scores, same tie order
       rows.append({"n": n, "build_s": build_s, "rss_mib": rss_mib, "qps": len(questions) / t,
+                   "qpcs_exhaustive": len(questions) / cpu_e, "qpcs_pruned": len(questions) / cpu_p,
+                   **(pool_rates(out, index, questions) if pool else {}),
                    "postings": index.meta["num_postings"], "terms": index.meta["num_terms"],
                    "dense": index.meta["num_dense_terms"],
                    "index_mib": sum(v for f, v in files.items() if not f.startswith("doc_")) / 2**20,
@@ -191,22 +228,31 @@ def scaling(sizes: list[int]):
   rss_gib = (last["rss_mib"] + (last["rss_mib"] - prev["rss_mib"]) / (last["n"] - prev["n"])
              * (WIKI18_PASSAGES - last["n"])) / 1024
   lines = [f"\n## BM25 index scaling — {datetime.date.today().isoformat()}\n",
-           f"`python bench/retriever.py --scaling {','.join(map(str, sizes))}` on {machine()}. "
+           f"`python bench/retriever.py --scaling {','.join(map(str, sizes))}{' --pool' if pool else ''}` on {machine()}. "
            "Passages: random summary title + 100 words of real summary sentences (wiki-18 passages "
            "are 100 words); build = tools/build_index.py end to end (okapi); queries: the 1,788 "
-           "FanOutQA questions, batched, k=10.\n",
+           "FanOutQA questions, batched, k=10. q/CPU-s = queries per CPU-second of the searching "
+           "process (pruned top-10 lists asserted equal to the exhaustive ones); pool columns are "
+           "wall-clock q/s, so they depend on the load (in brackets: q per CPU-s summed over the workers).\n",
            "| passages | build s | peak RSS MiB | postings | terms | dense-row terms | postings+vocab "
-           "MiB | doc store MiB | corpus jsonl MiB | queries/s |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "MiB | doc store MiB | corpus jsonl MiB | queries/s (wall) | exhaustive q/CPU-s | pruned "
+           "q/CPU-s | pruned ÷ exhaustive | pool 1 proc q/s | pool 2 proc q/s | 2 threads q/s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
+    pools = " | ".join(
+        (f"{r[c]:,.0f}" + (f" ({r[c[:5] + '_qpcs']:,.0f})" if c.startswith("pool") else ""))
+        if c in r else "–" for c in ("pool1_qps", "pool2_qps", "threads2_qps"))
     lines.append(f"| {r['n']:,} | {r['build_s']:.1f} | {r['rss_mib']:,.0f} | {r['postings']:,} | "
                  f"{r['terms']:,} | {r['dense']} | {r['index_mib']:,.0f} | {r['store_mib']:,.0f} | "
-                 f"{r['corpus_mib']:,.0f} | {r['qps']:,.0f} |")
+                 f"{r['corpus_mib']:,.0f} | {r['qps']:,.0f} | {r['qpcs_exhaustive']:,.0f} | "
+                 f"{r['qpcs_pruned']:,.0f} | {r['qpcs_pruned'] / r['qpcs_exhaustive']:.2f}× | "
+                 f"{pools} |")
   lines.append(f"| **{WIKI18_PASSAGES:,} (linear extrapolation ×{scale:.1f})** | "
                f"**{last['build_s'] * scale / 60:,.0f} min** | **{rss_gib:,.1f} GiB** | "
                f"{last['postings'] * scale / 1e9:.2f} B | – | – | **{last['index_mib'] * scale / 1024:,.1f} GiB** | "
                f"**{last['store_mib'] * scale / 1024:,.1f} GiB** | {last['corpus_mib'] * scale / 1024:,.1f} GiB | "
-               f"**{last['qps'] / scale:,.1f}** |")
+               f"**{last['qps'] / scale:,.1f}** | {last['qpcs_exhaustive'] / scale:,.1f} | "
+               f"**{last['qpcs_pruned'] / scale:,.1f}** | – | – | – | – |")
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
   with open(path, "a", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
@@ -218,9 +264,10 @@ def main():
   parser.add_argument("--synthetic_docs", type=int, default=200_000)
   parser.add_argument("--rank_bm25_queries", type=int, default=40)
   parser.add_argument("--scaling", default=None, help="comma-separated passage counts")
+  parser.add_argument("--pool", action="store_true", help="with --scaling: search pool rates")
   args = parser.parse_args()
   if args.scaling:
-    scaling([int(n) for n in args.scaling.split(",")])
+    scaling([int(n) for n in args.scaling.split(",")], pool=args.pool)
     return
   rows = [run("wiki summaries (FanOutQA questions)", *wiki_corpus(), n_rank=args.rank_bm25_queries * 5)]
   rows.append(run(f"synthetic Zipf {args.synthetic_docs // 1000}k", *synthetic_corpus(args.synthetic_docs),

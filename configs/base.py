@@ -53,6 +53,7 @@ def get_config():
   c.retriever = ml_collections.ConfigDict()
   c.retriever.index = ""  # BM25 index dir (tools/build_index.py); the paper used e5 + FAISS
   c.retriever.topk = 3  # passages per search
+  c.retriever.workers = 1  # processes sharing a turn's searches (search_pool.py); 1 = in-process
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.prompts = 512  # prompts per training step (global)
@@ -102,6 +103,19 @@ def get_config():
   # log_prob_micro_batch_size; Search-R1's scripts use 128); 0 = all rows in one call.
   c.rl.logprob_micro_batch_size = 128
   c.rl.logprob_chunk = 256  # tokens per chunk of the fused log-prob (bounds B×chunk×V memory)
+  # Packed update (llds_jax/packing.py, packed_step.py): rows share fixed-length sequences,
+  # attention stays inside each row, losses and gradients equal the padded path's with one
+  # micro-batch. False = the padded path: every row padded to the batch's longest.
+  c.rl.pack = False
+  c.rl.pack_len = 0  # tokens per packed sequence; 0 = rollout.max_context (must be ≥ it)
+  # Packed sequences per micro-batch (token budget = this × pack_len; 0 = micro_batch_size);
+  # with packing, logprob_micro_batch_size also counts sequences. A multiple of data × fsdp.
+  c.rl.pack_micro_seqs = 0
+  # DAPO dynamic sampling, without the refill: drop groups whose rewards are all equal (Â = 0,
+  # no policy-gradient signal) before the update; the kept rows are cut to whole minibatches.
+  # Off for paper parity: those rows are in LLDS's preserving set (Â ≥ 0), so dropping them also
+  # drops LLDS's protection of their likelihood (all-correct groups). `filter/*` metrics log it.
+  c.rl.filter_zero_variance = False
 
   c.opt = ml_collections.ConfigDict()
   c.opt.lr = 1e-6

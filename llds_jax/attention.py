@@ -117,17 +117,22 @@ def query_block(shape_BxTxHxS: tuple[int, int, int, int], chunk: int, max_bytes:
 
 
 def attend(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, qpos_BxT, kpos_BxS, chunk: int = 0,
-           max_bytes: int = 0):
+           max_bytes: int = 0, qseg_BxT=None, kseg_BxS=None):
   """Position-masked softmax attention, one block of `query_block` queries at a time.
 
   Each of N blocks (C queries, padding < N) attends to every key under the same mask, so the
   result is the dense one up to rounding. A `lax.map` under `jax.checkpoint` keeps one block's
   `B×H×C×S` float32 scores alive, and the backward pass recomputes them block by block.
+  With segment ids (packed rows, `packing.py`) a query also needs its key's segment: positions
+  restart at 0 in every segment, so the position rule alone would let a row see its neighbours.
   """
   B, T, H, Dh = q_BxTxHxDh.shape
+  if (qseg_BxT is None) != (kseg_BxS is None):
+    raise ValueError("attend: give both query and key segment ids, or neither")
   chunk = query_block((B, T, H, k_BxSxKxDh.shape[1]), chunk, max_bytes)
   if T <= chunk:
-    return _dense_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, qpos_BxT, kpos_BxS)
+    return _dense_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, qpos_BxT, kpos_BxS, qseg_BxT,
+                            kseg_BxS)
   n = -(-T // chunk)
   c = -(-T // n)
   pad = n * c - T
@@ -136,22 +141,29 @@ def attend(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, qpos_BxT, kpos_BxS, chunk: int = 
   qpos_BxT = jnp.pad(qpos_BxT, ((0, 0), (0, pad)), constant_values=-1)
   q_NxBxCxHxDh = jnp.swapaxes(q_BxTxHxDh.reshape(B, n, c, H, Dh), 0, 1)
   qpos_NxBxC = jnp.swapaxes(qpos_BxT.reshape(B, n, c), 0, 1)
+  xs = (q_NxBxCxHxDh, qpos_NxBxC)
+  if qseg_BxT is not None:
+    xs += (jnp.swapaxes(jnp.pad(qseg_BxT, ((0, 0), (0, pad))).reshape(B, n, c), 0, 1),)
 
   @jax.checkpoint
   def block(xs):
-    return _dense_attention(xs[0], k_BxSxKxDh, v_BxSxKxDh, xs[1], kpos_BxS)
+    qseg = xs[2] if len(xs) > 2 else None
+    return _dense_attention(xs[0], k_BxSxKxDh, v_BxSxKxDh, xs[1], kpos_BxS, qseg, kseg_BxS)
 
-  out_NxBxCxHxDh = lax.map(block, (q_NxBxCxHxDh, qpos_NxBxC))
+  out_NxBxCxHxDh = lax.map(block, xs)
   return jnp.swapaxes(out_NxBxCxHxDh, 0, 1).reshape(B, n * c, H, Dh)[:, :T]
 
 
-def _dense_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, qpos_BxT, kpos_BxS):
+def _dense_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, qpos_BxT, kpos_BxS, qseg_BxT=None,
+                     kseg_BxS=None):
   B, T, H, Dh = q_BxTxHxDh.shape
   K = k_BxSxKxDh.shape[2]
   q = q_BxTxHxDh.reshape(B, T, K, H // K, Dh)
   logits = jnp.einsum("btkgd,bskd->bkgts", q, k_BxSxKxDh, preferred_element_type=jnp.float32)
   logits = logits / math.sqrt(Dh)
   allowed_BxTxS = (kpos_BxS[:, None, :] >= 0) & (kpos_BxS[:, None, :] <= qpos_BxT[:, :, None])
+  if qseg_BxT is not None:
+    allowed_BxTxS &= kseg_BxS[:, None, :] == qseg_BxT[:, :, None]
   logits = jnp.where(allowed_BxTxS[:, None, None], logits, _MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxKxDh.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxDh)

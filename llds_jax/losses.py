@@ -318,7 +318,8 @@ def lld_stats(old_logp_BxT, adv_B, mask_BxT, ref_logp_BxT=None) -> dict[str, jax
 
 
 def policy_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, cfg: LossConfig, *, ref_logp_BxT=None,
-                entropy_BxT=None, answer_weight_BxT=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                entropy_BxT=None, answer_weight_BxT=None,
+                scales: dict | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Eq. 6 as the official actor computes it, for one micro-batch; returns (total, metrics).
 
   total = pg − entropy_coef·H + kl_coef·KL + λ·L_LLDS. pg is aggregated per `cfg.agg`; entropy
@@ -326,6 +327,13 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, cfg: LossConfig, *, ref
   loss/entropy and loss/kl unscaled (0 when their input is None), loss/llds *including* λ (like
   `actor/loss_noreduce`), llds/unscaled, loss/total, pg/clipfrac, pg/approx_kl, llds_stats and
   lld_stats. The caller divides by the number of micro-batches when accumulating.
+
+  `scales` (packed micro-batches, `packed_step.py`) turns each micro-batch mean into its share of
+  the minibatch mean, so summing micro-batches gives the whole minibatch's loss exactly: every
+  denominator here depends only on masks and advantages, so Σx/n_micro · n_micro/n_minibatch is
+  Σx/n_minibatch. Keys: "token" (token means), "seq" (rows with tokens: seq-mean-token-mean),
+  "resp" (preserving rows with tokens: LLDS norm "response"). The llds/* and lld/* diagnostics
+  are only weighted by "resp" / "token" (approximately the minibatch value).
   """
   clip = dict(clip_low=cfg.clip_low, clip_high=cfg.clip_high)
   if cfg.loss == "grpo":
@@ -337,17 +345,21 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, cfg: LossConfig, *, ref
     agg = cfg.agg or "seq-mean-token-mean"
   else:
     raise ValueError(f"policy loss {cfg.loss!r} not in ('grpo', 'gspo')")
+  sc = (lambda x, _: x) if scales is None else (lambda x, kind: x * scales[kind])  # noqa: E731
   zero = jnp.float32(0.0)
-  pg = aggregate(pg_BxT, mask_BxT, agg)
-  ent = zero if entropy_BxT is None else entropy_bonus(entropy_BxT, mask_BxT)
-  kl = zero if ref_logp_BxT is None else masked_mean(
-      kl_penalty(logp_BxT, ref_logp_BxT, cfg.kl_kind), mask_BxT)
-  llds = llds_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, gate=cfg.llds_gate,
-                   answer_weight_BxT=answer_weight_BxT, norm=cfg.llds_norm)
+  pg = sc(aggregate(pg_BxT, mask_BxT, agg), "token" if agg == "token-mean" else "seq")
+  ent = zero if entropy_BxT is None else sc(entropy_bonus(entropy_BxT, mask_BxT), "token")
+  kl = zero if ref_logp_BxT is None else sc(masked_mean(
+      kl_penalty(logp_BxT, ref_logp_BxT, cfg.kl_kind), mask_BxT), "token")
+  llds = sc(llds_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, gate=cfg.llds_gate,
+                      answer_weight_BxT=answer_weight_BxT, norm=cfg.llds_norm),
+            "token" if cfg.llds_norm == "token" else "resp")
   total = pg - cfg.entropy_coef * ent + cfg.kl_coef * kl + cfg.llds_lambda * llds
   metrics = {"loss/total": total, "loss/pg": pg, "loss/entropy": ent, "loss/kl": kl,
              "loss/llds": cfg.llds_lambda * llds, "llds/unscaled": llds,
-             "pg/clipfrac": clipfrac, "pg/approx_kl": approx_kl}
-  metrics.update(llds_stats(logp_BxT, old_logp_BxT, adv_B, mask_BxT))
-  metrics.update(lld_stats(old_logp_BxT, adv_B, mask_BxT, ref_logp_BxT))
+             "pg/clipfrac": sc(clipfrac, "token"), "pg/approx_kl": sc(approx_kl, "token")}
+  metrics.update({k: sc(v, "resp") for k, v in
+                  llds_stats(logp_BxT, old_logp_BxT, adv_B, mask_BxT).items()})
+  metrics.update({k: sc(v, "token") for k, v in
+                  lld_stats(old_logp_BxT, adv_B, mask_BxT, ref_logp_BxT).items()})
   return total, {k: _sg(v) for k, v in metrics.items()}

@@ -231,8 +231,11 @@ class Block(nnx.Module):
     self.up = _param(rngs, (D, F), ("embed", "mlp"), pd, s_in)
     self.down = _param(rngs, (F, D), ("mlp", "embed"), pd, s_ff)
 
-  def __call__(self, x_BxTxD, pos_BxT, inv_freq, kv=None):
-    """Returns the new residual stream and, in cache mode, the layer's updated (k, v, pos)."""
+  def __call__(self, x_BxTxD, pos_BxT, inv_freq, kv=None, seg_BxT=None):
+    """Returns the new residual stream and, in cache mode, the layer's updated (k, v, pos).
+
+    `seg_BxT` (packed rows, cache-free only): a token attends only within its own segment.
+    """
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     w = lambda p: p[...].astype(dt)  # noqa: E731  (params may be stored in f32 and computed in bf16)
@@ -254,7 +257,7 @@ class Block(nnx.Module):
       values = scatter_rows(v_buf, v, slot_BxT)
       new_kv = (keys, values)
     attn = attend(q, keys.astype(dt), values.astype(dt), pos_BxT, kpos_BxS, cfg.attn_chunk,
-                  cfg.attn_block_bytes)
+                  cfg.attn_block_bytes, seg_BxT, seg_BxT)
     x_BxTxD = x_BxTxD + jnp.einsum("bthk,hkd->btd", attn, w(self.o))
     h = rms_norm(x_BxTxD, self.mlp_norm[...], cfg.rms_norm_eps)
     ff = jax.nn.silu(h @ w(self.gate)) * (h @ w(self.up))
@@ -279,13 +282,17 @@ class Transformer(nnx.Module):
     w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
     return w.astype(jnp.dtype(self.cfg.dtype))
 
-  def hidden(self, tokens_BxT, positions_BxT=None, mask_BxT=None, cache: KVCache | None = None):
+  def hidden(self, tokens_BxT, positions_BxT=None, mask_BxT=None, cache: KVCache | None = None,
+             segment_ids_BxT=None):
     """Final-norm hidden states [B, T, D] and the updated cache (None without a cache).
 
     Tokens with `mask == 0` get position -1: they are never attended to, and in cache mode they
     are not written, so a right-padded block of new tokens appends only its valid tokens.
+    `segment_ids_BxT` (packed rows, no cache): attention stays inside each segment.
     """
     cfg = self.cfg
+    if segment_ids_BxT is not None and cache is not None:
+      raise ValueError("Transformer.hidden: segment ids are for cache-free (packed) passes only")
     B, T = tokens_BxT.shape
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -302,11 +309,11 @@ class Transformer(nnx.Module):
       kpos_BxS = scatter_rows(cache.pos_BxS, pos_BxT, slot_BxT)
     new_k, new_v = [], []
     if cache is None and cfg.scan_layers:
-      x = _scan_blocks(self.layers, x, pos_BxT, inv_freq, act)
+      x = _scan_blocks(self.layers, x, pos_BxT, inv_freq, act, segment_ids_BxT)
     else:  # the cache path stays unrolled: a scan would carry (and copy) the whole cache
       for i, layer in enumerate(self.layers):
         kv = None if cache is None else (cache.k[i], cache.v[i], kpos_BxS, slot_BxT)
-        x, layer_kv = _maybe_remat(layer, cfg.remat)(x, pos_BxT, inv_freq, kv)
+        x, layer_kv = _maybe_remat(layer, cfg.remat)(x, pos_BxT, inv_freq, kv, segment_ids_BxT)
         x = shd.constrain(x, act)  # and again per block, so the backward pass keeps it too
         if cache is not None:
           new_k.append(layer_kv[0])
@@ -345,7 +352,7 @@ def _maybe_remat(layer: Block, policy: str):
   return functools.partial(run, state)
 
 
-def _scan_blocks(layers, x_BxTxD, pos_BxT, inv_freq, act):
+def _scan_blocks(layers, x_BxTxD, pos_BxT, inv_freq, act, seg_BxT=None):
   """Every block as one `lax.scan` step over the blocks' stacked weights (no cache).
 
   Why: with L unrolled blocks the compiler may schedule all L rematerialized forwards before the
@@ -368,7 +375,7 @@ def _scan_blocks(layers, x_BxTxD, pos_BxT, inv_freq, act):
                          is_leaf=lambda v: isinstance(v, nnx.Variable))
 
   def body(x, state):
-    y, _ = nnx.merge(graphdef, state)(x, pos_BxT, inv_freq, None)
+    y, _ = nnx.merge(graphdef, state)(x, pos_BxT, inv_freq, None, seg_BxT)
     return shd.constrain(y, act), None
 
   if cfg.remat != "none":

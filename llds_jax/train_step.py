@@ -89,6 +89,10 @@ class StepConfig:
   chunk_size: int = 256
   temperature: float = 1.0
   logprob_rows: int = 0  # rows per block of the old/ref log-prob pass; 0 = the whole batch at once
+  # Packed rows (packed_step.py): sequence length, 0 = the padded path; sequences per micro-batch
+  # (its token budget is pack_micro_seqs × pack_len); `logprob_rows` then counts sequences.
+  pack_len: int = 0
+  pack_micro_seqs: int = 0
 
 
 def _micro_loss(params, graphdef, micro: dict, sc: StepConfig):
@@ -127,16 +131,21 @@ def blocked_logprobs(graphdef, params, batch: dict, *, resp_len: int, sc: StepCo
   return jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), out)
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, sc: StepConfig,
-               grad_shardings=None) -> tuple[TrainState, dict]:
-  """One optimizer update on a minibatch, accumulated over `sc.num_micro` micro-batches.
+def minibatch_grads(params, batch: dict, *, graphdef, sc: StepConfig, grad_shardings=None):
+  """(float32 grads, metrics) of one minibatch, accumulated over `sc.num_micro` micro-batches.
 
   Each micro-batch loss is a token mean over its own loss tokens and the gradients are averaged
   over micro-batches, as the official actor does (`loss / grad_accum` then backward).
   """
   A = sc.num_micro
   micros = {k: _blocks(batch[k], A) for k in BATCH_KEYS}
-  grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+  return accumulate_micro(params, micros, lambda p, m: _micro_loss(p, graphdef, m, sc),
+                          divisor=A, grad_shardings=grad_shardings)
+
+
+def accumulate_micro(params, micros: dict, loss_fn, *, divisor: int, grad_shardings=None):
+  """Σ over the leading (micro-batch) axis of `loss_fn(params, micro)`'s (grad, metrics) / divisor."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   # The float32 accumulator is pinned to the params' sharding (`grad_shardings`), so each
   # micro-batch's gradient can be reduce-scattered into 1/fsdp of it. Unconstrained, the
@@ -148,17 +157,21 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, sc: St
 
   def accumulate(carry, micro):
     grads, msum = carry
-    (_, metrics), g = grad_fn(state.params, graphdef, micro, sc)
-    grads = pin(jax.tree.map(lambda a, b: a + b.astype(jnp.float32) / A, grads, g))
-    msum = jax.tree.map(lambda a, b: a + b / A, msum, metrics)
+    (_, metrics), g = grad_fn(params, micro)
+    grads = pin(jax.tree.map(lambda a, b: a + b.astype(jnp.float32) / divisor, grads, g))
+    msum = jax.tree.map(lambda a, b: a + b / divisor, msum, metrics)
     return (grads, msum), None
 
-  zeros = pin(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
-  _, m_shape = jax.eval_shape(lambda: _micro_loss(state.params, graphdef,
-                                                  jax.tree.map(lambda x: x[0], micros), sc))
+  zeros = pin(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+  _, m_shape = jax.eval_shape(lambda: loss_fn(params, jax.tree.map(lambda x: x[0], micros)))
   m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
   (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, m0), micros)
+  return grads, metrics
 
+
+def apply_grads(state: TrainState, grads, metrics: dict, *, tx,
+                schedule) -> tuple[TrainState, dict]:
+  """One optimizer update from accumulated grads; a non-finite loss or gradient skips it."""
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss/total"])
   lr = schedule(state.step)
@@ -181,12 +194,22 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, sc: St
   return state, metrics
 
 
+def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, sc: StepConfig,
+               grad_shardings=None, grads_fn=None) -> tuple[TrainState, dict]:
+  """One optimizer update on a minibatch: `grads_fn` (default `minibatch_grads`, padded rows;
+  `packed_step.packed_minibatch_grads` for packed ones), then `apply_grads`."""
+  grads, metrics = (grads_fn or minibatch_grads)(state.params, batch, graphdef=graphdef, sc=sc,
+                                                 grad_shardings=grad_shardings)
+  return apply_grads(state, grads, metrics, tx=tx, schedule=schedule)
+
+
 class Updater:
   """Owns the jitted functions of one (model, mesh, config): init, log-probs, train step."""
 
   def __init__(self, graphdef, abstract_params, *, opt, step_cfg: StepConfig, mesh: Mesh):
     self.graphdef, self.mesh, self.sc = graphdef, mesh, step_cfg
-    self.tx, schedule = make_optimizer(opt), lr_schedule(opt)
+    self.tx, self.schedule = make_optimizer(opt), lr_schedule(opt)
+    schedule = self.schedule
     self.param_shardings = shd.state_shardings(abstract_params, mesh)
     rep = shd.replicated(mesh)
     abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
@@ -217,6 +240,10 @@ class Updater:
                            out_shardings=self.state_shardings, donate_argnums=0)
     self.select_rows = jax.jit(lambda b, rows: {k: v[rows] for k, v in b.items()},
                                out_shardings=self.batch_shardings)
+    self.packed = None
+    if step_cfg.pack_len:
+      from llds_jax.packed_step import PackedPrograms  # it builds on this module
+      self.packed = PackedPrograms(self)
 
   def fresh_state(self, params) -> TrainState:
     """Step 0: the optimizer initialized on `params` (pure; `init_state` is it jitted, sharded)."""
@@ -244,8 +271,14 @@ def update_phase(updater: Updater, state: TrainState, batch: dict, ref_params, *
   `batch` holds this process's host rows for every key of BATCH_KEYS except old_logp/ref_logp.
   Minibatches are contiguous row blocks (official: no shuffle) unless `shuffle_seed` is given.
   Returns the state with `step` advanced by one, the per-minibatch metrics and whole-batch LLD
-  statistics (device scalars, for the caller to fetch when it needs them).
+  statistics (device scalars, for the caller to fetch when it needs them). With
+  `sc.pack_len` the rows are packed (`packed_step.packed_update_phase`).
   """
+  if updater.sc.pack_len:
+    from llds_jax.packed_step import packed_update_phase  # it builds on this module
+    return packed_update_phase(updater, state, batch, ref_params, minibatch=minibatch,
+                               ppo_epochs=ppo_epochs, shuffle_seed=shuffle_seed,
+                               progress=progress)
   placed = place_batch({k: v for k, v in batch.items() if k in BATCH_KEYS}, updater.batch_shardings)
   n = placed["input_ids"].shape[0]
   if n % minibatch:

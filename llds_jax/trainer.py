@@ -26,6 +26,7 @@ from llds_jax.model import ModelConfig, Transformer, compute_dtype_of
 from llds_jax.retriever import BM25Index
 from llds_jax.rollout import OBS_TRUNCATION, RolloutConfig, rollout
 from llds_jax.sampler import bucket
+from llds_jax.search_pool import SearchPool
 from llds_jax.train_step import StepConfig, Updater, update_phase
 
 # Progress notes a user should see are INFO on this logger (main.py shows the "llds_jax" tree at
@@ -87,16 +88,49 @@ def validate(c) -> None:
     raise ValueError(f"config.rl.micro_batch_size={per_micro} must be a multiple of the mesh's "
                      f"data × fsdp = {row_shards} row shards")
   lp_rows = c.rl.logprob_micro_batch_size
-  if lp_rows < 0 or (lp_rows and (rows % lp_rows or lp_rows % row_shards)):
+  if c.rl.pack:
+    _validate_packing(c, row_shards)
+  elif lp_rows < 0 or (lp_rows and (rows % lp_rows or lp_rows % row_shards)):
     raise ValueError(f"config.rl.logprob_micro_batch_size={lp_rows} must divide the rollout rows "
                      f"({rows}) and be a multiple of the mesh's {row_shards} row shards (0 = off)")
   nproc = jax.process_count()  # every host rolls out an equal, contiguous share of the prompts
   if c.rollout.prompts % nproc:
     raise ValueError(f"config.rollout.prompts={c.rollout.prompts} must divide over {nproc} hosts")
   hosts.local_batch_shards(mesh)  # each host must hold whole row shards; raises naming the mesh
+  if c.rl.filter_zero_variance and nproc > 1:  # hosts would keep different row counts
+    raise ValueError("config.rl.filter_zero_variance=True is single-process for now")
   if not c.resume and checkpoint.saved_steps(os.path.join(c.workdir, "checkpoints")):
     raise ValueError(f"config.resume=False but {c.workdir}/checkpoints already holds checkpoints: "
                      "use a new config.workdir or delete that directory (nothing is overwritten)")
+
+
+def _validate_packing(c, row_shards: int) -> None:
+  if c.rl.pack_len and c.rl.pack_len < c.rollout.max_context:
+    raise ValueError(f"config.rl.pack_len={c.rl.pack_len} must be 0 or ≥ rollout.max_context="
+                     f"{c.rollout.max_context} (a row must fit one packed sequence)")
+  seqs = c.rl.pack_micro_seqs or c.rl.micro_batch_size
+  if seqs <= 0 or seqs % row_shards:
+    raise ValueError(f"config.rl.pack_micro_seqs={c.rl.pack_micro_seqs} (0 = micro_batch_size) "
+                     f"must give a multiple of the mesh's {row_shards} row shards")
+  lp = c.rl.logprob_micro_batch_size
+  if lp < 0 or lp % row_shards:
+    raise ValueError(f"config.rl.logprob_micro_batch_size={lp} must be a multiple of the mesh's "
+                     f"{row_shards} row shards (0 = off)")
+
+
+def zero_variance_filter(reward_N: np.ndarray, group_N: np.ndarray,
+                         minibatch: int) -> tuple[np.ndarray, dict]:
+  """(rows to train on, filter/* metrics) for `rl.filter_zero_variance` (DAPO dynamic sampling).
+
+  Groups whose rewards are all equal have Â = 0 for every row, so no policy-gradient signal.
+  Rows of the other groups are kept in order and cut to whole minibatches (no refill), so the
+  optimizer steps per rollout can fall, to none.
+  """
+  informative = {g for g in np.unique(group_N) if np.ptp(reward_N[group_N == g]) > 0}
+  keep = np.flatnonzero([g in informative for g in group_N])
+  used = keep[:len(keep) // minibatch * minibatch]
+  return used, {"filter/zero_variance_frac": 1.0 - len(keep) / max(len(group_N), 1),
+                "filter/rows_used": float(len(used))}
 
 
 def load_policy(c, mesh):
@@ -124,8 +158,11 @@ def load_policy(c, mesh):
   return model, cfg, tokenizer
 
 
-def load_retriever(path: str) -> BM25Index:
-  """A saved index directory, or a corpus jsonl indexed in memory (small corpora only)."""
+def load_retriever(path: str, workers: int = 1) -> BM25Index | SearchPool:
+  """A saved index directory, or a corpus jsonl indexed in memory (small corpora only); with
+  `workers` > 1, a pool of that many processes searching the saved index (search_pool.py)."""
+  if workers > 1:
+    return SearchPool(path, workers)
   if path.endswith(".jsonl"):
     return BM25Index.build(data.read_corpus(path))
   return BM25Index.load(path)
@@ -147,7 +184,9 @@ def step_config(c) -> StepConfig:
   return StepConfig(loss=losses.LossConfig.from_config(rl),
                     num_micro=c.rl.minibatch_size // c.rl.micro_batch_size,
                     chunk_size=c.rl.logprob_chunk, temperature=c.rollout.temperature or 1.0,
-                    logprob_rows=c.rl.logprob_micro_batch_size)
+                    logprob_rows=c.rl.logprob_micro_batch_size,
+                    pack_len=(c.rl.pack_len or c.rollout.max_context) if c.rl.pack else 0,
+                    pack_micro_seqs=c.rl.pack_micro_seqs or c.rl.micro_batch_size)
 
 
 def build_batch(ro, adv_N: np.ndarray, answer_weight_NxR: np.ndarray,
@@ -238,7 +277,7 @@ def train(c) -> list[dict]:
     raise ValueError(f"config.rollout.prompts={c.rollout.prompts} exceeds the {len(examples)} "
                      f"questions of config.data.train={c.data.train!r}")
   it = data.PromptIterator(examples, c.rollout.prompts, seed=c.seed, shuffle=c.data.shuffle)
-  retriever = load_retriever(c.retriever.index)
+  retriever = load_retriever(c.retriever.index, c.retriever.workers)
   model, cfg, tokenizer = load_policy(c, mesh)
   for field, exs in (("config.data.train", examples), ("config.data.val", val)):
     data.check_prompt_lengths(exs, tokenizer, c.rollout.max_prompt_tokens, field)
@@ -306,13 +345,24 @@ def train(c) -> list[dict]:
     host_batch = build_batch(ro, adv_N, answer_w, max_len=c.rollout.max_context)
     progress = (lambda s: tqdm.tqdm(s, desc="update", leave=False)) if show else None
     shuffle = c.seed * 7919 + step if c.rl.shuffle_minibatches else None
-    state, per_mb, batch_stats = update_phase(updater, state, host_batch, ref_params,
-                                 minibatch=c.rl.minibatch_size,
-                                 ppo_epochs=c.rl.ppo_epochs, shuffle_seed=shuffle,
-                                 progress=progress)
+    filtered = {}
+    if c.rl.filter_zero_variance:
+      used, filtered = zero_variance_filter(reward_N, group_ids, c.rl.minibatch_size)
+      host_batch = {k: v[used] for k, v in host_batch.items()}
+    if len(host_batch["adv"]):
+      state, per_mb, batch_stats = update_phase(updater, state, host_batch, ref_params,
+                                   minibatch=c.rl.minibatch_size,
+                                   ppo_epochs=c.rl.ppo_epochs, shuffle_seed=shuffle,
+                                   progress=progress)
+      m = mlib.summarize_minibatches(per_mb)
+      m.update({k: float(v) for k, v in jax.device_get(batch_stats).items()})
+    else:  # every group filtered: no update, and zeros keep the metric keys of every record
+      state = updater.advance(state)
+      m = {k: 0.0 for k in ("loss/total", "loss/pg", "loss/llds", "loss/kl", "entropy",
+                            "grad_norm", "skipped_nonfinite")}
+      m.update({"update/optimizer_steps": 0, "lld/preserving_logp": float("nan")})  # no π_old pass
     faults.point("update", step + 1)
-    m = mlib.summarize_minibatches(per_mb)
-    m.update({k: float(v) for k, v in jax.device_get(batch_stats).items()})
+    m.update(filtered)
     m.update(ro.stats)
     m.update({"reward/mean": float(reward_all.mean()), "reward/max_group_std": float(
         max(np.std(reward_all[group_all == g]) for g in np.unique(group_all))),

@@ -1,0 +1,211 @@
+"""The update phase on packed rows: old/ref log-prob passes and minibatch steps without padding.
+
+Dims: N rollout rows, R response tokens, Q packed sequences of S tokens, K loss-token positions
+per sequence, A micro-batches of Qm sequences, M row slots per micro-batch, D embed.
+
+Layouts come from `packing.py`. The model runs on the packed `Q×S` grid (segment ids keep rows
+apart) and the unembedding only on its loss-token positions (`Q×K`); the per-token log-probs
+and entropies are gathered back to a row grid (`N×R`, or `M×R`
+per micro-batch) and the unchanged `losses.policy_loss` runs there. A minibatch holds the same
+rows as the padded path's minibatch; its micro-batches are token budgets (Qm sequences), so
+their row counts differ, and `micro_scales` weights each micro-batch's means by its share of the
+minibatch's denominators. Summed, they give the minibatch loss and gradient of the padded path
+with one micro-batch (`num_micro = 1`) exactly, whatever the micro-batch split: unlike the
+official fixed-size micro-batches (mean of micro-batch means), micro-batching no longer changes
+the loss.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llds_jax import hosts, losses, packing, sharding as shd
+from llds_jax.logprobs import token_logprobs
+from llds_jax.train_step import (StepConfig, TrainState, accumulate_micro, place_batch,
+                                 train_step)
+
+SEQ_KEYS = packing.SEQ_KEYS  # Q×S tokens, positions, segment ids; Q×K loss positions
+ROW_KEYS = ("loss_mask", "adv", "old_logp", "ref_logp", "answer_weight")  # gathered per row slot
+
+
+def packed_logprobs(graphdef, params, seqs: dict, *, sc: StepConfig, with_entropy: bool = True):
+  """(logp_QxK, entropy_QxK) at each sequence's `keep` positions: log p of the token after
+  each, from that position's hidden state.
+
+  Only positions that predict a loss token get logits: prompts, observations and padding cost
+  the transformer but not the `D×V` unembedding (the padded path computes it on all of `N×R`).
+  The gather runs along each sequence, so it stays local to the sequence's shard.
+  """
+  model = nnx.merge(graphdef, params)
+  ids_QxS, seg_QxS, keep_QxK = seqs["input_ids"], seqs["segment_ids"], seqs["keep"]
+  h_QxSxD, _ = model.hidden(ids_QxS, seqs["positions"], seg_QxS > 0, segment_ids_BxT=seg_QxS)
+  tgt_QxS = jnp.concatenate([ids_QxS[:, 1:], jnp.zeros_like(ids_QxS[:, :1])], axis=1)
+  h_QxKxD = jnp.take_along_axis(h_QxSxD, keep_QxK[:, :, None], axis=1)
+  return token_logprobs(h_QxKxD, model.unembed(), jnp.take_along_axis(tgt_QxS, keep_QxK, axis=1),
+                        chunk_size=sc.chunk_size, temperature=sc.temperature,
+                        with_entropy=with_entropy)
+
+
+def _take(x_QxK, gather_NxR):
+  return jnp.take(x_QxK.reshape(-1), gather_NxR, axis=0)
+
+
+def blocked_packed_logprobs(graphdef, params, seqs: dict, gather_NxR, *, sc: StepConfig):
+  """Response log-probs `N×R` (no entropy) of a packed rollout batch, `sc.logprob_rows` sequences
+  per block (the packed counterpart of `train_step.blocked_logprobs`)."""
+  q = seqs["input_ids"].shape[0]
+  rows = min(sc.logprob_rows, q) if sc.logprob_rows else q
+  if q % rows:
+    raise ValueError(f"{q} packed sequences do not split into log-prob blocks of {rows}")
+  fn = lambda s: packed_logprobs(graphdef, params, s, sc=sc, with_entropy=False)[0]  # noqa: E731
+  if rows == q:
+    logp_QxK = fn(seqs)
+  else:
+    blocks = {k: shd.constrain(v.reshape(q // rows, rows, -1), (None, "batch", None))
+              for k, v in seqs.items()}
+    logp_QxK = jax.lax.map(fn, blocks).reshape(q, -1)
+  return shd.constrain(_take(logp_QxK, gather_NxR), ("batch", None))
+
+
+def micro_scales(mask_AxMxR, adv_AxM) -> dict[str, jax.Array]:
+  """Each micro-batch's share of the minibatch's loss denominators (`policy_loss(scales=...)`).
+
+  "token": loss tokens; "seq": rows with loss tokens (seq-mean-token-mean); "resp": preserving
+  (Â ≥ 0) rows with loss tokens (LLDS norm "response"). Each is count_a / max(Σ_a count_a, 1).
+  """
+  m_AxMxR = mask_AxMxR.astype(jnp.float32)
+  n_AxM = jnp.sum(m_AxMxR, axis=2)
+  has_AxM = (n_AxM > 0).astype(jnp.float32)
+  pres_AxM = has_AxM * (adv_AxM >= 0)
+  share = lambda c_AxM: jnp.sum(c_AxM, 1) / jnp.maximum(jnp.sum(c_AxM), 1.0)  # noqa: E731
+  return {"token": share(n_AxM), "seq": share(has_AxM), "resp": share(pres_AxM)}
+
+
+def micro_objective(logp_QxK, ent_QxK, micro: dict, cfg: losses.LossConfig):
+  """One micro-batch's share of the minibatch loss, from its packed per-token log-probs."""
+  logp_MxR, ent_MxR = _take(logp_QxK, micro["gather"]), _take(ent_QxK, micro["gather"])
+  scales = micro["scales"]
+  ref = micro["ref_logp"] if cfg.kl_coef else None
+  total, metrics = losses.policy_loss(
+      logp_MxR, micro["old_logp"], micro["adv"], micro["loss_mask"], cfg, ref_logp_BxT=ref,
+      entropy_BxT=ent_MxR, answer_weight_BxT=micro["answer_weight"], scales=scales)
+  metrics["entropy"] = losses.masked_mean(jax.lax.stop_gradient(ent_MxR),
+                                          micro["loss_mask"]) * scales["token"]
+  return total, metrics
+
+
+def _packed_micro_loss(params, graphdef, micro: dict, sc: StepConfig):
+  logp_QxK, ent_QxK = packed_logprobs(graphdef, params, micro, sc=sc)
+  return micro_objective(logp_QxK, ent_QxK, micro, sc.loss)
+
+
+def packed_minibatch_grads(params, batch: dict, *, graphdef, sc: StepConfig, grad_shardings=None):
+  """(float32 grads, metrics) of one packed minibatch: Σ over its A token-budget micro-batches."""
+  micros = {k: shd.constrain(batch[k], (None, "batch", *([None] * (batch[k].ndim - 2))))
+            for k in SEQ_KEYS + ("gather",) + ROW_KEYS}
+  micros["scales"] = micro_scales(batch["loss_mask"], batch["adv"])
+  return accumulate_micro(params, micros, lambda p, m: _packed_micro_loss(p, graphdef, m, sc),
+                          divisor=1, grad_shardings=grad_shardings)
+
+
+class PackedPrograms:
+  """The jitted packed passes of an `Updater` (same params, mesh and step config)."""
+
+  def __init__(self, updater):
+    mesh, sc, graphdef = updater.mesh, updater.sc, updater.graphdef
+    rep = shd.replicated(mesh)
+    row = lambda nd: shd.batch_sharding(mesh, nd)  # noqa: E731
+    # Micro-batch stacks: A whole, sequences / row slots over the row shards.
+    stack = lambda nd: jax.sharding.NamedSharding(  # noqa: E731
+        mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"), *([None] * (nd - 2))))
+    self.seq_shardings = {k: row(2) for k in SEQ_KEYS}
+    self.step_shardings = {k: stack(3) for k in SEQ_KEYS + ("gather", "old_logp", "ref_logp",
+                                                          "loss_mask", "answer_weight")}
+    self.step_shardings["adv"] = stack(2)
+    self.step = shd.OnMesh(jax.jit(
+        lambda s, b: train_step(s, b, graphdef=graphdef, tx=updater.tx,
+                                schedule=updater.schedule, sc=sc,
+                                grad_shardings=updater.param_shardings,
+                                grads_fn=packed_minibatch_grads),
+        in_shardings=(updater.state_shardings, self.step_shardings),
+        out_shardings=(updater.state_shardings, rep), donate_argnames=("s",)), mesh)
+    self.logprobs = shd.OnMesh(jax.jit(
+        lambda p, s, g: blocked_packed_logprobs(graphdef, p, s, g, sc=sc),
+        in_shardings=(updater.param_shardings, self.seq_shardings, row(2)),
+        out_shardings=row(2)), mesh)
+
+    def select(placed, rows_AxM):
+      # Padding slots index past the last row: mode="fill" gives them zeros (no loss tokens).
+      return {k: jnp.take(placed[k], rows_AxM, axis=0, mode="fill", fill_value=0)
+              for k in ROW_KEYS}
+
+    self.select_rows = jax.jit(select, out_shardings={k: self.step_shardings[k]
+                                                      for k in ROW_KEYS})
+    self.row_shardings = row(2)
+
+
+def _place(arrs: dict, shardings: dict, axis: int) -> dict:
+  """Arrays every process computed identically → global arrays: each passes its own slice of
+  `axis` (the one split over the row shards; hosts own contiguous blocks, `hosts.split`)."""
+  out = {}
+  for k, x in arrs.items():
+    local = np.moveaxis(np.asarray(hosts.split(np.moveaxis(x, axis, 0))), 0, axis)
+    out[k] = jax.make_array_from_process_local_data(shardings[k], local, x.shape)
+  return out
+
+
+def _seqs_per_block(batch: dict, rows, seq_len: int, most: int, row_shards: int) -> int:
+  """Sequences per block: `most` (0 = no limit), or fewer when the rows need fewer (bucketed)."""
+  p_N, r_N = packing.row_extents(batch["attn_mask"][rows], batch["input_ids"].shape[1]
+                                 - batch["loss_mask"].shape[1])
+  _, _, used = packing.first_fit(p_N + r_N, seq_len)
+  need = -(-packing.few_shapes(used) // row_shards) * row_shards
+  return min(most, need) if most else need
+
+
+def packed_update_phase(updater, state: TrainState, batch: dict, ref_params, *, minibatch: int,
+                        ppo_epochs: int = 1, shuffle_seed: int | None = None, progress=None):
+  """`train_step.update_phase` on packed rows: same minibatch rows, same steps, no padding."""
+  sc, progs = updater.sc, updater.packed
+  row_shards = updater.mesh.shape["data"] * updater.mesh.shape["fsdp"]
+  placed = place_batch({k: batch[k] for k in ("loss_mask", "adv", "answer_weight")},
+                       updater.batch_shardings)
+  # A minibatch's rows may live on other hosts: every process packs all rows (the same layout
+  # everywhere) and places its own slice of the sequences.
+  batch = {k: hosts.gather_rows(batch[k]) for k in ("input_ids", "attn_mask", "loss_mask")}
+  n = batch["input_ids"].shape[0]
+  if n % minibatch:
+    raise ValueError(f"rollout rows {n} not divisible by rl.minibatch_size={minibatch}")
+  # A batch that needs fewer sequences than a block (or a micro-batch) gets a smaller one:
+  # short rollouts would otherwise pay for pack_len × logprob_rows slots of padding.
+  lp = packing.pack_rows(batch, np.arange(n), sc.pack_len, seq_multiple=_seqs_per_block(
+      batch, np.arange(n), sc.pack_len, sc.logprob_rows, row_shards))
+  seqs = _place({k: lp[k] for k in SEQ_KEYS}, progs.seq_shardings, axis=0)
+  gather = _place({"g": lp["gather"]}, {"g": progs.row_shardings}, axis=0)["g"]
+  placed["old_logp"] = progs.logprobs(state.params, seqs, gather)
+  if sc.loss.kl_coef:
+    placed["ref_logp"] = progs.logprobs(ref_params, seqs, gather)
+  else:
+    placed["ref_logp"] = jnp.zeros_like(placed["old_logp"])
+  batch_stats = updater.lld_stats(placed["old_logp"], placed["adv"], placed["loss_mask"],
+                                  placed["ref_logp"])
+  steps = [(e, i) for e in range(ppo_epochs) for i in range(n // minibatch)]
+  orders = {e: (np.arange(n) if shuffle_seed is None
+                else np.random.default_rng((shuffle_seed, e)).permutation(n))
+            for e in range(ppo_epochs)}
+  mb_rows = [orders[e][i * minibatch:(i + 1) * minibatch] for e, i in steps]
+  qm = max(_seqs_per_block(batch, r, sc.pack_len, sc.pack_micro_seqs, row_shards)
+           for r in mb_rows)
+  layouts = [packing.minibatch_layout(batch, r, sc.pack_len, qm) for r in mb_rows]
+  stacked = packing.stack_micro(layouts, n, row_shards)
+  metrics = []
+  for st in (progress(stacked) if progress else stacked):
+    mb = progs.select_rows(placed, jnp.asarray(st["rows"]))
+    mb.update(_place({k: st[k] for k in SEQ_KEYS + ("gather",)}, progs.step_shardings, axis=1))
+    state, m = progs.step(state, mb)
+    metrics.append(m)
+  return updater.advance(state), metrics, batch_stats
+

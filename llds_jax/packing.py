@@ -1,0 +1,179 @@
+"""Packed rows: several trajectories per fixed-length sequence instead of one padded row each.
+
+Dims: N rollout rows, L = P + R padded row (left-padded prompt of P, right-padded response of
+R), Q packed sequences of S tokens, K loss-token positions per sequence, A micro-batches per
+minibatch, M row slots per micro-batch.
+
+A row's valid tokens `[prompt | response]` are contiguous in the padded layout (columns
+`[P - p, P + r)`); packing copies them to `[o, o + p + r)` of one sequence, with positions
+`0 .. p + r - 1` (the padded path's `cumsum(attn) - 1`, so RoPE sees the same numbers) and a
+segment id (1, 2, ... within the sequence; 0 = padding). Attention only looks inside a segment
+(`attention.attend`). The hidden state that predicts response token t of that row sits at
+`o + p + t - 1`; for loss tokens (`loss_mask` = 1) that position is listed in the sequence's
+`keep` row (only those get logits), and `gather_NxR` holds its flat index into the Q×K grid, so
+per-token log-probs come back to the row grid `N×R` where every loss already lives, and each
+loss keeps its exact per-row meaning (GSPO's sequence ratio, LLDS's gates and norms,
+seq-mean-token-mean).
+
+Host side only (NumPy): the jitted passes that consume these layouts are in `packed_step.py`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llds_jax.sampler import bucket
+
+SEQ_KEYS = ("input_ids", "positions", "segment_ids", "keep")  # per packed sequence
+
+
+def row_extents(attn_NxL: np.ndarray, prompt_width: int) -> tuple[np.ndarray, np.ndarray]:
+  """(prompt tokens p_N, response tokens r_N) of padded `[prompt | response]` rows."""
+  attn_NxL = np.asarray(attn_NxL) > 0
+  return attn_NxL[:, :prompt_width].sum(1), attn_NxL[:, prompt_width:].sum(1)
+
+
+def first_fit(lengths_N: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+  """First-fit decreasing bin packing: (sequence of each row, its offset, sequences used).
+
+  Longest rows first, each into the first sequence with room (ties keep row order, so the
+  layout is deterministic). Within 11/9 of the optimum number of sequences plus one.
+  """
+  lengths_N = np.asarray(lengths_N, np.int64)
+  too_long = np.flatnonzero(lengths_N > seq_len)
+  if too_long.size:
+    i = int(too_long[0])
+    raise ValueError(f"packing: row {i} has {int(lengths_N[i])} tokens, more than the packed "
+                     f"sequence length {seq_len} (config.rl.pack_len)")
+  seq_N = np.zeros(len(lengths_N), np.int64)
+  off_N = np.zeros(len(lengths_N), np.int64)
+  free_Q = np.zeros(0, np.int64)
+  for i in np.argsort(-lengths_N, kind="stable"):
+    fits = np.flatnonzero(free_Q >= lengths_N[i])
+    if fits.size:
+      q = int(fits[0])
+    else:
+      q = len(free_Q)
+      free_Q = np.append(free_Q, seq_len)
+    seq_N[i], off_N[i] = q, seq_len - free_Q[q]
+    free_Q[q] -= lengths_N[i]
+  return seq_N, off_N, len(free_Q)
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def few_shapes(n: int) -> int:
+  """n rounded up on `sampler.bucket`'s ladder (2, 3, 4, 6, 8, 12, ...): few compiled shapes."""
+  return n if n <= 2 else bucket(n, minimum=2)
+
+
+def pack_rows(batch: dict, rows: np.ndarray, seq_len: int, num_seqs: int | None = None,
+              seq_multiple: int = 1) -> dict:
+  """Packs `rows` of a padded host batch; returns the sequences and the way back to rows.
+
+  `batch` holds `input_ids` / `attn_mask` (`N×L`) and `loss_mask` (`N×R`, R fixes P = L − R).
+  Returns input_ids, positions, segment_ids (`Q×S`, Q = `num_seqs` or the sequences needed
+  rounded up to `seq_multiple`), `keep` (`Q×K`: per sequence, the positions whose hidden state
+  predicts a loss token, K = the most in any sequence, bucketed; only these get logits),
+  `gather` (`len(rows)×R` flat indices into `Q×K`; a column without a loss token points at 0,
+  whose value the loss mask then ignores), and each row's sequence `row_seq` and segment id
+  `row_segment`.
+  """
+  ids_NxL, attn_NxL = np.asarray(batch["input_ids"]), np.asarray(batch["attn_mask"])
+  R = np.asarray(batch["loss_mask"]).shape[1]
+  P = ids_NxL.shape[1] - R
+  rows = np.asarray(rows, np.int64)
+  p_N, r_N = row_extents(attn_NxL[rows], P)
+  loss_NxR = np.asarray(batch["loss_mask"])[rows] > 0
+  empty = np.flatnonzero(p_N == 0)
+  if empty.size:
+    raise ValueError(f"packing: row {int(rows[empty[0]])} has no prompt token (its first "
+                     "response token would be predicted from the previous segment)")
+  seq_N, off_N, used = first_fit(p_N + r_N, seq_len)
+  q = _round_up(max(used, 1), seq_multiple) if num_seqs is None else num_seqs
+  if used > q:
+    raise ValueError(f"packing: {used} sequences needed, only {q} allowed")
+  ids_QxS = np.zeros((q, seq_len), np.int32)
+  pos_QxS = np.zeros((q, seq_len), np.int32)
+  seg_QxS = np.zeros((q, seq_len), np.int32)
+  slot_N = np.zeros(len(rows), np.int32)
+  count_Q = np.bincount(seq_N, weights=loss_NxR.sum(1), minlength=q).astype(np.int64)
+  k = min(bucket(max(int(count_Q.max(initial=0)), 1)), seq_len)
+  keep_QxK = np.zeros((q, k), np.int32)
+  gather_NxR = np.zeros((len(rows), R), np.int32)
+  slot_Q = np.zeros(q, np.int32)
+  fill_Q = np.zeros(q, np.int64)
+  for j, i in enumerate(rows):
+    p, r, s, o = int(p_N[j]), int(r_N[j]), int(seq_N[j]), int(off_N[j])
+    n = p + r
+    ids_QxS[s, o:o + n] = ids_NxL[i, P - p:P + r]
+    pos_QxS[s, o:o + n] = np.arange(n)
+    slot_Q[s] += 1
+    slot_N[j] = slot_Q[s]
+    seg_QxS[s, o:o + n] = slot_Q[s]
+    t_T = np.flatnonzero(loss_NxR[j])
+    c = fill_Q[s]
+    keep_QxK[s, c:c + len(t_T)] = o + p + t_T - 1
+    gather_NxR[j, t_T] = s * k + c + np.arange(len(t_T))
+    fill_Q[s] += len(t_T)
+  return dict(input_ids=ids_QxS, positions=pos_QxS, segment_ids=seg_QxS, keep=keep_QxK,
+              gather=gather_NxR, row_seq=seq_N, row_segment=slot_N)
+
+
+def minibatch_layout(batch: dict, rows: np.ndarray, seq_len: int, micro_seqs: int) -> list[dict]:
+  """One minibatch's rows packed, then cut into micro-batches of `micro_seqs` sequences.
+
+  Returns per micro-batch: its sequences (`micro_seqs×S` and `keep`), `rows` (the batch rows it
+  holds) and `gather` (those rows' indices into its own `micro_seqs×K` grid). Every row lies in
+  exactly one micro-batch, whole.
+  """
+  pk = pack_rows(batch, rows, seq_len, seq_multiple=micro_seqs)
+  k = pk["keep"].shape[1]
+  out = []
+  for a in range(pk["input_ids"].shape[0] // micro_seqs):
+    sl = slice(a * micro_seqs, (a + 1) * micro_seqs)
+    mine = np.flatnonzero((pk["row_seq"] >= sl.start) & (pk["row_seq"] < sl.stop))
+    g = pk["gather"][mine]
+    out.append({**{key: pk[key][sl] for key in SEQ_KEYS}, "rows": np.asarray(rows)[mine],
+                "gather": np.where(g > 0, g - sl.start * k, 0)})
+  return out
+
+
+def stack_micro(layouts: list[list[dict]], num_rows: int, row_multiple: int) -> list[dict]:
+  """Pads every minibatch's micro-batches to one shape (A micro-batches × M row slots × K).
+
+  A and M are the largest over the minibatches, bucketed (`sampler.bucket`) so few shapes
+  compile; empty micro-batches and row slots are padding: their `rows` entry is `num_rows`
+  (out of range, so the device gather fills it with zeros: no loss tokens).
+  """
+  a = few_shapes(max(len(mb) for mb in layouts))
+  m = _round_up(few_shapes(max(len(u["rows"]) for mb in layouts for u in mb)), row_multiple)
+  k = max(u["keep"].shape[1] for mb in layouts for u in mb)
+  out = []
+  for mb in layouts:
+    qm, s = mb[0]["input_ids"].shape
+    r = mb[0]["gather"].shape[1]
+    st = {key: np.zeros((a, qm, s), np.int32) for key in ("input_ids", "positions", "segment_ids")}
+    st.update(keep=np.zeros((a, qm, k), np.int32), rows=np.full((a, m), num_rows, np.int32),
+              gather=np.zeros((a, m, r), np.int32))
+    for j, u in enumerate(mb):
+      for key in ("input_ids", "positions", "segment_ids"):
+        st[key][j] = u[key]
+      ku = u["keep"].shape[1]
+      st["keep"][j, :, :ku] = u["keep"]
+      st["rows"][j, :len(u["rows"])] = u["rows"]
+      st["gather"][j, :len(u["rows"])] = u["gather"] // ku * k + u["gather"] % ku  # K → max K
+    out.append(st)
+  return out
+
+
+def non_pad_fraction(attn_NxL: np.ndarray, seq_len: int | None = None) -> float:
+  """Share of token slots holding a real token: padded rows as given, or packed at `seq_len`."""
+  attn_NxL = np.asarray(attn_NxL) > 0
+  tokens = int(attn_NxL.sum())
+  if seq_len is None:
+    return tokens / max(attn_NxL.size, 1)
+  _, _, used = first_fit(attn_NxL.sum(1), seq_len)
+  return tokens / max(used * seq_len, 1)

@@ -1,0 +1,162 @@
+"""Exact MaxScore pruning for BM25 top-k: a query reads its common terms only at candidate docs.
+
+Dims: V vocabulary terms, N documents, C candidate docs of one query, k results per query.
+
+Idea (MaxScore, Turtle & Flood 1995; the essential/non-essential split of Lucene's
+MaxScoreBulkScorer), vectorized per query in numpy. Every term has an upper bound
+ub = count · (its largest impact). With θ ≤ the k-th best score, the longest run of smallest-bound
+terms whose bounds sum below θ is "non-essential": a doc holding only those terms scores < θ, so it
+can neither enter the top k nor tie with it. Candidates are the docs of the essential (rare,
+high-idf) terms; the common terms (dense rows included) are looked up at the candidates, largest
+bound first, dropping each candidate whose partial sum plus the bounds still to come is below θ.
+
+θ (pass 1): the exact k-th best score of any set of docs is ≤ the true k-th best; the set is the
+REFINE·k docs of the highest-bound sparse terms with the best partial sums over those terms. Partial
+sums are ≤ full scores, so the candidates' k-th best partial sum may raise θ again.
+
+The survivors, a superset of the top k, get the exhaustive scorer's exact bits: the same impacts
+added in the same order (sparse terms in ascending id, then dense rows in id order, see
+BM25Index._dense) with the same float64 operations, a missing term adding an exact 0. Bound sums
+and θ may differ from exact arithmetic by float64 rounding (~1e-16 relative); every comparison
+with θ keeps a 1e-9 relative margin on the safe side.
+
+`search_one` returns None where pruning cannot pay off or prove anything: a dense-row term is
+essential, ≥ N/FALLBACK_FRACTION candidates, fewer than k hits, or negative impacts (okapi's idf
+floor when the mean idf is negative). The caller then scores all N docs.
+"""
+
+import numpy as np
+
+FALLBACK_FRACTION = 8  # ≥ N/8 candidates: the exhaustive dense path is cheaper than lookups
+MIN_WORK = 1 << 20  # exhaustive work (postings + N per dense row) below which pruning costs more
+REFINE = 8  # pass 1 scores exactly the REFINE·k docs with the best partial sums
+_MARGIN = 1e-9
+
+
+def exhaustive_work(index, terms) -> int:
+  """Numbers the exhaustive scorer adds for a query: its sparse postings plus N per dense row.
+
+  Pruning costs ~30 numpy calls per query whatever N, so it pays only for large `index`es and
+  common-word queries (measured in bench/retriever.py --scaling: 0.3× at 5k passages, 1× at 200k,
+  1.5–1.7× at 1M).
+  """
+  return sum(index.num_docs if t in index._dense_row else _df(index, t)  # pylint: disable=protected-access
+             for t, _ in terms)
+
+
+def term_max(indptr_V1: np.ndarray, weights_P: np.ndarray) -> np.ndarray:
+  """float32 [V]: each term's largest sparse impact (0 for terms without sparse postings)."""
+  indptr_V1 = np.asarray(indptr_V1)
+  max_V = np.zeros(len(indptr_V1) - 1, np.float32)
+  nonempty = indptr_V1[1:] > indptr_V1[:-1]
+  if nonempty.any():
+    max_V[nonempty] = np.maximum.reduceat(weights_P, indptr_V1[:-1][nonempty])
+  return max_V
+
+
+def _times(w: np.ndarray, count: int) -> np.ndarray:
+  # Repeated query terms count once per repeat; the same operation as the exhaustive scorer's.
+  return w if count == 1 else w * np.float64(count)
+
+
+def score_docs(index, docs_C: np.ndarray, sparse, dense) -> np.ndarray:
+  """Exact float64 scores at sorted docs: sparse (term, count) lookups, then dense (row, count)."""
+  s_C = np.zeros(len(docs_C))
+  for t, count in sparse:
+    s_C += _times(_lookup(index, t, docs_C), count)
+  for r, count in dense:
+    s_C += _times(index.dense_DxN[r, docs_C], count)
+  return s_C
+
+
+def _lookup(index, t: int, docs_C: np.ndarray) -> np.ndarray:
+  """Term t's impacts at sorted docs (float32; an exact 0 where the doc lacks the term)."""
+  lo, hi = int(index.indptr_V1[t]), int(index.indptr_V1[t + 1])
+  docs = index.docs_P[lo:hi]
+  pos_C = np.minimum(np.searchsorted(docs, docs_C), hi - lo - 1)
+  return np.where(docs[pos_C] == docs_C, index.weights_P[lo + pos_C], np.float32(0))
+
+
+def _df(index, t: int) -> int:
+  return int(index.indptr_V1[t + 1] - index.indptr_V1[t])
+
+
+def _merged_postings(index, terms):
+  """Union of the terms' postings, sorted, with the sum of their count-scaled impacts per doc."""
+  docs, ws = [], []
+  for t, count in terms:
+    lo, hi = int(index.indptr_V1[t]), int(index.indptr_V1[t + 1])
+    docs.append(index.docs_P[lo:hi])
+    ws.append(_times(index.weights_P[lo:hi], count).astype(np.float64))
+  if len(docs) == 1:
+    return np.asarray(docs[0]), ws[0]
+  docs, ws = np.concatenate(docs), np.concatenate(ws)
+  order = np.argsort(docs, kind="stable")  # sorted runs: timsort merges them
+  docs, ws = docs[order], ws[order]
+  starts = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]])
+  return docs[starts], np.add.reduceat(ws, starts)
+
+
+def top_k(ids_C: np.ndarray, s_C: np.ndarray, k: int):
+  """Best k of (ids, scores), best first; ties → lower doc index."""
+  if len(s_C) > k:
+    keep = s_C >= np.partition(s_C, len(s_C) - k)[len(s_C) - k]
+    ids_C, s_C = ids_C[keep], s_C[keep]
+  order = np.lexsort((ids_C, -s_C))[:k]
+  return ids_C[order].astype(np.int64), s_C[order]
+
+
+def search_one(index, max_V: np.ndarray, terms: list[tuple[int, int]], k: int):
+  """Exact top-k (doc ids, float64 scores) of one query's sorted (term id, count) pairs, or None
+  when pruning cannot pay off (then the caller scores all N docs)."""
+  dense_row = index._dense_row  # pylint: disable=protected-access
+  sparse = [(t, c) for t, c in terms if t not in dense_row]
+  dense = [(dense_row[t], c) for t, c in terms if t in dense_row]
+  ub = {("s", t): float(max_V[t]) * c for t, c in sparse}
+  ub.update({("d", r): float(index.dense_max_D[r]) * c for r, c in dense})
+  by_ub = sorted(ub, key=ub.get, reverse=True)
+  counts, dense_counts = dict(sparse), dict(dense)
+  if not sparse or min(ub.values()) < 0:  # negative impacts (okapi's floor): no useful bound
+    return None
+  # Pass 1: a lower bound θ on the k-th best score from the docs of the highest-bound sparse terms
+  # (≥ k postings): those terms' partial sums (no lookups) pick the REFINE·k most promising docs,
+  # whose exact k-th best score is θ.
+  first = []
+  for kind, t in by_ub:
+    if kind == "s" and sum(_df(index, u) for u, _ in first) < k:
+      first.append((t, counts[t]))
+  docs, part = _merged_postings(index, first)
+  if len(docs) < k or len(docs) * FALLBACK_FRACTION >= index.num_docs:
+    return None
+  best = (np.arange(len(docs)) if len(docs) <= REFINE * k else
+          np.sort(np.argpartition(part, len(docs) - REFINE * k)[-REFINE * k:]))
+  theta = top_k(docs[best], score_docs(index, docs[best], sparse, dense), k)[1][-1]
+  # Pass 2: the non-essential prefix (smallest bounds) sums below θ; the rest are essential.
+  essential, rest = [], []
+  total = 0.0
+  for key in reversed(by_ub):
+    if not essential and (total + ub[key]) * (1 + _MARGIN) < theta:
+      total += ub[key]
+      rest.append(key)
+    else:
+      essential.append(key)
+  if not theta > 0 or any(kind == "d" for kind, _ in essential):
+    return None  # nothing proven (fewer than k hits), or a dense-row term is essential
+  cand, part_C = _merged_postings(index, [(t, counts[t]) for _, t in essential])
+  if len(cand) * FALLBACK_FRACTION >= index.num_docs:
+    return None
+  if len(cand) > k:  # partial sums are ≤ the scores, so their k-th best is a lower bound too
+    theta = max(theta, np.partition(part_C, len(cand) - k)[len(cand) - k])
+  # MaxScore: add the non-essential terms, largest bound first, dropping every candidate whose
+  # partial sum plus the bounds still to come is below θ.
+  for key in reversed(rest):
+    keep = (part_C + total) * (1 + _MARGIN) >= theta
+    cand, part_C = cand[keep], part_C[keep]
+    kind, t = key
+    if kind == "s":
+      part_C = part_C + _times(_lookup(index, t, cand), counts[t])
+    else:
+      part_C = part_C + _times(index.dense_DxN[t, cand], dense_counts[t])
+    total -= ub[key]
+  # The survivors (a superset of the top k) get their exact scores, in the exhaustive order.
+  return top_k(cand, score_docs(index, cand, sparse, dense), k)

@@ -1,0 +1,116 @@
+"""Block-max pruning (llds_jax/pruning.py): pruned top-k == exhaustive top-k, bit for bit."""
+
+import os
+
+import numpy as np
+import pytest
+
+from llds_jax import data, pruning, retriever
+
+TESTDATA = os.path.join(os.path.dirname(__file__), "testdata")
+
+
+def _questions():
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  rows = pq.read_table(os.path.join(TESTDATA, "fanoutqa_answerable.parquet")).to_pylist()
+  return [r["question"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def wiki_docs():
+  rows = list(data.read_corpus(os.path.join(TESTDATA, "wiki_sample.jsonl")))
+  return [retriever.tokenize(c) for _, c in rows], [retriever.tokenize(q) for q in _questions()]
+
+
+@pytest.fixture(scope="module")
+def zipf_docs():
+  """2,000 Zipf docs, several terms in > N/2 of them, and exact duplicates far apart (ties)."""
+  rng = np.random.default_rng(1)
+  vocab = [f"w{i}" for i in range(2000)]
+  probs = 1.0 / np.arange(1, len(vocab) + 1) ** 1.1
+  probs /= probs.sum()
+  docs = [[vocab[j] for j in rng.choice(len(vocab), size=n, p=probs)]
+          for n in rng.integers(1, 120, size=2000)]
+  for src, dst in [(5, 1500), (5, 1900), (40, 41), (700, 1999), (12, 1300)]:
+    if docs[src][-1] != f"tie{src}":
+      docs[src].append(f"tie{src}")  # a rare term marking the copies
+    docs[dst] = list(docs[src])  # same score: the lower index must win
+  queries = [[vocab[j] for j in rng.choice(len(vocab), size=rng.integers(1, 12), p=probs)]
+             for _ in range(150)]
+  queries += [list(docs[5][:6]), list(docs[700]), ["w0", "w0", "w1"], ["w0"], ["w1", "w2", "w3"],
+              ["tie5", "w0"], ["tie40", "tie40", "w2"], ["tie700", "tie12", "w1"]]
+  return docs, queries
+
+
+def _exhaustive(index, queries, k):
+  out = []
+  for q in queries:
+    s_N = index.get_scores(q)
+    top = np.lexsort((np.arange(len(s_N)), -s_N))[:k]
+    out.append(list(zip(top.tolist(), s_N[top].tolist())))
+  return out
+
+
+@pytest.mark.parametrize("variant", ["okapi", "lucene"])
+@pytest.mark.parametrize("corpus", ["wiki_docs", "zipf_docs"])
+def test_pruned_top_k_equals_exhaustive(variant, corpus, request, monkeypatch):
+  docs, queries = request.getfixturevalue(corpus)
+  index = retriever.BM25Index.from_tokenized(docs, variant=variant)
+  if corpus == "zipf_docs":
+    assert index.meta["num_dense_terms"] >= 3  # df > N/2 terms, stored as dense rows
+  parsed = index._term_counts(queries)
+  monkeypatch.setattr(pruning, "MIN_WORK", 0)  # search() prunes whatever the corpus size
+  for fraction in (pruning.FALLBACK_FRACTION, 1):  # default; and pruning even with many candidates
+    monkeypatch.setattr(pruning, "FALLBACK_FRACTION", fraction)
+    for k in (1, 3, 10):
+      want = _exhaustive(index, queries, k)
+      assert index.search(queries, k) == want
+      assert index.search(queries, k, prune=False) == want
+      pruned = 0
+      for terms, hits in zip(parsed, want):  # the pruned path on its own, wherever it answers
+        top = pruning.search_one(index, index.term_max_V, terms, k) if terms else None
+        if top is not None:
+          assert list(zip(top[0].tolist(), top[1].tolist())) == hits
+          pruned += 1
+      assert fraction != 1 or pruned >= 0.3 * len(queries)  # the test is not vacuous
+
+
+def test_ties_go_to_the_lower_index(zipf_docs, monkeypatch):
+  docs, _ = zipf_docs
+  index = retriever.BM25Index.from_tokenized(docs)
+  monkeypatch.setattr(pruning, "FALLBACK_FRACTION", 1)
+  for src, want in [(5, [5, 1500, 1900]), (700, [700, 1999])]:
+    query = [f"tie{src}", "w0", "w1", "w30"]
+    top = pruning.search_one(index, index.term_max_V, index._term_counts([query])[0], len(want))
+    assert top[0].tolist() == want and len(set(top[1].tolist())) == 1  # equal scores
+
+
+def test_pruning_reads_fewer_docs_than_postings(wiki_docs, monkeypatch):
+  docs, queries = wiki_docs
+  index = retriever.BM25Index.from_tokenized(docs)
+  monkeypatch.setattr(pruning, "FALLBACK_FRACTION", 1)
+  scored, real = [], pruning.score_docs
+  monkeypatch.setattr(pruning, "score_docs",
+                      lambda idx, d, *a: scored.append(len(d)) or real(idx, d, *a))
+  postings = 0
+  for terms in index._term_counts(queries):
+    if pruning.search_one(index, index.term_max_V, terms, 3) is not None:
+      postings += sum(index.num_docs if t in index._dense_row else
+                      int(index.indptr_V1[t + 1] - index.indptr_V1[t]) for t, _ in terms)
+  assert 0 < sum(scored) < 0.25 * postings  # docs scored exactly vs postings an exhaustive pass adds
+
+
+def test_term_max_saved_loaded_and_recomputed(tmp_path):
+  rows = list(data.read_corpus(os.path.join(TESTDATA, "wiki_sample.jsonl")))
+  index = retriever.BM25Index.build(rows, store_dir=str(tmp_path / "i"))
+  saved = index.term_max_V
+  assert isinstance(saved.base, np.memmap)  # loaded from the index dir, memory-mapped
+  fresh = pruning.term_max(index.indptr_V1, index.weights_P)
+  np.testing.assert_array_equal(saved, fresh)
+  df_V = np.diff(index.indptr_V1)
+  assert (fresh[df_V > 0] > 0).all() and (fresh[df_V == 0] == 0).all()
+  os.remove(tmp_path / "i" / "term_max_V.npy")  # an index saved before pruning existed
+  old = retriever.BM25Index.load(str(tmp_path / "i"))
+  q = _questions()[:20]
+  assert old.search(q, 5) == index.search(q, 5) == index.search(q, 5, prune=False)
+  np.testing.assert_array_equal(old.term_max_V, fresh)
