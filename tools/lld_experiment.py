@@ -222,7 +222,8 @@ def warm_up(out: str, a) -> dict:
         plan=lambda ex: queries[ex.uid], direct_frac=a.direct_frac, seed=a.seed * 1000 + w,
         topk=a.topk, max_obs_tokens=rc.rollout.max_obs_tokens,
         obs_truncation=rc.rollout.obs_truncation, think=a.think)
-  mesh = shd.make_mesh()
+  import jax
+  mesh = shd.make_mesh(devices=jax.devices()[:a.warmup_devices or None])
   cfg = ModelConfig.from_hf(model_config(a, tok.eos_token_id), param_dtype="float32",
                             dtype="float32", remat="none")
   model = shd.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(a.seed)), mesh)
@@ -372,6 +373,8 @@ def parse_args(argv=None):
   p.add_argument("--warmup_steps", type=int, default=600)
   p.add_argument("--warmup_lr", type=float, default=3e-3)
   p.add_argument("--batch", type=int, default=16, help="warm-up batch")
+  p.add_argument("--warmup_devices", type=int, default=0,
+                 help="devices the warm-up runs on (0 = all; 1 = the same numbers on any host)")
   p.add_argument("--direct_frac", type=float, default=0.1, help="warm-up answers without search")
   p.add_argument("--topk", type=int, default=3, help="passages per search")
   p.add_argument("--warm_worlds", type=int, default=1,
