@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from llds_jax import faults
+from llds_jax import data, faults
 
 MANIFEST = "llds_manifest.json"
 
@@ -38,14 +37,6 @@ class CorruptCheckpoint(Exception):
 
 class UnsealedCheckpoint(CorruptCheckpoint):
   """A checkpoint without a manifest: the run was killed between orbax's commit and the seal."""
-
-
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def _files(step_dir: str) -> list[str]:
@@ -61,7 +52,8 @@ def _files(step_dir: str) -> list[str]:
 
 def seal(step_dir: str) -> None:
   """Writes `step_dir/MANIFEST`: {relative path: [size, sha256]} of every file (atomic rename)."""
-  files = {rel: [os.path.getsize(os.path.join(step_dir, rel)), _sha256(os.path.join(step_dir, rel))]
+  files = {rel: [os.path.getsize(os.path.join(step_dir, rel)),
+                 data.file_sha256(os.path.join(step_dir, rel))]
            for rel in _files(step_dir)}
   tmp = os.path.join(step_dir, MANIFEST + ".tmp")
   with open(tmp, "w") as f:
@@ -93,7 +85,7 @@ def verify(step_dir: str) -> None:
       raise CorruptCheckpoint(f"{full}: missing")
     if os.path.getsize(full) != size:
       raise CorruptCheckpoint(f"{full}: {os.path.getsize(full)} bytes, {size} when saved")
-    if _sha256(full) != digest:
+    if data.file_sha256(full) != digest:
       raise CorruptCheckpoint(f"{full}: sha256 differs from the one recorded at save")
   extra = sorted(set(_files(step_dir)) - set(files))
   if extra:

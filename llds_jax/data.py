@@ -9,6 +9,7 @@ keys, so uid is a bijection with that key and no two prompts ever share a group.
 
 import array
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -317,6 +318,15 @@ _ASSET_LAYOUT = {
     "fanoutqa_test": "data/fanoutqa/test.parquet",
     "fanoutqa_answerable": "data/fanoutqa/answerable.parquet",
 }
+
+
+def file_sha256(path: str) -> str:
+  """Hex sha256 of a file, read in 16 MiB blocks (assets, checkpoint manifests)."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 24), b""):
+      h.update(block)
+  return h.hexdigest()
 
 
 def default_asset_dir() -> str:

