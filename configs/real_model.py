@@ -19,8 +19,9 @@ pretrained model (1e-5), not the random-model value of configs/tiny.py (3e-3).
 
 Sizes are chosen for one accelerator (one H100/H200-class GPU, bf16): 32 prompts × 5 per step,
 2 searches, 96-token turns, 3 passages in ≤ 384 observation tokens, 2,048-token rows, lr 5e-6
-(5 warm-up steps; the paper's 1e-6 is for 1,005 steps of 512 prompts). On CPU the same config runs but each step takes many minutes; the
-slow-marked test and `tools/real_run.py --smoke` run it at reduced size. Override anything:
+(5 warm-up steps; the paper's 1e-6 is for 1,005 steps of 512 prompts). On CPU the same config
+runs but each step takes many minutes; the slow-marked test and `tools/real_run.py --smoke` run
+it at reduced size. Override anything:
 `--config.rollout.prompts=8 --config.total_steps=20`.
 """
 

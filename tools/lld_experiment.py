@@ -79,8 +79,8 @@ class Question:
   key: tuple[str, str]  # (person, attribute): warm-up and RL never share one
 
 
-FACTS = {"city": "was born in {city}", "job": "works as a {job}", "instrument": "plays the {instrument}",
-         "mentor": "has the mentor {mentor}"}
+FACTS = {"city": "was born in {city}", "job": "works as a {job}",
+         "instrument": "plays the {instrument}", "mentor": "has the mentor {mentor}"}
 
 
 def make_world(seed: int, n_people: int, world: int = 0, attributes: tuple[str, ...] = tuple(FACTS),
@@ -433,7 +433,8 @@ def _call(args):
 
 
 def run_all(fn, tasks: list[tuple], jobs: int) -> None:
-  """`fn(*task)` for every task, `jobs` at a time in fresh processes (spawned: JAX is not fork-safe)."""
+  """`fn(*task)` for every task, `jobs` at a time in fresh (spawned: JAX is not fork-safe)
+  processes."""
   if jobs <= 1 or len(tasks) <= 1:
     for task in tasks:
       fn(*task)
@@ -450,7 +451,8 @@ def main(argv=None) -> dict[str, dict[int, str]]:
   t0 = time.perf_counter()
   seeds = {s: (os.path.join(a.outdir, f"seed{s}"), with_seed(a, s)) for s in a.seeds}
   run_all(prepare, [(os.path.join(d, "testbed"), sa) for d, sa in seeds.values()], a.jobs)
-  runs = {arm: {s: os.path.join(d, arm) for s, (d, _) in seeds.items()} for arm in a.arms.split(",")}
+  runs = {arm: {s: os.path.join(d, arm) for s, (d, _) in seeds.items()}
+          for arm in a.arms.split(",")}
   run_all(run_arm, [(arm, os.path.join(seeds[s][0], "testbed"), wd, seeds[s][1])
                     for arm, by_seed in runs.items() for s, wd in by_seed.items()], a.jobs)
   summary = {arm: {str(s): read_series(wd) for s, wd in by_seed.items()}
