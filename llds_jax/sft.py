@@ -144,14 +144,15 @@ def format_warmup(model: nnx.Module, tokenizer, retriever, examples: Sequence[da
   The lr warms up linearly over the first 10% of steps, then decays by cosine to lr/10. Batches
   are drawn uniformly with replacement from the pool (seeded), so the result is reproducible.
   """
+  if steps < 1:
+    raise ValueError(f"format_warmup needs steps ≥ 1, got {steps}")
   if trajectories is None:
     trajectories = build_trajectories(tokenizer, retriever, examples, plan=plan,
                                       direct_frac=direct_frac, seed=seed, topk=topk,
                                       max_obs_tokens=max_obs_tokens,
                                       obs_truncation=obs_truncation, think=think)
-  if steps < 1 or not trajectories:
-    raise ValueError(f"format_warmup needs steps ≥ 1 and examples, got {steps}, "
-                     f"{len(trajectories)}")
+  if not trajectories:
+    raise ValueError("format_warmup needs examples (or trajectories), got none")
   mesh = mesh if mesh is not None else shd.make_mesh()
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % shards:
@@ -195,3 +196,16 @@ def format_warmup(model: nnx.Module, tokenizer, retriever, examples: Sequence[da
     if progress and i % 25 == 24:  # ...except for an honest progress bar now and then
       bar.set_postfix(nll=f"{float(loss):.3f}")
   return nnx.merge(graphdef, params), np.asarray(jax.device_get(out), np.float32)
+
+
+def warmup_from_config(c, model: nnx.Module, tokenizer, retriever,
+                       examples: Sequence[data.Example], mesh,
+                       progress: bool = False) -> tuple[nnx.Module, np.ndarray]:
+  """`format_warmup` with a run config's settings (`c.model.format_warmup_*`, the seed, and the
+  rollout's passages and observation cut, so warm-up and rollouts see the same observations)."""
+  return format_warmup(
+      model, tokenizer, retriever, examples, steps=c.model.format_warmup_steps,
+      lr=c.model.format_warmup_lr, batch_size=c.model.format_warmup_batch, seed=c.seed,
+      mesh=mesh, topk=c.retriever.topk, max_obs_tokens=c.rollout.max_obs_tokens,
+      obs_truncation=c.rollout.obs_truncation, progress=progress)
+

@@ -282,12 +282,8 @@ def train(c) -> list[dict]:
   for field, exs in (("config.data.train", examples), ("config.data.val", val)):
     data.check_prompt_lengths(exs, tokenizer, c.rollout.max_prompt_tokens, field)
   if c.model.format_warmup_steps:
-    model, sft_losses = sft.format_warmup(
-        model, tokenizer, retriever, examples, steps=c.model.format_warmup_steps,
-        lr=c.model.format_warmup_lr, batch_size=c.model.format_warmup_batch, seed=c.seed,
-        mesh=mesh, topk=c.retriever.topk, max_obs_tokens=c.rollout.max_obs_tokens,
-        obs_truncation=c.rollout.obs_truncation,
-        progress=show)
+    model, sft_losses = sft.warmup_from_config(c, model, tokenizer, retriever, examples, mesh,
+                                               progress=show)
     _log.info("format warm-up: NLL %.3f -> %.3f over %d steps", sft_losses[0],
                     sft_losses[-1], len(sft_losses))
   graphdef, params = nnx.split(model)

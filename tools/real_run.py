@@ -59,11 +59,8 @@ def warm_up(c, out: str) -> dict:
   model, cfg, tok = trainer.load_policy(c, mesh)
   examples = data.load_examples(c.data.train.split(","))
   t0 = time.perf_counter()
-  model, losses = sft.format_warmup(
-      model, tok, trainer.load_retriever(c.retriever.index), examples,
-      steps=c.model.format_warmup_steps, lr=c.model.format_warmup_lr,
-      batch_size=c.model.format_warmup_batch, seed=c.seed, mesh=mesh, topk=c.retriever.topk,
-      max_obs_tokens=c.rollout.max_obs_tokens, progress=c.log.progress)
+  model, losses = sft.warmup_from_config(c, model, tok, trainer.load_retriever(c.retriever.index),
+                                         examples, mesh, progress=c.log.progress)
   secs = time.perf_counter() - t0
   hf_io.save_pretrained(model, cfg, out, tokenizer=tok)
   return {"nll_first": float(losses[0]), "nll_last": float(losses[-1]), "steps": len(losses),
@@ -105,7 +102,10 @@ def main(argv=None) -> dict:
   c = config(a)
   os.makedirs(a.outdir, exist_ok=True)
   summary_path = os.path.join(a.outdir, "summary.json")
-  summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+  summary = {}
+  if os.path.exists(summary_path):  # a rerun continues: finished stages are kept
+    with open(summary_path) as f:
+      summary = json.load(f)
   summary.update(device=str(jax.devices()[0].device_kind), devices=jax.device_count(),
                  model=a.model, config=json.loads(c.to_json_best_effort()))
 
