@@ -136,3 +136,8 @@ def test_arc_reads_rise_peak_and_collapse():
   assert out["entropy_max"] == 5.0 and out["grad_norm_max_step"] == 21
   steady = lx.arc(dict(s, reward=[0.2] * 10 + [0.5] * 40), k)
   assert steady["collapsed"] == 0.0 and steady["final"] == pytest.approx(0.5)
+  # A collapse the policy partly recovers from still counts: the worst window after the peak.
+  dip = lx.arc(dict(s, reward=[0.2] * 10 + [0.6] * 10 + [0.0] * 15 + [0.4] * 15), k)
+  assert dip["final"] == pytest.approx(0.4) and dip["trough"] == pytest.approx(0.0)
+  assert dip["collapsed"] == 1.0 and dip["trough_step"] == 30  # first all-zero window
+  assert dip["logp_at_trough"] == pytest.approx(-1.05)  # steps 21-30

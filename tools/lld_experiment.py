@@ -210,7 +210,7 @@ def warm_up(out: str, a) -> dict:
   tok = AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
   if len(tok) > a.vocab:
     raise ValueError(f"tokenizer has {len(tok)} tokens, the model vocab is {a.vocab}")
-  rc = lld_testbed.get_config(out)  # observations exactly as the RL rollouts will show them
+  rc = testbed_config(out, a)  # observations exactly as the RL rollouts will show them
   trajs = []
   worlds = [out] + [os.path.join(out, f"shadow{w}") for w in range(1, a.warm_worlds)]
   for w, d in enumerate(worlds):
@@ -241,17 +241,38 @@ def warm_up(out: str, a) -> dict:
   return summary
 
 
-def arm_config(arm: str, testbed: str, workdir: str, a):
+def testbed_config(testbed: str, a):
+  """configs/lld_testbed.py with the `--set key=value` overrides (the warm-up reads its
+  observation sizes from it too, so warm-up and RL rollouts format observations alike)."""
+  import ast
   c = lld_testbed.get_config(testbed)
-  c.workdir, c.seed, c.total_steps = workdir, a.seed, a.steps
-  c.opt.lr = a.lr
+  for item in a.set:
+    key, sep, text = item.partition("=")
+    node, *path = [c] + key.split(".")[:-1]
+    for part in path:
+      node = node.get(part) if hasattr(node, "get") else None
+    if not sep or node is None or key.split(".")[-1] not in node:
+      raise ValueError(f"--set {item!r}: expected key=value with key a field of "
+                       f"configs/lld_testbed.py (e.g. rollout.max_turns=1)")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text  # a bare string such as rl.llds_gate=token
+    node[key.split(".")[-1]] = value
+  return c
+
+
+def arm_config(arm: str, testbed: str, workdir: str, a):
+  c = testbed_config(testbed, a)
+  c.workdir, c.seed = workdir, a.seed
+  c.total_steps = a.steps or c.total_steps
+  c.opt.lr = a.lr or c.opt.lr
   c.retriever.topk = a.topk
   for k, v in ARMS[arm].items():
     c.rl[k] = v
   if a.smoke:  # every stage, tiny: 16 rows in two minibatches so LLDS acts
-    c.rollout.prompts, c.rollout.group_size, c.rollout.max_turn_tokens = 4, 4, 16
+    c.rollout.prompts, c.rollout.group_size = 4, 4
     c.rl.minibatch_size = c.rl.micro_batch_size = 8
-    c.rollout.max_context = 320  # < shortest prompt + worst case: one KV-cache size, one compile
   return c
 
 
@@ -316,10 +337,12 @@ def plot(runs: dict[str, dict[int, str]], path: str, window: int = 5):
 def arc(series: dict[str, list[float]], k: int = 10) -> dict[str, float]:
   """The paper's arc in numbers (PAPER.md §A.5), from one run's per-step series.
 
-  k-step means of reward: `start` (steps 1..k, the warm policy's level), `peak` (the best window)
-  and `final` (the last k steps); `rise` = peak − start; `collapsed` when the final window is
-  below a third of the peak. `logp_*`: the preserving log-likelihood's k-step mean at the start,
-  at the reward peak and at the end; `entropy_max` and the step of the largest grad norm.
+  k-step means of reward: `start` (steps 1..k, the warm policy's level), `peak` (the best window),
+  `trough` (the worst window after the peak) and `final` (the last k steps); `rise` = peak −
+  start; `collapsed` when some window after the peak falls below a third of the peak (a collapse
+  within the run, even if the policy later recovers part of the way). `logp_*`: the preserving
+  log-likelihood's k-step mean at the start, at the reward peak, at the trough and at the end;
+  `entropy_max` and the step of the largest grad norm. Window steps are their last step.
   """
   def windows(y):
     y = np.asarray(y, np.float64)
@@ -327,10 +350,12 @@ def arc(series: dict[str, list[float]], k: int = 10) -> dict[str, float]:
   r = windows(series["reward"])
   lp = windows(series["preserving_logp"])
   at = int(np.argmax(r))
+  low = at + int(np.argmin(r[at:]))
   g = np.asarray(series["grad_norm_max"], np.float64)
-  out = dict(start=r[0], peak=r[at], peak_step=at + k, final=r[-1], rise=r[at] - r[0],
-             collapsed=float(r[-1] < r[at] / 3), logp_start=lp[0], logp_at_peak=lp[at],
-             logp_final=lp[-1], entropy_start=float(np.mean(series["entropy"][:k])),
+  out = dict(start=r[0], peak=r[at], peak_step=at + k, trough=r[low], trough_step=low + k,
+             final=r[-1], rise=r[at] - r[0], collapsed=float(r[low] < r[at] / 3),
+             logp_start=lp[0], logp_at_peak=lp[at], logp_at_trough=lp[low], logp_final=lp[-1],
+             entropy_start=float(np.mean(series["entropy"][:k])),
              entropy_max=float(np.max(series["entropy"])),
              grad_norm_max=float(np.nanmax(g)), grad_norm_max_step=int(np.nanargmax(g)) + 1)
   return {key: round(float(v), 4) for key, v in out.items()}
@@ -338,8 +363,9 @@ def arc(series: dict[str, list[float]], k: int = 10) -> dict[str, float]:
 
 def summarize(summary: dict, k: int = 10) -> str:
   """Markdown: the `arc` numbers per arm and seed, then the mean over seeds per arm."""
-  cols = ("start", "peak", "peak_step", "final", "rise", "collapsed", "logp_start",
-          "logp_at_peak", "logp_final", "entropy_max", "grad_norm_max", "grad_norm_max_step")
+  cols = ("start", "peak", "peak_step", "trough", "trough_step", "final", "rise", "collapsed",
+          "logp_start", "logp_at_peak", "logp_at_trough", "logp_final", "entropy_max",
+          "grad_norm_max", "grad_norm_max_step")
   lines = [f"Reward and preserving log-lik. as {k}-step means (`arc` in tools/lld_experiment.py)",
            "", "| arm | seed | steps | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
   for arm, by_seed in summary.items():
@@ -358,35 +384,40 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--outdir", default="/tmp/lld")
   p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {list(ARMS)}")
-  p.add_argument("--steps", type=int, default=60, help="RL steps per arm")
-  p.add_argument("--lr", type=float, default=1e-3, help="RL learning rate (paper: 1e-6)")
+  p.add_argument("--steps", type=int, default=None,
+                 help="RL steps per arm (default: configs/lld_testbed.py's total_steps)")
+  p.add_argument("--lr", type=float, default=None,
+                 help="RL peak learning rate (default: configs/lld_testbed.py's; paper: 1e-6)")
   p.add_argument("--seeds", default="0",
                  help="comma-separated; each seed draws its own world, init and rollouts")
   p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
-  p.add_argument("--people", type=int, default=240, help="fictional people = corpus documents")
-  p.add_argument("--two_hop_frac", type=float, default=0.25,
+  p.add_argument("--people", type=int, default=48, help="fictional people = corpus documents")
+  p.add_argument("--two_hop_frac", type=float, default=0.0,
                  help="share of people with a two-hop Q")
   p.add_argument("--warm_frac", type=float, default=0.5, help="share of questions for warm-up")
-  p.add_argument("--vocab", type=int, default=768)
+  p.add_argument("--vocab", type=int, default=640)
   p.add_argument("--hidden", type=int, default=64)
   p.add_argument("--layers", type=int, default=3)
-  p.add_argument("--warmup_steps", type=int, default=600)
-  p.add_argument("--warmup_lr", type=float, default=3e-3)
+  p.add_argument("--warmup_steps", type=int, default=1600)
+  p.add_argument("--warmup_lr", type=float, default=5e-3)
   p.add_argument("--batch", type=int, default=16, help="warm-up batch")
-  p.add_argument("--warmup_devices", type=int, default=0,
+  p.add_argument("--warmup_devices", type=int, default=1,
                  help="devices the warm-up runs on (0 = all; 1 = the same numbers on any host)")
-  p.add_argument("--direct_frac", type=float, default=0.1, help="warm-up answers without search")
+  p.add_argument("--direct_frac", type=float, default=0.65, help="warm-up answers without search")
   p.add_argument("--topk", type=int, default=3, help="passages per search")
-  p.add_argument("--warm_worlds", type=int, default=1,
+  p.add_argument("--warm_worlds", type=int, default=8,
                  help="worlds whose facts the warm-up reads (1 = the RL world only)")
-  p.add_argument("--attributes", default=",".join(QUESTIONS),
+  p.add_argument("--attributes", default="city",
                  help=f"single-hop question kinds, a subset of {list(QUESTIONS)}")
-  p.add_argument("--think", action=argparse.BooleanOptionalAction, default=True,
+  p.add_argument("--think", action=argparse.BooleanOptionalAction, default=False,
                  help="warm-up actions start with a <think> step (--no-think: with their tag)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a field of configs/lld_testbed.py in every arm (repeatable), "
+                      "e.g. --set=rollout.max_turns=1; arms' LLDS settings still apply")
   p.add_argument("--smoke", action="store_true", help="tiny sizes, 2 steps: a plumbing check")
   a = p.parse_args(argv)
   if a.smoke:
-    a.steps, a.people, a.vocab, a.hidden, a.layers = min(a.steps, 2), 40, 512, 32, 2
+    a.steps, a.people, a.vocab, a.hidden, a.layers = min(a.steps or 2, 2), 40, 512, 32, 2
     a.warmup_steps, a.batch = 4, 8
   try:
     a.seeds = [int(s) for s in a.seeds.split(",")]
@@ -416,13 +447,14 @@ def prepare(testbed: str, a) -> None:
 
 
 def run_arm(arm: str, testbed: str, workdir: str, a) -> None:
-  """Stage 3 for one (seed, arm), unless its metrics already cover `a.steps` steps."""
+  """Stage 3 for one (seed, arm), unless its metrics already cover the arm's steps."""
   from llds_jax import metrics as mlib, trainer
+  c = arm_config(arm, testbed, workdir, a)
   done = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(done) and len(mlib.read_metrics(done)) >= a.steps:
+  if os.path.exists(done) and len(mlib.read_metrics(done)) >= c.total_steps:
     return
   t0 = time.perf_counter()
-  recs = trainer.train(arm_config(arm, testbed, workdir, a))
+  recs = trainer.train(c)
   print(f"seed {a.seed} {arm}: {len(recs)} steps in {time.perf_counter() - t0:.0f}s, reward "
         f"{recs[0]['reward/mean']:.2f} -> {recs[-1]['reward/mean']:.2f}", flush=True)
 
