@@ -251,7 +251,12 @@ def check_compatible(directory: str, fingerprint: dict) -> None:
 
 
 def saved_steps(directory: str) -> list[int]:
-  """Steps with a checkpoint directory under `directory` (orbax names them by step), sorted."""
+  """Steps with a committed checkpoint directory under `directory`, ascending.
+
+  The one listing every reader uses (resume, `restore.load_run`, the resume=False guard). Orbax
+  writes into `<step>.orbax-checkpoint-tmp-*` and renames when done, so a bare integer name is a
+  committed checkpoint; whether it is intact is `verify`'s question.
+  """
   if not os.path.isdir(directory):
     return []
   return sorted(int(d) for d in os.listdir(directory) if d.isdigit())

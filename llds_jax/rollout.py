@@ -67,6 +67,35 @@ class RolloutConfig:
   cache_dtype: str | None = None  # e.g. "bfloat16"; None = model compute dtype
 
 
+def rollout_config(c) -> RolloutConfig:
+  """The rollout settings of a run config (`config.rollout`, passages from `config.retriever`)."""
+  r = c.rollout
+  return RolloutConfig(max_turns=r.max_turns, max_turn_tokens=r.max_turn_tokens,
+                       max_obs_tokens=r.max_obs_tokens, obs_truncation=r.obs_truncation,
+                       max_context=r.max_context,
+                       topk=c.retriever.topk, temperature=r.temperature, top_p=r.top_p,
+                       top_k=r.top_k, cache_dtype=r.cache_dtype or None)
+
+
+# Sizing rules, shared with tools/dry_run.py (which compiles the programs these sizes give).
+
+def worst_case_tokens(cfg: RolloutConfig) -> int:
+  """Response tokens of a row whose every turn runs to its limit and every search is fed."""
+  return (cfg.max_turns + 1) * cfg.max_turn_tokens + cfg.max_turns * cfg.max_obs_tokens
+
+
+def cache_capacity(cfg: RolloutConfig, longest_prompt: int) -> int:
+  """Tokens per row, also the KV cache slots; the prompt is bucketed, so a new longest prompt
+  does not recompile the sampler each step."""
+  return min(cfg.max_context, smp.bucket(longest_prompt) + worst_case_tokens(cfg))
+
+
+def turn_view(cap: int, need: int) -> int:
+  """Cache slots a turn attends to (and writes): `need` rounded up to a power of two ≥ MIN_VIEW,
+  at most `cap`, so cost follows the context and few shapes are compiled."""
+  return min(cap, max(MIN_VIEW, 1 << (need - 1).bit_length()))
+
+
 @dataclasses.dataclass
 class Rollout:
   """One batch of trajectories as host arrays, right-padded."""
@@ -186,9 +215,7 @@ def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, gr
   n_rows = len(prompt_rows)
   # Shapes (and whether a jitted call happens at all) are agreed over processes: see hosts.py.
   (longest,) = hosts.agree_max(max(map(len, prompt_rows)))
-  worst = (cfg.max_turns + 1) * cfg.max_turn_tokens + cfg.max_turns * cfg.max_obs_tokens
-  # Bucketed, so a new longest prompt does not recompile the sampler each step.
-  cap = min(cfg.max_context, smp.bucket(longest) + worst)  # tokens per row; also cache slots
+  cap = cache_capacity(cfg, longest)
   if longest >= cap:
     raise ValueError(f"rollout: a prompt of {longest} tokens leaves no room under "
                      f"max_context={cap}")
@@ -239,7 +266,7 @@ def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, gr
       count["prefill"] += len(block[n])
       count["reprefill"] += total[n] if turn else len(block[n])  # re-prefilling every turn
 
-    view = min(cap, max(MIN_VIEW, 1 << (need - 1).bit_length()))
+    view = turn_view(cap, need)
     t0 = time.perf_counter()
     put = functools.partial(hosts.put_rows, mesh=mesh)
     state = smp.feed(graphdef, params, state, put(tokens_BxT), put(len_B), put(limit_B),

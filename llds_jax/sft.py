@@ -14,8 +14,9 @@ and fits them with masked next-token NLL. Every token is laid out exactly as `ro
 produce it: the chat-templated prompt (`data.encode_prompt`), actions encoded as ordinary text
 (`loss_mask` 1), observations from the same retriever and `rollout.encode_observations` (special
 tokens not parsed, cut to `max_obs_tokens`, `loss_mask` 0), in the `[left-padded prompt |
-right-padded response]` layout of `trainer.build_batch`. So the warmed-up policy starts RL on
-exactly the inputs it was fitted on, and the loss is the trainer's own fused log-prob.
+right-padded response]` layout of the RL batch (`batch_layout.row_layout`). So the warmed-up
+policy starts RL on exactly the inputs it was fitted on, and the loss is the trainer's own fused
+log-prob.
 
 A fraction `direct_frac` of trajectories answers without searching, so the policy also knows that
 action and RL has the search-or-answer choice to learn.
@@ -33,7 +34,7 @@ import optax
 import tqdm
 from flax import nnx
 
-from llds_jax import data, faults, losses, rollout as rl, sharding as shd
+from llds_jax import batch_layout, data, faults, losses, rollout as rl, sharding as shd
 from llds_jax.sampler import bucket
 from llds_jax.train_step import response_logprobs
 
@@ -101,19 +102,14 @@ def build_trajectories(tokenizer, retriever, examples: Sequence[data.Example], *
 
 
 def layout(trajs: Sequence[Trajectory]) -> dict[str, np.ndarray]:
-  """Trajectories as `[left-padded prompt | right-padded response]` host arrays."""
+  """Trajectories as update-batch rows (`batch_layout.row_layout`) with their loss mask."""
   P = max(len(t.prompt_ids) for t in trajs)
   R = max(len(t.response_ids) for t in trajs)
-  ids = np.zeros((len(trajs), P + R), np.int32)
-  attn = np.zeros_like(ids)
-  mask = np.zeros((len(trajs), R), np.float32)
-  for i, t in enumerate(trajs):
-    p, r = len(t.prompt_ids), len(t.response_ids)
-    ids[i, P - p:P], ids[i, P:P + r] = t.prompt_ids, t.response_ids
-    attn[i, P - p:P + r] = 1
-    mask[i, :r] = t.loss_mask
-  return dict(input_ids=ids, attn_mask=attn, positions=np.maximum(np.cumsum(attn, 1) - 1, 0),
-              loss_mask=mask)
+  mask_NxR = np.zeros((len(trajs), R), np.float32)
+  for n, t in enumerate(trajs):
+    mask_NxR[n, :len(t.loss_mask)] = t.loss_mask
+  return dict(batch_layout.row_layout([t.prompt_ids for t in trajs],
+                                      [t.response_ids for t in trajs], P, R), loss_mask=mask_NxR)
 
 
 def _nll(params, graphdef, batch: dict, chunk_size: int):

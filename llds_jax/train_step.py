@@ -95,6 +95,19 @@ class StepConfig:
   pack_micro_seqs: int = 0
 
 
+def step_config(c) -> StepConfig:
+  """The step knobs of a run config (`config.rl`, the sampling temperature, the packing sizes)."""
+  rl = c.rl.to_dict()
+  rl["ratio_clamp"] = rl["ratio_clamp"] or None
+  rl["agg"] = rl["agg"] or None
+  return StepConfig(loss=losses.LossConfig.from_config(rl),
+                    num_micro=c.rl.minibatch_size // c.rl.micro_batch_size,
+                    chunk_size=c.rl.logprob_chunk, temperature=c.rollout.temperature or 1.0,
+                    logprob_rows=c.rl.logprob_micro_batch_size,
+                    pack_len=(c.rl.pack_len or c.rollout.max_context) if c.rl.pack else 0,
+                    pack_micro_seqs=c.rl.pack_micro_seqs or c.rl.micro_batch_size)
+
+
 def _micro_loss(params, graphdef, micro: dict, sc: StepConfig):
   logp, ent = response_logprobs(graphdef, params, micro, resp_len=micro["loss_mask"].shape[1],
                                 chunk_size=sc.chunk_size, temperature=sc.temperature)

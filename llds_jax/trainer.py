@@ -2,9 +2,10 @@
 
 Dims: B prompts per step, G group size, N = B·G rollout rows, P prompt and R response tokens.
 
-This is the only module with side effects (files, progress bars). Everything numeric happens in
-`rollout`, `losses` and `train_step`; the loop is a straight `for step` with `if step % every`
-blocks, in the style of nanodo / big_vision trainers.
+The loop only: what it runs is built elsewhere (the policy and the rollout's weight copy in
+`policy`, the retriever in `search_pool`, the update rows in `batch_layout`) and everything
+numeric happens in `rollout`, `losses` and `train_step`. The loop is a straight `for step` with
+`if step % every` blocks, in the style of nanodo / big_vision trainers.
 """
 
 from __future__ import annotations
@@ -14,20 +15,17 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
 
-from llds_jax import checkpoint, data, evaluation, faults, hf_io, hosts, losses, plots
-from llds_jax import metrics as mlib, rewards, sft, tokenizer_check
+from llds_jax import checkpoint, data, evaluation, faults, hosts, losses, plots, policy
+from llds_jax import metrics as mlib, rewards, sft
 from llds_jax import sharding as shd
-from llds_jax.model import ModelConfig, Transformer, compute_dtype_of
-from llds_jax.retriever import BM25Index
-from llds_jax.rollout import OBS_TRUNCATION, RolloutConfig, rollout
-from llds_jax.sampler import bucket
-from llds_jax.search_pool import SearchPool
-from llds_jax.train_step import StepConfig, Updater, update_phase
+from llds_jax.batch_layout import build_batch
+from llds_jax.rollout import OBS_TRUNCATION, rollout, rollout_config
+from llds_jax.search_pool import load_retriever
+from llds_jax.train_step import Updater, step_config, update_phase
 
 # Progress notes a user should see are INFO on this logger (main.py shows the "llds_jax" tree at
 # INFO); WARNING is kept for things that need action.
@@ -133,122 +131,6 @@ def zero_variance_filter(reward_N: np.ndarray, group_N: np.ndarray,
                 "filter/rows_used": float(len(used))}
 
 
-def load_policy(c, mesh):
-  """(model, cfg, tokenizer): HF directory, GGUF file, or random init — placed on the mesh.
-
-  The tokenizer is the model's own unless `model.tokenizer` names one; a different one than the
-  model carries is refused (`tokenizer_check.policy_tokenizer`).
-  """
-  # The loaders' `dtype` sets compute and storage dtype; `param_dtype` then overrides storage.
-  kw = dict(dtype=jnp.dtype(c.model.dtype), param_dtype=c.model.param_dtype, mesh=mesh,
-            remat=c.model.remat, scan_layers=c.model.scan_layers)
-  tokenizer = None
-  if c.model.path.endswith(".gguf"):
-    model, cfg, tokenizer = hf_io.load_gguf(c.model.path, **kw)
-  elif c.model.path:
-    model, cfg = hf_io.load_pretrained(c.model.path, **kw)
-  else:
-    cfg = ModelConfig.from_hf(c.model.random.to_dict(), param_dtype=c.model.param_dtype,
-                              dtype=c.model.dtype, remat=c.model.remat,
-                              scan_layers=c.model.scan_layers)
-    model = shd.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(c.seed)), mesh)
-  tokenizer = tokenizer_check.policy_tokenizer(
-      cfg, c.model.path, c.model.tokenizer, carried=tokenizer,
-      allow_mismatch=c.model.get("allow_tokenizer_mismatch", False))
-  return model, cfg, tokenizer
-
-
-def load_retriever(path: str, workers: int = 1) -> BM25Index | SearchPool:
-  """A saved index directory, or a corpus jsonl indexed in memory (small corpora only); with
-  `workers` > 1, a pool of that many processes searching the saved index (search_pool.py)."""
-  if workers > 1:
-    return SearchPool(path, workers)
-  if path.endswith(".jsonl"):
-    return BM25Index.build(data.read_corpus(path))
-  return BM25Index.load(path)
-
-
-def rollout_config(c) -> RolloutConfig:
-  r = c.rollout
-  return RolloutConfig(max_turns=r.max_turns, max_turn_tokens=r.max_turn_tokens,
-                       max_obs_tokens=r.max_obs_tokens, obs_truncation=r.obs_truncation,
-                       max_context=r.max_context,
-                       topk=c.retriever.topk, temperature=r.temperature, top_p=r.top_p,
-                       top_k=r.top_k, cache_dtype=r.cache_dtype or None)
-
-
-def step_config(c) -> StepConfig:
-  rl = c.rl.to_dict()
-  rl["ratio_clamp"] = rl["ratio_clamp"] or None
-  rl["agg"] = rl["agg"] or None
-  return StepConfig(loss=losses.LossConfig.from_config(rl),
-                    num_micro=c.rl.minibatch_size // c.rl.micro_batch_size,
-                    chunk_size=c.rl.logprob_chunk, temperature=c.rollout.temperature or 1.0,
-                    logprob_rows=c.rl.logprob_micro_batch_size,
-                    pack_len=(c.rl.pack_len or c.rollout.max_context) if c.rl.pack else 0,
-                    pack_micro_seqs=c.rl.pack_micro_seqs or c.rl.micro_batch_size)
-
-
-def build_batch(ro, adv_N: np.ndarray, answer_weight_NxR: np.ndarray,
-                max_len: int | None = None) -> dict:
-  """`[left-padded prompt | right-padded response]` rows; P and R bucketed to bound recompiles.
-
-  P and R are agreed over processes: every host's rows go into one global array. Bucketing both
-  could make rows longer than the rollout's `max_len` (e.g. 384 + 4096 for a 4096 context); then
-  R is cut back to `max_len − P`, or to the longest response rounded up to 64 if that is longer.
-  """
-  n = len(adv_N)
-  longest = max(int(ro.response_len.max()), 1)
-  P, R, longest = hosts.agree_max(bucket(int(ro.prompt_len.max())), bucket(longest), longest)
-  if max_len and P + R > max_len:
-    R = max(max_len - P, -(-longest // 64) * 64)
-  ids = np.zeros((n, P + R), np.int32)
-  attn = np.zeros((n, P + R), np.int32)
-  for i in range(n):
-    p, r = int(ro.prompt_len[i]), int(ro.response_len[i])
-    ids[i, P - p:P], ids[i, P:P + r] = ro.prompt_ids[i, :p], ro.response_ids[i, :r]
-    attn[i, P - p:P + r] = 1
-  pad = lambda x: np.pad(x[:, :R], ((0, 0), (0, R - min(x.shape[1], R))))  # noqa: E731
-  return dict(input_ids=ids, attn_mask=attn, positions=np.maximum(np.cumsum(attn, 1) - 1, 0),
-              loss_mask=pad(ro.loss_mask).astype(np.float32), adv=adv_N.astype(np.float32),
-              answer_weight=pad(answer_weight_NxR).astype(np.float32))
-
-
-def rollout_weights(c, abstract_params, mesh):
-  """ShapeDtypeStructs (dtype and sharding) of the rollout's copy of params of these shapes.
-
-  Each leaf takes the dtype the model computes it in (`model.compute_dtype_of`: float matrices the
-  compute dtype, 1-D norm weights their own) and the layout of `config.rollout.weight_sharding`'s
-  rules (sharding.WEIGHT_LAYOUTS).
-  """
-  shardings = shd.state_shardings(abstract_params, mesh,
-                                  shd.WEIGHT_LAYOUTS[c.rollout.weight_sharding])
-  return jax.tree.map(
-      lambda x, sh: jax.ShapeDtypeStruct(x.shape, compute_dtype_of(x, c.model.dtype),
-                                     sharding=sh),
-      abstract_params, shardings)
-
-
-def compute_dtype_weights(c, abstract_params, mesh):
-  """params → the rollout's copy: matrices in the compute dtype, in the rollout layout.
-
-  Decoding reads every weight once per generated token, so with float32 master weights and
-  bfloat16 compute it would move twice the bytes it needs. Every matmul casts its weight to the
-  compute dtype anyway, so casting once per rollout is exact; 1-D norm weights stay as they are
-  because the model applies them in float32. The layout matters as much: with the
-  training shards (`embed` over fsdp) every decoded token all-gathers every layer, while the
-  "tensor" layout gathers once per rollout, here. Same dtype and layout: the params themselves.
-  """
-  target = rollout_weights(c, abstract_params, mesh)
-  train = shd.state_shardings(abstract_params, mesh)
-  same = jax.tree.map(lambda x, t, s: x.dtype == t.dtype and t.sharding == s, abstract_params,
-                      target, train)
-  if all(jax.tree.leaves(same)):
-    return lambda params: params
-  return jax.jit(lambda params: jax.tree.map(lambda x, t: x.astype(t.dtype), params, target),
-                 out_shardings=jax.tree.map(lambda t: t.sharding, target))
-
-
 def answer_beta(c, mean_valid_searches: float) -> float:
   """LLDS-MA β for this step (PAPER.md §B.4); 1.0 (no effect) when mask_answer is off."""
   if not c.rl.mask_answer:
@@ -278,7 +160,7 @@ def train(c) -> list[dict]:
                      f"questions of config.data.train={c.data.train!r}")
   it = data.PromptIterator(examples, c.rollout.prompts, seed=c.seed, shuffle=c.data.shuffle)
   retriever = load_retriever(c.retriever.index, c.retriever.workers)
-  model, cfg, tokenizer = load_policy(c, mesh)
+  model, _, tokenizer = policy.load(c, mesh)
   for field, exs in (("config.data.train", examples), ("config.data.val", val)):
     data.check_prompt_lengths(exs, tokenizer, c.rollout.max_prompt_tokens, field)
   if c.model.format_warmup_steps:
@@ -292,7 +174,7 @@ def train(c) -> list[dict]:
   abstract = jax.eval_shape(lambda: params)
   updater = Updater(graphdef, abstract, opt=c.opt, step_cfg=step_config(c), mesh=mesh)
   state = updater.init_state(params)
-  sampling_weights = compute_dtype_weights(c, abstract, mesh)
+  sampling_weights = policy.compute_dtype_weights(c, abstract, mesh)
   ckpt = checkpoint.Checkpointer(os.path.join(c.workdir, "checkpoints"), keep=c.ckpt.keep,
                                  async_save=c.ckpt.async_save)
   start = 0
@@ -324,10 +206,10 @@ def train(c) -> list[dict]:
     if too_long:
       raise ValueError(f"step {step}: prompt of {too_long[0]} tokens exceeds "
                        f"config.rollout.max_prompt_tokens={c.rollout.max_prompt_tokens}")
-    policy = nnx.merge(graphdef, sampling_weights(state.params))
-    ro = rollout(policy, tokenizer, retriever, prompts, group_size=c.rollout.group_size, cfg=rcfg,
+    sampling_model = nnx.merge(graphdef, sampling_weights(state.params))
+    ro = rollout(sampling_model, tokenizer, retriever, prompts, group_size=c.rollout.group_size, cfg=rcfg,
                  seed=c.seed * 1_000_003 + step, mesh=mesh, progress=show)
-    del policy  # the compute-dtype copy of the weights is not needed during the update
+    del sampling_model  # the compute-dtype copy of the weights is not needed during the update
     faults.point("rollout", step + 1)  # test-only crash injection (llds_jax/faults.py)
     t_roll = time.perf_counter() - t0
     rows, group_ids = data.repeat_groups(batch, c.rollout.group_size)

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import lld_experiment as lx  # noqa: E402
 from llds_jax import data, metrics as mlib, rewards, rollout as rl, sft  # noqa: E402
-from llds_jax import sharding as shd, trainer  # noqa: E402
+from llds_jax import search_pool, sharding as shd  # noqa: E402
 from llds_jax.model import ModelConfig, Transformer  # noqa: E402
 
 SMOKE_KEYS = ("reward/mean", "lld/preserving_logp", "lld/nonpreserving_logp", "entropy",
@@ -29,7 +29,7 @@ def testbed(tmp_path_factory):
   a = lx.parse_args(["--smoke"])
   lx.build_testbed(out, a)
   tok = AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
-  return dict(dir=out, tok=tok, retriever=trainer.load_retriever(os.path.join(out, "corpus.jsonl")),
+  return dict(dir=out, tok=tok, retriever=search_pool.load_retriever(os.path.join(out, "corpus.jsonl")),
               examples=data.load_examples(os.path.join(out, "warmup.parquet")))
 
 

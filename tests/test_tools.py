@@ -21,7 +21,8 @@ import torch
 import transformers
 from flax import nnx
 
-from llds_jax import data, evaluation, hf_io, plots, restore, rewards, rollout, sharding, trainer
+from llds_jax import data, evaluation, hf_io, plots, restore, rewards, rollout, search_pool
+from llds_jax import sharding, trainer
 from llds_jax.model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -273,8 +274,9 @@ def test_invalid_actions_match_rollout_counter(bigram_hf, fixture_parquet):
   prompts = [data.encode_prompt(ex.messages, tokenizer) for ex in examples]
   # 88 observation tokens hold the whole invalid-action message; its final "\n" restarts the chain.
   cfg = rollout.RolloutConfig(max_turns=2, max_turn_tokens=12, max_obs_tokens=88, temperature=1.0)
-  ro = rollout.rollout(model, tokenizer, trainer.load_retriever(_config().retriever.index), prompts,
-                       cfg=cfg, seed=3, mesh=mesh, progress=False)
+  retriever = search_pool.load_retriever(_config().retriever.index)
+  ro = rollout.rollout(model, tokenizer, retriever, prompts, cfg=cfg, seed=3, mesh=mesh,
+                       progress=False)
   invalid = evaluation.invalid_actions(ro, tokenizer)
   assert 0 < invalid.sum() < ro.turns.sum() and (ro.finish_reason == "answer").any()
   assert invalid.sum() / ro.turns.sum() == pytest.approx(ro.stats["rollout/invalid_action_rate"])
