@@ -51,11 +51,11 @@ def validate(c) -> None:
   if c.rl.micro_batch_size <= 0 or c.rl.minibatch_size % c.rl.micro_batch_size:
     raise ValueError(f"config.rl.micro_batch_size={c.rl.micro_batch_size} must divide "
                      f"rl.minibatch_size={c.rl.minibatch_size}")
-  for field, allowed in (("llds_gate", ("action", "response", "token")),
-                         ("llds_norm", ("token", "response")), ("loss", ("grpo", "gspo")),
-                         ("kl_kind", ("k1", "k2", "k3", "low_var_kl")),
-                         ("agg", ("", "token-mean", "seq-mean-token-mean")),
-                         ("adaptive_beta", ("", "code", "paper"))):
+  # "" = the official default per loss (agg) / a fixed β (adaptive_beta).
+  for field, allowed in (("llds_gate", losses.GATES), ("llds_norm", losses.NORMS),
+                         ("loss", losses.LOSSES), ("kl_kind", losses.KL_KINDS),
+                         ("agg", ("",) + losses.AGGS),
+                         ("adaptive_beta", ("",) + losses.BETA_FORMULAS)):
     if c.rl[field] not in allowed:
       raise ValueError(f"config.rl.{field}={c.rl[field]!r} not in {allowed}")
   if c.rollout.obs_truncation not in OBS_TRUNCATION:
