@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from llds_jax import data, faults
+from llds_jax import faults, file_io
 
 MANIFEST = "llds_manifest.json"
 
@@ -53,7 +53,7 @@ def _files(step_dir: str) -> list[str]:
 def seal(step_dir: str) -> None:
   """Writes `step_dir/MANIFEST`: {relative path: [size, sha256]} of every file (atomic rename)."""
   files = {rel: [os.path.getsize(os.path.join(step_dir, rel)),
-                 data.file_sha256(os.path.join(step_dir, rel))]
+                 file_io.file_sha256(os.path.join(step_dir, rel))]
            for rel in _files(step_dir)}
   tmp = os.path.join(step_dir, MANIFEST + ".tmp")
   with open(tmp, "w") as f:
@@ -85,7 +85,7 @@ def verify(step_dir: str) -> None:
       raise CorruptCheckpoint(f"{full}: missing")
     if os.path.getsize(full) != size:
       raise CorruptCheckpoint(f"{full}: {os.path.getsize(full)} bytes, {size} when saved")
-    if data.file_sha256(full) != digest:
+    if file_io.file_sha256(full) != digest:
       raise CorruptCheckpoint(f"{full}: sha256 differs from the one recorded at save")
   extra = sorted(set(_files(step_dir)) - set(files))
   if extra:

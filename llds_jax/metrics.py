@@ -14,7 +14,7 @@ import os
 import jax
 import numpy as np
 
-from llds_jax import data, faults
+from llds_jax import faults, file_io
 
 REQUIRED_KEYS = ("step", "reward/mean", "loss/total", "loss/pg", "loss/llds", "loss/kl", "entropy",
                  "grad_norm", "skipped_nonfinite", "lld/preserving_logp",
@@ -101,7 +101,7 @@ def read_metrics(path: str) -> list[dict]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such file")
   records = []
-  for line_no, rec in data.iter_jsonl(path):
+  for line_no, rec in file_io.iter_jsonl(path):
     if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
       raise ValueError(f"{path}:{line_no}: not a metrics record (needs an integer 'step')")
     records.append(rec)

@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Sequence
 
-from llds_jax import data, retriever
+from llds_jax import corpus, retriever
 
 _INDEX = None  # the worker's own BM25Index
 
@@ -88,5 +88,5 @@ def load_retriever(path: str, workers: int = 1) -> retriever.BM25Index | SearchP
   if workers > 1:
     return SearchPool(path, workers)
   if path.endswith(".jsonl"):
-    return retriever.BM25Index.build(data.read_corpus(path))
+    return retriever.BM25Index.build(corpus.read_corpus(path))
   return retriever.BM25Index.load(path)

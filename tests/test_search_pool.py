@@ -5,13 +5,13 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from llds_jax import data, retriever, search_pool
+from llds_jax import corpus, retriever, search_pool
 
 TESTDATA = os.path.join(os.path.dirname(__file__), "testdata")
 
 
 def test_pool_answers_like_the_index(tmp_path):
-  rows = list(data.read_corpus(os.path.join(TESTDATA, "wiki_sample.jsonl")))
+  rows = list(corpus.read_corpus(os.path.join(TESTDATA, "wiki_sample.jsonl")))
   index = retriever.BM25Index.build(rows, store_dir=str(tmp_path))
   questions = [r["question"] for r in
                pq.read_table(os.path.join(TESTDATA, "fanoutqa_answerable.parquet")).to_pylist()]
