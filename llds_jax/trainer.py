@@ -10,20 +10,25 @@ numeric happens in `rollout`, `losses` and `train_step`. The loop is a straight 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import tqdm
 from flax import nnx
+from jax.sharding import Mesh
 
 from llds_jax import checkpoint, data, evaluation, faults, hosts, losses, plots, policy
 from llds_jax import metrics as mlib, rewards, sft
 from llds_jax import sharding as shd
 from llds_jax.batch_layout import build_batch
-from llds_jax.rollout import OBS_TRUNCATION, rollout, rollout_config
+from llds_jax.rollout import OBS_TRUNCATION, RolloutConfig, rollout, rollout_config
 from llds_jax.search_pool import load_retriever
 from llds_jax.train_step import Updater, step_config, update_phase
 
@@ -141,16 +146,27 @@ def answer_beta(c, mean_valid_searches: float) -> float:
                                     base_weight=c.rl.answer_weight, lam=c.rl.llds_lambda))
 
 
-def train(c) -> list[dict]:
-  """Runs `c.total_steps` training steps in `c.workdir`; returns the metric records written."""
-  validate(c)
-  fingerprint = checkpoint.model_fingerprint(c)
-  if c.resume:  # a run resumed with another model is refused before anything is touched
-    checkpoint.check_compatible(os.path.join(c.workdir, "checkpoints"), fingerprint)
-  os.makedirs(c.workdir, exist_ok=True)
-  mesh = shd.make_mesh(dict(c.mesh))
-  show = c.log.progress and jax.process_index() == 0  # one set of progress bars per job
-  # Data and corpus first: their errors name a file and row before anything is compiled.
+@dataclasses.dataclass
+class _Run:
+  """What every step of one training run reads."""
+
+  c: ml_collections.ConfigDict
+  mesh: Mesh
+  show: bool  # progress bars (process 0 only)
+  tokenizer: Any
+  retriever: Any
+  graphdef: Any
+  updater: Updater
+  sampling_weights: Callable  # params → the rollout's compute-dtype copy (policy.py)
+  ref_params: Any  # the frozen KL reference, or None without a KL term
+  rcfg: RolloutConfig
+
+  def sampling_model(self, state) -> nnx.Module:
+    return nnx.merge(self.graphdef, self.sampling_weights(state.params))
+
+
+def _load_data(c) -> tuple[list, list, data.PromptIterator]:
+  """Train and validation questions and the prompt iterator; errors name a file and row."""
   examples = data.load_examples(c.data.train.split(","))
   val = data.load_examples(c.data.val.split(",")) if c.data.val else []
   if c.log.eval_limit:
@@ -158,7 +174,13 @@ def train(c) -> list[dict]:
   if c.rollout.prompts > len(examples):
     raise ValueError(f"config.rollout.prompts={c.rollout.prompts} exceeds the {len(examples)} "
                      f"questions of config.data.train={c.data.train!r}")
-  it = data.PromptIterator(examples, c.rollout.prompts, seed=c.seed, shuffle=c.data.shuffle)
+  return examples, val, data.PromptIterator(examples, c.rollout.prompts, seed=c.seed,
+                                            shuffle=c.data.shuffle)
+
+
+def _build_run(c, mesh, examples: list, val: list) -> tuple[_Run, Any]:
+  """The policy (format-warmed-up if asked), its updater and the retriever; (run, state)."""
+  show = c.log.progress and jax.process_index() == 0  # one set of progress bars per job
   retriever = load_retriever(c.retriever.index, c.retriever.workers)
   model, _, tokenizer = policy.load(c, mesh)
   for field, exs in (("config.data.train", examples), ("config.data.val", val)):
@@ -167,20 +189,120 @@ def train(c) -> list[dict]:
     model, sft_losses = sft.warmup_from_config(c, model, tokenizer, retriever, examples, mesh,
                                                progress=show)
     _log.info("format warm-up: NLL %.3f -> %.3f over %d steps", sft_losses[0],
-                    sft_losses[-1], len(sft_losses))
+              sft_losses[-1], len(sft_losses))
   graphdef, params = nnx.split(model)
   # The frozen reference of the KL term is the policy RL starts from.
   ref_params = jax.tree.map(lambda x: x.copy(), params) if c.rl.kl_coef else None
   abstract = jax.eval_shape(lambda: params)
   updater = Updater(graphdef, abstract, opt=c.opt, step_cfg=step_config(c), mesh=mesh)
   state = updater.init_state(params)
-  sampling_weights = policy.compute_dtype_weights(c, abstract, mesh)
+  run = _Run(c, mesh, show, tokenizer, retriever, graphdef, updater,
+             policy.compute_dtype_weights(c, abstract, mesh), ref_params, rollout_config(c))
+  return run, state
+
+
+def _roll_out(run: _Run, state, batch: list, step: int):
+  """This process's prompts of the step, each `group_size` times, through the search rollout."""
+  c = run.c
+  prompts = [data.encode_prompt(ex.messages, run.tokenizer) for ex in batch]
+  too_long = [len(p) for p in prompts if len(p) > c.rollout.max_prompt_tokens]
+  if too_long:
+    raise ValueError(f"step {step}: prompt of {too_long[0]} tokens exceeds "
+                     f"config.rollout.max_prompt_tokens={c.rollout.max_prompt_tokens}")
+  # The compute-dtype copy of the weights lives only for the rollout, not during the update.
+  return rollout(run.sampling_model(state), run.tokenizer, run.retriever, prompts,
+                 group_size=c.rollout.group_size, cfg=run.rcfg, seed=c.seed * 1_000_003 + step,
+                 mesh=run.mesh, progress=run.show)
+
+
+def _score(c, ro, batch: list) -> dict:
+  """EM rewards of this process's rows and GRPO advantages from every process's groups."""
+  rows, group_B = data.repeat_groups(batch, c.rollout.group_size)
+  reward_B = np.array([rewards.em_of(rewards.scored_answer(a, t, c.rl.reward_scope), ex.golds)
+                       for a, t, ex in zip(ro.answer, ro.response_text, rows)], np.float32)
+  # Batch statistics over every host's rows; this host keeps its own slice of the advantages.
+  reward_all, group_all = hosts.gather_rows(reward_B), hosts.gather_rows(group_B)
+  adv_B = hosts.split(np.asarray(losses.grpo_advantages(reward_all, group_all)))
+  return dict(reward_B=reward_B, group_B=group_B, reward_all=reward_all, group_all=group_all,
+              adv_B=adv_B)
+
+
+def _update_rows(c, ro, scored: dict) -> tuple[dict, float, dict]:
+  """(host batch, LLDS-MA β, filter/* metrics): the rows the update trains on."""
+  beta = answer_beta(c, float(hosts.gather_rows(ro.valid_searches).mean()))
+  answer_w = np.where(ro.answer_mask > 0, beta, 1.0)
+  host_batch = build_batch(ro, scored["adv_B"], answer_w, max_len=c.rollout.max_context)
+  filtered = {}
+  if c.rl.filter_zero_variance:
+    used, filtered = zero_variance_filter(scored["reward_B"], scored["group_B"],
+                                          c.rl.minibatch_size)
+    host_batch = {k: v[used] for k, v in host_batch.items()}
+  return host_batch, beta, filtered
+
+
+def _update(run: _Run, state, host_batch: dict, step: int) -> tuple[Any, dict]:
+  """The minibatch updates of one rollout; (state, loss and LLD metrics)."""
+  c = run.c
+  if not len(host_batch["adv"]):  # every group filtered: no update; zeros keep every metric key
+    m = {k: 0.0 for k in ("loss/total", "loss/pg", "loss/llds", "loss/kl", "entropy",
+                          "grad_norm", "skipped_nonfinite")}
+    m.update({"update/optimizer_steps": 0, "lld/preserving_logp": float("nan")})  # no π_old pass
+    return run.updater.advance(state), m
+  progress = (lambda s: tqdm.tqdm(s, desc="update", leave=False)) if run.show else None
+  shuffle = c.seed * 7919 + step if c.rl.shuffle_minibatches else None
+  state, per_mb, batch_stats = update_phase(run.updater, state, host_batch, run.ref_params,
+                                            minibatch=c.rl.minibatch_size,
+                                            ppo_epochs=c.rl.ppo_epochs, shuffle_seed=shuffle,
+                                            progress=progress)
+  m = mlib.summarize_minibatches(per_mb)
+  m.update({k: float(v) for k, v in jax.device_get(batch_stats).items()})
+  return state, m
+
+
+def _step_metrics(ro, scored: dict, beta: float, t_roll: float) -> dict:
+  """reward/*, llds/answer_beta and the rollout's timing and length over every process."""
+  reward_all, group_all = scored["reward_all"], scored["group_all"]
+  return {"reward/mean": float(reward_all.mean()), "reward/max_group_std": float(
+      max(np.std(reward_all[group_all == g]) for g in np.unique(group_all))),
+          "llds/answer_beta": beta, "time/rollout_s": t_roll,
+          "rollout/response_tokens_mean": float(hosts.gather_rows(ro.response_len).mean())}
+
+
+def _validation(run: _Run, state, val: list) -> dict:
+  """val/<data_source>/* of the current policy on the held-out questions."""
+  c = run.c
+  table, _ = evaluation.evaluate(
+      run.sampling_model(state), run.tokenizer, run.retriever, val,
+      rollout_cfg=evaluation.eval_rollout_config(run.rcfg, max_turns=c.log.eval_max_turns),
+      batch_size=max(c.rollout.prompts, 1), mesh=run.mesh, seed=c.seed, progress=run.show,
+      reward_scope=c.rl.reward_scope)
+  return {f"val/{src}/{k}": v for src, row in table.items() for k, v in row.items()}
+
+
+def _lld_watch(monitor: mlib.LLDMonitor, done: int, ro, m: dict) -> dict:
+  """The LLD monitor's metrics: a sustained fall of preserving log-probs, repeated responses."""
+  same, both = hosts.gather_rows(np.array([mlib.repeat_counts(ro.response_ids, ro.loss_mask)
+                                           ])).sum(0)
+  return monitor.update(done, m["lld/preserving_logp"], float(same / max(both, 1)))
+
+
+def train(c) -> list[dict]:
+  """Runs `c.total_steps` training steps in `c.workdir`; returns the metric records written."""
+  validate(c)
+  fingerprint = checkpoint.model_fingerprint(c)
+  if c.resume:  # a run resumed with another model is refused before anything is touched
+    checkpoint.check_compatible(os.path.join(c.workdir, "checkpoints"), fingerprint)
+  os.makedirs(c.workdir, exist_ok=True)
+  mesh = shd.make_mesh(dict(c.mesh))
+  # Data and corpus first: their errors name a file and row before anything is compiled.
+  examples, val, it = _load_data(c)
+  run, state = _build_run(c, mesh, examples, val)
   ckpt = checkpoint.Checkpointer(os.path.join(c.workdir, "checkpoints"), keep=c.ckpt.keep,
                                  async_save=c.ckpt.async_save)
   start = 0
   if c.resume:
-    restored = ckpt.restore_latest(checkpoint.abstract_like(state, updater.state_shardings),
-                                   fingerprint)
+    restored = ckpt.restore_latest(
+        checkpoint.abstract_like(state, run.updater.state_shardings), fingerprint)
     if restored is not None:
       start, state, meta = restored
       it.restore(meta["data"])
@@ -191,73 +313,30 @@ def train(c) -> list[dict]:
       f.write(c.to_json_best_effort(indent=2))
   writer = mlib.MetricWriter(c.workdir, tensorboard=c.log.tensorboard,
                              resume_step=start if c.resume else 0)
-  rcfg = rollout_config(c)
   records = []
   monitor = mlib.LLDMonitor(patience=c.log.lld_patience)
   if start and os.path.exists(writer.path):  # continue the streak an uninterrupted run would see
     monitor.restore(mlib.read_metrics(writer.path))
   bar = tqdm.tqdm(range(start, c.total_steps), desc="train", initial=start, total=c.total_steps,
-                  disable=not show)
+                  disable=not run.show)
   for step in bar:
     t0 = time.perf_counter()
     batch = hosts.split(next(it))  # this process's prompts: a contiguous share
-    prompts = [data.encode_prompt(ex.messages, tokenizer) for ex in batch]
-    too_long = [len(p) for p in prompts if len(p) > c.rollout.max_prompt_tokens]
-    if too_long:
-      raise ValueError(f"step {step}: prompt of {too_long[0]} tokens exceeds "
-                       f"config.rollout.max_prompt_tokens={c.rollout.max_prompt_tokens}")
-    sampling_model = nnx.merge(graphdef, sampling_weights(state.params))
-    ro = rollout(sampling_model, tokenizer, retriever, prompts, group_size=c.rollout.group_size, cfg=rcfg,
-                 seed=c.seed * 1_000_003 + step, mesh=mesh, progress=show)
-    del sampling_model  # the compute-dtype copy of the weights is not needed during the update
+    ro = _roll_out(run, state, batch, step)
     faults.point("rollout", step + 1)  # test-only crash injection (llds_jax/faults.py)
     t_roll = time.perf_counter() - t0
-    rows, group_ids = data.repeat_groups(batch, c.rollout.group_size)
-    reward_N = np.array([rewards.em_of(rewards.scored_answer(a, t, c.rl.reward_scope), ex.golds)
-                         for a, t, ex in zip(ro.answer, ro.response_text, rows)], np.float32)
-    # Batch statistics over every host's rows; this host keeps its own slice of the advantages.
-    reward_all, group_all = hosts.gather_rows(reward_N), hosts.gather_rows(group_ids)
-    adv_N = hosts.split(np.asarray(losses.grpo_advantages(reward_all, group_all)))
-    beta = answer_beta(c, float(hosts.gather_rows(ro.valid_searches).mean()))
-    answer_w = np.where(ro.answer_mask > 0, beta, 1.0)
-    host_batch = build_batch(ro, adv_N, answer_w, max_len=c.rollout.max_context)
-    progress = (lambda s: tqdm.tqdm(s, desc="update", leave=False)) if show else None
-    shuffle = c.seed * 7919 + step if c.rl.shuffle_minibatches else None
-    filtered = {}
-    if c.rl.filter_zero_variance:
-      used, filtered = zero_variance_filter(reward_N, group_ids, c.rl.minibatch_size)
-      host_batch = {k: v[used] for k, v in host_batch.items()}
-    if len(host_batch["adv"]):
-      state, per_mb, batch_stats = update_phase(updater, state, host_batch, ref_params,
-                                   minibatch=c.rl.minibatch_size,
-                                   ppo_epochs=c.rl.ppo_epochs, shuffle_seed=shuffle,
-                                   progress=progress)
-      m = mlib.summarize_minibatches(per_mb)
-      m.update({k: float(v) for k, v in jax.device_get(batch_stats).items()})
-    else:  # every group filtered: no update, and zeros keep the metric keys of every record
-      state = updater.advance(state)
-      m = {k: 0.0 for k in ("loss/total", "loss/pg", "loss/llds", "loss/kl", "entropy",
-                            "grad_norm", "skipped_nonfinite")}
-      m.update({"update/optimizer_steps": 0, "lld/preserving_logp": float("nan")})  # no π_old pass
+    scored = _score(c, ro, batch)
+    host_batch, beta, filtered = _update_rows(c, ro, scored)
+    state, m = _update(run, state, host_batch, step)
     faults.point("update", step + 1)
     m.update(filtered)
     m.update(ro.stats)
-    m.update({"reward/mean": float(reward_all.mean()), "reward/max_group_std": float(
-        max(np.std(reward_all[group_all == g]) for g in np.unique(group_all))),
-              "llds/answer_beta": beta, "time/rollout_s": t_roll,
-              "rollout/response_tokens_mean": float(hosts.gather_rows(ro.response_len).mean())})
+    m.update(_step_metrics(ro, scored, beta, t_roll))
     done = step + 1
     if val and c.log.eval_every and (done % c.log.eval_every == 0 or done == c.total_steps):
-      table, _ = evaluation.evaluate(
-          nnx.merge(graphdef, sampling_weights(state.params)), tokenizer, retriever, val,
-          rollout_cfg=evaluation.eval_rollout_config(rcfg, max_turns=c.log.eval_max_turns),
-          batch_size=max(c.rollout.prompts, 1), mesh=mesh, seed=c.seed, progress=show,
-          reward_scope=c.rl.reward_scope)
-      m.update({f"val/{src}/{k}": v for src, row in table.items() for k, v in row.items()})
+      m.update(_validation(run, state, val))
       faults.point("validation", done)
-    same, both = hosts.gather_rows(np.array([mlib.repeat_counts(ro.response_ids, ro.loss_mask)
-                                             ])).sum(0)
-    m.update(monitor.update(done, m["lld/preserving_logp"], float(same / max(both, 1))))
+    m.update(_lld_watch(monitor, done, ro, m))
     m["time/step_s"] = time.perf_counter() - t0
     rec = writer.write(done, m)
     # The checkpoint follows its step's record, so after a kill anywhere they agree: a restored
@@ -272,4 +351,3 @@ def train(c) -> list[dict]:
     written = plots.plot(writer.path, os.path.join(c.workdir, "plots"))
     _log.info("wrote %d plots to %s", len(written), os.path.join(c.workdir, "plots"))
   return records
-
