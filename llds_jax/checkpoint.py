@@ -207,9 +207,6 @@ class Checkpointer:
     restored = self.manager.restore(step, args=args)
     return step, restored["state"], dict(restored["meta"])
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()

@@ -172,7 +172,7 @@ def test_lld_monitor_warns_on_sustained_fall_and_degeneration(caplog):
   assert resumed.update(7, -1.6, 0.0)["lld/falling_steps"] == 4
   ids = np.array([[5, 5, 5, 5, 7, 9], [1, 2, 3, 4, 5, 6]])
   mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
-  assert mlib.repeat_fraction(ids, mask) == 3 / 8
+  assert mlib.repeat_counts(ids, mask) == (3, 8)  # repeats, sampled pairs
   with caplog.at_level("WARNING"):
     mon.update(8, -1.0, 0.75)
   assert any("degenerate" in r.message for r in caplog.records)
