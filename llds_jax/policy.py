@@ -13,7 +13,8 @@ import jax
 from flax import nnx
 
 from llds_jax import hf_io, sharding as shd, tokenizer_check
-from llds_jax.model import ModelConfig, Transformer, compute_dtype_of
+from llds_jax.model import Transformer, compute_dtype_of
+from llds_jax.model_config import ModelConfig
 
 
 def _overrides(c, *, dtype: str | None = None, remat: str | None = None) -> dict:

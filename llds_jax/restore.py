@@ -20,7 +20,8 @@ from etils import epath
 from flax import nnx
 
 from llds_jax import checkpoint, policy, sharding as shd
-from llds_jax.model import ModelConfig, Transformer
+from llds_jax.model import Transformer
+from llds_jax.model_config import ModelConfig
 
 
 class Run(NamedTuple):

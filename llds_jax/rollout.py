@@ -1,7 +1,8 @@
 """Search-R1 multi-turn rollouts whose observations are appended into the live KV cache.
 
-Dims: B prompts, G group size, N = B·G rows (prompt-major: row n answers prompt n // G), P prompt
-tokens, R response tokens, T tokens of a fed block.
+Dims (llds_jax/__init__.py): B rows = prompts × G group size (prompt-major: row b answers prompt
+b // G; the sampler's rows are padded to the mesh's row shards), P prompt tokens, R response
+tokens, T tokens of a fed block, Ts tokens sampled in one turn.
 
 Per turn (PAPER.md §D.3): every live row samples ≤ `max_turn_tokens` tokens, stopping at EOS or
 at the first `</search>` / `</answer>`; the turn's action is the first `<search>…</search>` or
@@ -98,18 +99,18 @@ def turn_view(cap: int, need: int) -> int:
 class Rollout:
   """One batch of trajectories as host arrays, right-padded."""
 
-  prompt_ids: np.ndarray  # int32 [N, P]
-  prompt_len: np.ndarray  # int32 [N]
-  response_ids: np.ndarray  # int32 [N, R]: sampled and observation tokens, in context order
-  response_len: np.ndarray  # int32 [N]
-  loss_mask: np.ndarray  # float32 [N, R]: 1 exactly on model-sampled tokens
-  answer_mask: np.ndarray  # float32 [N, R]: 1 on the model's answer span (`model_answer`)
+  prompt_ids: np.ndarray  # int32 [B, P]
+  prompt_len: np.ndarray  # int32 [B]
+  response_ids: np.ndarray  # int32 [B, R]: sampled and observation tokens, in context order
+  response_len: np.ndarray  # int32 [B]
+  loss_mask: np.ndarray  # float32 [B, R]: 1 exactly on model-sampled tokens
+  answer_mask: np.ndarray  # float32 [B, R]: 1 on the model's answer span (`model_answer`)
   answer: list  # str | None per row: the model's own last complete answer (None: never answered)
-  sample_logp: np.ndarray  # float32 [N, R]: sampler log-prob (temperature 1) if sampled, else 0
-  valid_searches: np.ndarray  # int32 [N]: searches whose results entered the context
-  turns: np.ndarray  # int32 [N]: generation turns
-  invalid_actions: np.ndarray  # int32 [N]: turns whose text held no complete search/answer action
-  finish_reason: np.ndarray  # str [N]: "answer" | "max_turns" | "context"
+  sample_logp: np.ndarray  # float32 [B, R]: sampler log-prob (temperature 1) if sampled, else 0
+  valid_searches: np.ndarray  # int32 [B]: searches whose results entered the context
+  turns: np.ndarray  # int32 [B]: generation turns
+  invalid_actions: np.ndarray  # int32 [B]: turns whose text held no complete search/answer action
+  finish_reason: np.ndarray  # str [B]: "answer" | "max_turns" | "context"
   response_text: list[str]  # decoded response, special tokens kept
   stats: dict[str, float]
 
@@ -161,14 +162,16 @@ def _eos_ids(model, tokenizer) -> tuple[int, ...]:
 
 def _pad(rows: Sequence[Sequence], width: int, dtype) -> np.ndarray:
   out = np.zeros((len(rows), width), dtype)
-  for n, r in enumerate(rows):
-    out[n, :len(r)] = r
+  for b, r in enumerate(rows):
+    out[b, :len(r)] = r
   return out
 
 
 @dataclasses.dataclass
 class _Row:
-  """Host bookkeeping of one rollout row; `total` counts prompt + response, the pending token too."""
+  """Host bookkeeping of one rollout row.
+
+  `total` counts prompt + response tokens, the pending one included."""
 
   prompt: list[int]
   block: list[int]  # what the next feed writes into the row's cache
@@ -198,7 +201,7 @@ class _Loop:
 
   graphdef: object
   params: object
-  scfg: smp.SampleConfig
+  sample_cfg: smp.SampleConfig
   table_QxMxV: object
   cap: int  # tokens per row, also the cache slots
   padded: int  # sampler rows (a multiple of the row shards)
@@ -211,13 +214,13 @@ class _Loop:
 def _turn_limits(rows: list[_Row], loop: _Loop, max_turn_tokens: int) -> np.ndarray:
   """Tokens each live row may sample this turn; a row with no room left ends ("context")."""
   limit_B = np.zeros(loop.padded, np.int32)
-  for n, row in enumerate(rows):
+  for b, row in enumerate(rows):
     if not row.live:
       continue
     if loop.cap - row.total < 1:
       row.end("context")
     else:
-      limit_B[n] = min(max_turn_tokens, loop.cap - row.total)
+      limit_B[b] = min(max_turn_tokens, loop.cap - row.total)
   return limit_B
 
 
@@ -227,30 +230,31 @@ def _sample(loop: _Loop, state, rows: list[_Row], live: np.ndarray, limit_B: np.
   stops) of this process's rows, or None when no process has a live row."""
   # Attend to (and write) only the slots this turn can reach: cost follows the context, not `cap`.
   any_live, width, need = hosts.agree_max(
-      len(live) > 0, smp.bucket(max((len(rows[n].block) for n in live), default=1)),
-      max((rows[n].total + int(limit_B[n]) for n in live), default=1))
+      len(live) > 0, smp.bucket(max((len(rows[b].block) for b in live), default=1)),
+      max((rows[b].total + int(limit_B[b]) for b in live), default=1))
   if not any_live:
     return None
   tokens_BxT = np.zeros((loop.padded, width), np.int32)
   len_B = np.zeros(loop.padded, np.int32)
-  for n in live:
-    block = rows[n].block
-    tokens_BxT[n, :len(block)], len_B[n] = block, len(block)
+  for b in live:
+    block = rows[b].block
+    tokens_BxT[b, :len(block)], len_B[b] = block, len(block)
     loop.count["prefill"] += len(block)
-    loop.count["reprefill"] += len(block) if first else rows[n].total  # re-prefilling every turn
+    loop.count["reprefill"] += len(block) if first else rows[b].total  # re-prefilling every turn
   view = turn_view(loop.cap, need)
   t0 = time.perf_counter()
   put = functools.partial(hosts.put_rows, mesh=loop.mesh)
   state = smp.feed(loop.graphdef, loop.params, state, put(tokens_BxT), put(len_B), put(limit_B),
-                   loop.table_QxMxV, loop.scfg, view)
-  state = smp.decode(loop.graphdef, loop.params, state, loop.table_QxMxV, loop.scfg, view)
-  out = tuple(map(hosts.local_rows, (state.tokens_BxN, state.logp_BxN, state.num_B,
+                   loop.table_QxMxV, loop.sample_cfg, view)
+  state = smp.decode(loop.graphdef, loop.params, state, loop.table_QxMxV, loop.sample_cfg,
+                     view)
+  out = tuple(map(hosts.local_rows, (state.tokens_BxTs, state.logp_BxTs, state.num_B,
                                      state.stop_B)))
   loop.secs["model"] += time.perf_counter() - t0
   return (state,) + out
 
 
-def _take_actions(rows: list[_Row], live: np.ndarray, toks_BxS, logp_BxS, num_B, stop_B,
+def _take_actions(rows: list[_Row], live: np.ndarray, toks_BxTs, logp_BxTs, num_B, stop_B,
                   tokenizer, final: bool) -> tuple[dict[int, str], list[int], list[str]]:
   """Appends each live row's sampled turn and parses its action: an answer (or any action on the
   final turn) ends the row, a search is queued, anything else gets the correction message.
@@ -260,23 +264,23 @@ def _take_actions(rows: list[_Row], live: np.ndarray, toks_BxS, logp_BxS, num_B,
   # The segment's last token is pending (not in the cache): it opens the next block, unless it is
   # an EOS, which is dropped from response and context alike.
   eos_B = stop_B == smp.EOS
-  new_ids = [toks_BxS[n, :num_B[n] - eos_B[n]].tolist() for n in live]
+  new_ids = [toks_BxTs[b, :num_B[b] - eos_B[b]].tolist() for b in live]
   texts = tokenizer.batch_decode(new_ids, skip_special_tokens=True)
   observations, searching, queries = {}, [], []
-  for n, ids, text in zip(live, new_ids, texts):
-    row = rows[n]
+  for b, ids, text in zip(live, new_ids, texts):
+    row = rows[b]
     row.turns += 1
-    row.extend(ids, sampled=True, logp=logp_BxS[n, :len(ids)].tolist())
-    row.block = [] if eos_B[n] else ids[-1:]
+    row.extend(ids, sampled=True, logp=logp_BxTs[b, :len(ids)].tolist())
+    row.block = [] if eos_B[b] else ids[-1:]
     kind, content = rewards.parse_action(text)
     row.invalid += kind is None
     if kind == "answer" or final:
       row.end("answer" if kind == "answer" else "max_turns")
     elif kind == "search":
-      searching.append(n)
+      searching.append(b)
       queries.append(content)
     else:
-      observations[n] = INVALID_ACTION
+      observations[b] = INVALID_ACTION
   return observations, searching, queries
 
 
@@ -288,8 +292,8 @@ def _search(loop: _Loop, retriever, queries: list[str], searching: list[int], to
   t0 = time.perf_counter()
   passages = retriever.retrieve_text(queries, topk)
   loop.secs["retrieval"] += time.perf_counter() - t0
-  for n, text in zip(searching, passages):
-    observations[n] = information_block(text)
+  for b, text in zip(searching, passages):
+    observations[b] = information_block(text)
 
 
 def _insert_observations(loop: _Loop, rows: list[_Row], observations: dict[int, str],
@@ -297,17 +301,17 @@ def _insert_observations(loop: _Loop, rows: list[_Row], observations: dict[int, 
   """Appends each observation to its row's response and next block (fed with the pending token);
   a row left without room to answer after it ends ("context")."""
   obs_rows = sorted(observations)
-  obs_ids = encode_observations(tokenizer, [observations[n] for n in obs_rows],
+  obs_ids = encode_observations(tokenizer, [observations[b] for b in obs_rows],
                                 cfg.max_obs_tokens, cfg.obs_truncation)
-  for n, ids in zip(obs_rows, obs_ids):
-    row = rows[n]
+  for b, ids in zip(obs_rows, obs_ids):
+    row = rows[b]
     if row.total + len(ids) + 1 > loop.cap:  # no room to answer after this observation
       row.end("context")
       continue
     row.extend(ids, sampled=False)
     row.block += ids
     loop.count["obs_tokens"] += len(ids)
-    row.searches += n in searching  # a search counts once its result is in the context
+    row.searches += b in searching  # a search counts once its result is in the context
 
 
 def _stats(loop: _Loop, rows: list[_Row], loss_mask: np.ndarray) -> dict[str, float]:
@@ -368,7 +372,7 @@ def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, gr
   if longest >= cap:
     raise ValueError(f"rollout: a prompt of {longest} tokens leaves no room under "
                      f"max_context={cap}")
-  scfg = smp.SampleConfig(cfg.temperature, cfg.top_p, cfg.top_k,
+  sample_cfg = smp.SampleConfig(cfg.temperature, cfg.top_p, cfg.top_k,
                           tuple(eos_ids) if eos_ids is not None else _eos_ids(model, tokenizer))
   table_QxMxV = hosts.put_replicated(
       stops.cached_stop_table(tokenizer, STOP_STRINGS, model.cfg.vocab_size), mesh)
@@ -376,7 +380,7 @@ def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, gr
   (padded,) = hosts.agree_max(hosts.padded_rows(len(prompt_rows), mesh))
   state = smp.init_state(model.cfg, padded, cap, cfg.max_turn_tokens, len(STOP_STRINGS), seed=seed,
                          cache_dtype=cfg.cache_dtype, mesh=mesh)
-  loop = _Loop(graphdef, params, scfg, table_QxMxV, cap, padded, mesh)
+  loop = _Loop(graphdef, params, sample_cfg, table_QxMxV, cap, padded, mesh)
   rows = [_Row(prompt=p, block=list(p), total=len(p)) for p in prompt_rows]
 
   bar = tqdm.tqdm(range(cfg.max_turns + 1), desc="rollout turns", disable=not progress, leave=False)
@@ -387,9 +391,9 @@ def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, gr
     if sampled is None:
       break
     bar.set_postfix(live=len(live))
-    state, toks_BxS, logp_BxS, num_B, stop_B = sampled
+    state, toks_BxTs, logp_BxTs, num_B, stop_B = sampled
     observations, searching, queries = _take_actions(
-        rows, live, toks_BxS, logp_BxS, num_B, stop_B, tokenizer, final=turn == cfg.max_turns)
+        rows, live, toks_BxTs, logp_BxTs, num_B, stop_B, tokenizer, final=turn == cfg.max_turns)
     _search(loop, retriever, queries, searching, cfg.topk, observations)
     _insert_observations(loop, rows, observations, searching, tokenizer, cfg)
   bar.close()

@@ -1,6 +1,7 @@
 """Supervised format warm-up: teach a policy the Search-R1 action format before RL.
 
-Dims: N trajectories in the pool, B rows per step, P prompt and R response tokens.
+Dims (llds_jax/__init__.py): B rows (of the trajectory pool, or of one step), P prompt and R
+response tokens.
 
 A random (or weak) policy almost never emits a well-formed `<search>…</search>` or
 `<answer>…</answer>`, so GRPO sees all-zero rewards and learns nothing. `format_warmup` builds
@@ -34,7 +35,7 @@ import optax
 import tqdm
 from flax import nnx
 
-from llds_jax import batch_layout, data, faults, losses, rollout as rl, sharding as shd
+from llds_jax import batch_layout, data, faults, losses, rollout, sharding as shd
 from llds_jax.sampler import bucket
 from llds_jax.train_step import response_logprobs
 
@@ -77,8 +78,8 @@ def build_trajectory(tokenizer, retriever, example: data.Example, queries: Seque
     mask.extend([1.0] * len(ids))
 
   passages = retriever.retrieve_text(list(queries), topk) if queries else []
-  obs = rl.encode_observations(tokenizer, [rl.information_block(p) for p in passages],
-                               max_obs_tokens, obs_truncation)
+  blocks = [rollout.information_block(p) for p in passages]
+  obs = rollout.encode_observations(tokenizer, blocks, max_obs_tokens, obs_truncation)
   for query, obs_ids in zip(queries, obs):
     act((SEARCH_THINK if think else SEARCH_PLAIN).format(query=query))
     resp.extend(obs_ids)
@@ -105,11 +106,11 @@ def layout(trajs: Sequence[Trajectory]) -> dict[str, np.ndarray]:
   """Trajectories as update-batch rows (`batch_layout.row_layout`) with their loss mask."""
   P = max(len(t.prompt_ids) for t in trajs)
   R = max(len(t.response_ids) for t in trajs)
-  mask_NxR = np.zeros((len(trajs), R), np.float32)
-  for n, t in enumerate(trajs):
-    mask_NxR[n, :len(t.loss_mask)] = t.loss_mask
+  mask_BxR = np.zeros((len(trajs), R), np.float32)
+  for b, t in enumerate(trajs):
+    mask_BxR[b, :len(t.loss_mask)] = t.loss_mask
   return dict(batch_layout.row_layout([t.prompt_ids for t in trajs],
-                                      [t.response_ids for t in trajs], P, R), loss_mask=mask_NxR)
+                                      [t.response_ids for t in trajs], P, R), loss_mask=mask_BxR)
 
 
 def _nll(params, graphdef, batch: dict, chunk_size: int):

@@ -1,6 +1,7 @@
 """The training loop: rollout with search → EM rewards → GRPO advantages → minibatch updates.
 
-Dims: B prompts per step, G group size, N = B·G rollout rows, P prompt and R response tokens.
+Dims (llds_jax/__init__.py): B rows (this step's prompts × G group size), P prompt and R
+response tokens.
 
 The loop only: what it runs is built elsewhere (the policy and the rollout's weight copy in
 `policy`, the retriever in `search_pool`, the update rows in `batch_layout`) and everything
@@ -121,7 +122,7 @@ def _validate_packing(c, row_shards: int) -> None:
                      f"{row_shards} row shards (0 = off)")
 
 
-def zero_variance_filter(reward_N: np.ndarray, group_N: np.ndarray,
+def zero_variance_filter(reward_B: np.ndarray, group_B: np.ndarray,
                          minibatch: int) -> tuple[np.ndarray, dict]:
   """(rows to train on, filter/* metrics) for `rl.filter_zero_variance` (DAPO dynamic sampling).
 
@@ -129,10 +130,10 @@ def zero_variance_filter(reward_N: np.ndarray, group_N: np.ndarray,
   Rows of the other groups are kept in order and cut to whole minibatches (no refill), so the
   optimizer steps per rollout can fall, to none.
   """
-  informative = {g for g in np.unique(group_N) if np.ptp(reward_N[group_N == g]) > 0}
-  keep = np.flatnonzero([g in informative for g in group_N])
+  informative = {g for g in np.unique(group_B) if np.ptp(reward_B[group_B == g]) > 0}
+  keep = np.flatnonzero([g in informative for g in group_B])
   used = keep[:len(keep) // minibatch * minibatch]
-  return used, {"filter/zero_variance_frac": 1.0 - len(keep) / max(len(group_N), 1),
+  return used, {"filter/zero_variance_frac": 1.0 - len(keep) / max(len(group_B), 1),
                 "filter/rows_used": float(len(used))}
 
 
@@ -159,7 +160,7 @@ class _Run:
   updater: Updater
   sampling_weights: Callable  # params → the rollout's compute-dtype copy (policy.py)
   ref_params: Any  # the frozen KL reference, or None without a KL term
-  rcfg: RolloutConfig
+  rollout_cfg: RolloutConfig
 
   def sampling_model(self, state) -> nnx.Module:
     return nnx.merge(self.graphdef, self.sampling_weights(state.params))
@@ -211,8 +212,8 @@ def _roll_out(run: _Run, state, batch: list, step: int):
                      f"config.rollout.max_prompt_tokens={c.rollout.max_prompt_tokens}")
   # The compute-dtype copy of the weights lives only for the rollout, not during the update.
   return rollout(run.sampling_model(state), run.tokenizer, run.retriever, prompts,
-                 group_size=c.rollout.group_size, cfg=run.rcfg, seed=c.seed * 1_000_003 + step,
-                 mesh=run.mesh, progress=run.show)
+                 group_size=c.rollout.group_size, cfg=run.rollout_cfg,
+                 seed=c.seed * 1_000_003 + step, mesh=run.mesh, progress=run.show)
 
 
 def _score(c, ro, batch: list) -> dict:
@@ -273,7 +274,8 @@ def _validation(run: _Run, state, val: list) -> dict:
   c = run.c
   table, _ = evaluation.evaluate(
       run.sampling_model(state), run.tokenizer, run.retriever, val,
-      rollout_cfg=evaluation.eval_rollout_config(run.rcfg, max_turns=c.log.eval_max_turns),
+      rollout_cfg=evaluation.eval_rollout_config(run.rollout_cfg,
+                                                 max_turns=c.log.eval_max_turns),
       batch_size=max(c.rollout.prompts, 1), mesh=run.mesh, seed=c.seed, progress=run.show,
       reward_scope=c.rl.reward_scope)
   return {f"val/{src}/{k}": v for src, row in table.items() for k, v in row.items()}

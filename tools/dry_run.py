@@ -106,10 +106,10 @@ def shapes(c, prompt_tokens: int, mesh) -> dict:
   `max_context` tokens (`batch_layout.response_width`).
   """
   r = c.rollout
-  rcfg = rollout.rollout_config(c)
+  rollout_cfg = rollout.rollout_config(c)
   P = smp.bucket(prompt_tokens)
-  worst = rollout.worst_case_tokens(rcfg)
-  cap = rollout.cache_capacity(rcfg, prompt_tokens)
+  worst = rollout.worst_case_tokens(rollout_cfg)
+  cap = rollout.cache_capacity(rollout_cfg, prompt_tokens)
   longest = min(worst, cap - prompt_tokens)  # the cache holds prompt + response of a row
   R = batch_layout.response_width(P, smp.bucket(longest), longest, r.max_context)
   views, total = [], P

@@ -96,18 +96,19 @@ def run(c, *, data: str, checkpoint=None, hf=None, gguf=None, limit: int = 0,
   mesh = shd.make_mesh(dict(c.mesh))
   model, tokenizer, what = load_weights(c, mesh, checkpoint=checkpoint, hf=hf, gguf=gguf)
   retriever = search_pool.load_retriever(c.retriever.index)
-  rcfg = evaluation.eval_rollout_config(rollout.rollout_config(c), max_turns=max_turns,
-                                        greedy=not sample)
+  rollout_cfg = evaluation.eval_rollout_config(rollout.rollout_config(c), max_turns=max_turns,
+                                               greedy=not sample)
   # The model's own answer unless the config asks for Search-R1's whole-text scoring (parity).
   scope = c.rl.get("reward_scope", "sampled")
   t0 = time.perf_counter()
-  table, records = evaluation.evaluate(model, tokenizer, retriever, examples, rollout_cfg=rcfg,
-                                       batch_size=batch_size, mesh=mesh, seed=c.seed,
-                                       progress=progress, reward_scope=scope)
+  table, records = evaluation.evaluate(model, tokenizer, retriever, examples,
+                                       rollout_cfg=rollout_cfg, batch_size=batch_size, mesh=mesh,
+                                       seed=c.seed, progress=progress, reward_scope=scope)
   settings = dict(reward_scope=scope, data=paths, weights=what, questions=len(records), limit=limit,
-                  max_turns=max_turns, greedy=not sample, temperature=rcfg.temperature,
-                  top_p=rcfg.top_p, top_k=rcfg.top_k, topk_passages=rcfg.topk,
-                  retriever=c.retriever.index, seed=c.seed, seconds=time.perf_counter() - t0)
+                  max_turns=max_turns, greedy=not sample, temperature=rollout_cfg.temperature,
+                  top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k,
+                  topk_passages=rollout_cfg.topk, retriever=c.retriever.index, seed=c.seed,
+                  seconds=time.perf_counter() - t0)
   caption = (f"weights: {what} · data: {', '.join(map(os.path.basename, paths))} · "
              f"max_turns {max_turns} · {'sampled' if sample else 'greedy'}")
   md = f"{caption}\n\n{evaluation.markdown_table(table)}\n"
