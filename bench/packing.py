@@ -7,7 +7,7 @@
 lld_experiment.py builds it) on its RL questions, with the testbed config's rollout settings, and
 writes every row's prompt and response length to bench/packing_lengths.json. The bench samples
 `--rows` trajectories from that distribution (random token ids of those lengths), lays them out
-as the trainer does (`trainer.build_batch`), and times the whole update phase (old and reference
+as the trainer does (`batch_layout.build_batch`), and times the whole update phase (old and reference
 log-prob passes + every minibatch step, `train_step.update_phase`) on a Qwen2-shaped model, once
 padded and once packed (`rl.pack`, sequences of `--pack_len`, default the recorded max_context,
 micro-batches of the same token budget). It reports the share
@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from llds_jax import losses, packing, sharding, trainer  # noqa: E402
+from llds_jax import batch_layout, losses, packing, policy, search_pool, sharding  # noqa: E402
 from llds_jax.model import ModelConfig, Transformer  # noqa: E402
 from llds_jax.train_step import StepConfig, Updater, update_phase  # noqa: E402
 
@@ -48,11 +48,11 @@ def record(testbed: str, prompts: int, path: str) -> None:
   from llds_jax import data, rollout
   c = lld_testbed.get_config(testbed)
   mesh = sharding.make_mesh(dict(c.mesh))
-  model, _, tok = trainer.load_policy(c, mesh)
+  model, _, tok = policy.load(c, mesh)
   examples = data.load_examples(c.data.train)[:prompts]
-  ro = rollout.rollout(model, tok, trainer.load_retriever(c.retriever.index),
+  ro = rollout.rollout(model, tok, search_pool.load_retriever(c.retriever.index),
                        [data.encode_prompt(ex.messages, tok) for ex in examples],
-                       group_size=c.rollout.group_size, cfg=trainer.rollout_config(c), seed=0,
+                       group_size=c.rollout.group_size, cfg=rollout.rollout_config(c), seed=0,
                        mesh=mesh)
   out = {"source": f"LLD testbed warmed-up policy ({testbed}), {prompts} prompts x "
                    f"{c.rollout.group_size}, configs/lld_testbed.py rollout settings",
@@ -77,7 +77,7 @@ def synthetic_batch(dist: dict, rows: int, vocab: int, seed: int = 0) -> dict:
       response_ids=rng.integers(1, vocab, (rows, R)),
       loss_mask=(np.arange(R)[None] < r_N[:, None]).astype(np.float32))
   adv = rng.standard_normal(rows).astype(np.float32)
-  return trainer.build_batch(ro, adv, np.ones((rows, R), np.float32),
+  return batch_layout.build_batch(ro, adv, np.ones((rows, R), np.float32),
                              max_len=dist["max_context"])
 
 

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from rank_bm25 import BM25Okapi
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from llds_jax import data, retriever, search_pool  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llds_jax import assets, corpus, retriever, search_pool  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 try:
   import bm25s  # pylint: disable=g-import-not-at-top
@@ -84,8 +84,8 @@ def pool_rates(index_dir: str, index, questions) -> dict:
 
 
 def wiki_corpus():
-  paths = data.asset_paths(require=("wiki_corpus", "fanoutqa_train", "fanoutqa_test"))
-  docs = [retriever.tokenize(c) for _, c in data.read_corpus(paths["wiki_corpus"])]
+  paths = assets.asset_paths(require=("wiki_corpus", "fanoutqa_train", "fanoutqa_test"))
+  docs = [retriever.tokenize(c) for _, c in corpus.read_corpus(paths["wiki_corpus"])]
   questions = [r["question"] for split in ("fanoutqa_train", "fanoutqa_test")
                for r in pq.read_table(paths[split], columns=["question"]).to_pylist()]
   return docs, [retriever.tokenize(q) for q in questions]
@@ -178,7 +178,7 @@ def append_results(rows: list[dict], args):
 
 def write_passages(path: str, n: int, seed: int = 0):
   """n Search-R1 rows: a random summary title + real summary sentences up to ≥ 100 words."""
-  rows = list(data.read_corpus(data.asset_paths(require=("wiki_corpus",))["wiki_corpus"]))
+  rows = list(corpus.read_corpus(assets.asset_paths(require=("wiki_corpus",))["wiki_corpus"]))
   titles = [c.split("\n", 1)[0] for _, c in rows]
   sentences = [s for _, c in rows for s in re.split(r"(?<=\.) ", c.split("\n", 1)[1]) if s]
   rng = np.random.default_rng(seed)

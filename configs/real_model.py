@@ -30,7 +30,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import base  # noqa: E402  (config files are loaded by path)
-from llds_jax import data  # noqa: E402
+from llds_jax import assets  # noqa: E402
 
 MODELS = {"qwen05b": "qwen_gguf", "smollm": "smollm_gguf"}
 
@@ -38,19 +38,19 @@ MODELS = {"qwen05b": "qwen_gguf", "smollm": "smollm_gguf"}
 def get_config(model: str = "qwen05b"):
   if model not in MODELS:
     raise ValueError(f"configs/real_model.py:{model}: unknown model; known: {sorted(MODELS)}")
-  assets = data.asset_paths(require=())  # paths only; a missing file is named by the trainer
+  paths = assets.asset_paths(require=())  # paths only; a missing file is named by the trainer
   c = base.get_config()
   c.total_steps = 40
-  c.model.path = assets[MODELS[model]]
+  c.model.path = paths[MODELS[model]]
   c.model.tokenizer = ""  # the GGUF carries its own
   c.model.dtype = "bfloat16"
   c.model.remat = "full"
   c.model.format_warmup_steps = 60  # 60 × 16 ideal trajectories: the format, not the facts
   c.model.format_warmup_lr = 1e-5
   c.model.format_warmup_batch = 16
-  c.data.train = assets["fanoutqa_train"]
-  c.data.val = assets["fanoutqa_test"]
-  c.retriever.index = assets["wiki_index"]
+  c.data.train = paths["fanoutqa_train"]
+  c.data.val = paths["fanoutqa_test"]
+  c.retriever.index = paths["wiki_index"]
   c.rollout.prompts = 32
   c.rollout.group_size = 5
   c.rollout.max_turns = 2

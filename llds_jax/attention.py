@@ -1,8 +1,8 @@
 """Position-masked attention: RoPE, the slot-addressed KV cache and query-blocked kernels.
 
-Dims: B batch, T new tokens (queries), S keys (cache slots), H query heads, K kv heads, G = H/K,
-Dh head dim, F = Dh/2 rotary frequencies, L layers; N is the heads of `apply_rope` (H or K) and
-the query blocks (of C queries) of `attend`.
+Dims (llds_jax/__init__.py): B rows, T new tokens (queries), S keys (cache slots), H query heads
+(or, in `apply_rope`, whichever heads it is given), K kv heads (H/K query heads share one), Dh head
+dim (Dh2 = Dh/2 rotary frequencies), J query blocks of C queries (`attend`).
 
 Padding and caching use one rule: every token has a position, and a token whose mask is 0 gets
 position -1. A query attends to a key iff `0 <= pos_k <= pos_q`. Because positions increase along a
@@ -17,7 +17,6 @@ most `attn_chunk` queries and at most `attn_block_bytes` of float32 scores per d
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import flax.struct
 import jax
@@ -25,9 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from llds_jax import sharding as shd
-
-if TYPE_CHECKING:  # model.py imports this module; the config is only read here
-  from llds_jax.model import ModelConfig
+from llds_jax.model_config import ModelConfig
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully-masked rows give no NaN
 
@@ -52,15 +49,15 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
   return inv
 
 
-def apply_rope(x_BxTxNxDh: jax.Array, pos_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+def apply_rope(x_BxTxHxDh: jax.Array, pos_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
   """Rotate-half RoPE (the HF convention), computed in float32."""
-  ang_BxTxF = pos_BxT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
-  cos = jnp.cos(jnp.concatenate([ang_BxTxF, ang_BxTxF], -1))[:, :, None, :]
-  sin = jnp.sin(jnp.concatenate([ang_BxTxF, ang_BxTxF], -1))[:, :, None, :]
-  x = x_BxTxNxDh.astype(jnp.float32)
+  ang_BxTxDh2 = pos_BxT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
+  cos = jnp.cos(jnp.concatenate([ang_BxTxDh2, ang_BxTxDh2], -1))[:, :, None, :]
+  sin = jnp.sin(jnp.concatenate([ang_BxTxDh2, ang_BxTxDh2], -1))[:, :, None, :]
+  x = x_BxTxHxDh.astype(jnp.float32)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
-  return (x * cos + rotated * sin).astype(x_BxTxNxDh.dtype)
+  return (x * cos + rotated * sin).astype(x_BxTxHxDh.dtype)
 
 
 @flax.struct.dataclass
@@ -120,7 +117,7 @@ def attend(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, qpos_BxT, kpos_BxS, chunk: int = 
            max_bytes: int = 0, qseg_BxT=None, kseg_BxS=None):
   """Position-masked softmax attention, one block of `query_block` queries at a time.
 
-  Each of N blocks (C queries, padding < N) attends to every key under the same mask, so the
+  Each of J blocks (C queries, padding < J) attends to every key under the same mask, so the
   result is the dense one up to rounding. A `lax.map` under `jax.checkpoint` keeps one block's
   `B×H×C×S` float32 scores alive, and the backward pass recomputes them block by block.
   With segment ids (packed rows, `packing.py`) a query also needs its key's segment: positions
@@ -139,9 +136,9 @@ def attend(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, qpos_BxT, kpos_BxS, chunk: int = 
   # Padded queries get position -1: they see no key, stay finite and are sliced off (no gradient).
   q_BxTxHxDh = jnp.pad(q_BxTxHxDh, ((0, 0), (0, pad), (0, 0), (0, 0)))
   qpos_BxT = jnp.pad(qpos_BxT, ((0, 0), (0, pad)), constant_values=-1)
-  q_NxBxCxHxDh = jnp.swapaxes(q_BxTxHxDh.reshape(B, n, c, H, Dh), 0, 1)
-  qpos_NxBxC = jnp.swapaxes(qpos_BxT.reshape(B, n, c), 0, 1)
-  xs = (q_NxBxCxHxDh, qpos_NxBxC)
+  q_JxBxCxHxDh = jnp.swapaxes(q_BxTxHxDh.reshape(B, n, c, H, Dh), 0, 1)
+  qpos_JxBxC = jnp.swapaxes(qpos_BxT.reshape(B, n, c), 0, 1)
+  xs = (q_JxBxCxHxDh, qpos_JxBxC)
   if qseg_BxT is not None:
     xs += (jnp.swapaxes(jnp.pad(qseg_BxT, ((0, 0), (0, pad))).reshape(B, n, c), 0, 1),)
 
@@ -150,8 +147,8 @@ def attend(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, qpos_BxT, kpos_BxS, chunk: int = 
     qseg = xs[2] if len(xs) > 2 else None
     return _dense_attention(xs[0], k_BxSxKxDh, v_BxSxKxDh, xs[1], kpos_BxS, qseg, kseg_BxS)
 
-  out_NxBxCxHxDh = lax.map(block, xs)
-  return jnp.swapaxes(out_NxBxCxHxDh, 0, 1).reshape(B, n * c, H, Dh)[:, :T]
+  out_JxBxCxHxDh = lax.map(block, xs)
+  return jnp.swapaxes(out_JxBxCxHxDh, 0, 1).reshape(B, n * c, H, Dh)[:, :T]
 
 
 def _dense_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, qpos_BxT, kpos_BxS, qseg_BxT=None,

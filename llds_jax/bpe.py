@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-# Qwen2's pre-tokenizer: contractions, letter runs (with one leading non-letter), single digits,
-# punctuation runs, newlines, and whitespace not followed by a non-space.
+# Qwen2's pre-tokenizer (also what hf_io gives a GGUF whose `tokenizer.ggml.pre` is qwen2):
+# contractions, letter runs (with one leading non-letter), single digits, punctuation runs,
+# newlines, and whitespace not followed by a non-space.
 SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
                  r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 

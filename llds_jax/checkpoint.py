@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from llds_jax import data, faults
+from llds_jax import faults, file_io
 
 MANIFEST = "llds_manifest.json"
 
@@ -53,7 +53,7 @@ def _files(step_dir: str) -> list[str]:
 def seal(step_dir: str) -> None:
   """Writes `step_dir/MANIFEST`: {relative path: [size, sha256]} of every file (atomic rename)."""
   files = {rel: [os.path.getsize(os.path.join(step_dir, rel)),
-                 data.file_sha256(os.path.join(step_dir, rel))]
+                 file_io.file_sha256(os.path.join(step_dir, rel))]
            for rel in _files(step_dir)}
   tmp = os.path.join(step_dir, MANIFEST + ".tmp")
   with open(tmp, "w") as f:
@@ -85,7 +85,7 @@ def verify(step_dir: str) -> None:
       raise CorruptCheckpoint(f"{full}: missing")
     if os.path.getsize(full) != size:
       raise CorruptCheckpoint(f"{full}: {os.path.getsize(full)} bytes, {size} when saved")
-    if data.file_sha256(full) != digest:
+    if file_io.file_sha256(full) != digest:
       raise CorruptCheckpoint(f"{full}: sha256 differs from the one recorded at save")
   extra = sorted(set(_files(step_dir)) - set(files))
   if extra:
@@ -207,9 +207,6 @@ class Checkpointer:
     restored = self.manager.restore(step, args=args)
     return step, restored["state"], dict(restored["meta"])
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
@@ -251,7 +248,12 @@ def check_compatible(directory: str, fingerprint: dict) -> None:
 
 
 def saved_steps(directory: str) -> list[int]:
-  """Steps with a checkpoint directory under `directory` (orbax names them by step), sorted."""
+  """Steps with a committed checkpoint directory under `directory`, ascending.
+
+  The one listing every reader uses (resume, `restore.load_run`, the resume=False guard). Orbax
+  writes into `<step>.orbax-checkpoint-tmp-*` and renames when done, so a bare integer name is a
+  committed checkpoint; whether it is intact is `verify`'s question.
+  """
   if not os.path.isdir(directory):
     return []
   return sorted(int(d) for d in os.listdir(directory) if d.isdigit())

@@ -1,4 +1,6 @@
-"""Search-R1 data on disk: QA parquet + prompt template, corpus jsonl + document store, demo assets.
+"""Search-R1 QA data: parquet rows → examples, the prompt template, and the prompt batches.
+
+The retrieval corpus is corpus.py's and the demo-asset layout assets.py's.
 
 Group ids. GRPO groups the G rollouts of one prompt. The official code groups by
 `extra_info.index`, which restarts at 0 for each data source of a merged file, so NQ #i and
@@ -7,14 +9,8 @@ loaded list, and `load_examples` rejects duplicate (data_source, extra_info.spli
 keys, so uid is a bijection with that key and no two prompts ever share a group.
 """
 
-import array
 import dataclasses
-import hashlib
-import io
-import json
-import os
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import numpy as np
 
@@ -200,153 +196,3 @@ class PromptIterator:
     take = order[self.position:self.position + self.batch_size]
     self.position += len(take)
     return [self.examples[i] for i in take]
-
-
-# ---- retrieval corpus: Search-R1 jsonl in, id/contents blobs out ----
-
-
-def iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
-  """(1-based line number, value) per non-blank line; invalid JSON raises naming file and line."""
-  with open(path, "rb") as f:
-    for line_no, raw in enumerate(f, 1):
-      try:
-        line = raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        raise ValueError(f"{path}:{line_no}: not UTF-8 (byte {raw[e.start]:#04x} at column "
-                         f"{e.start + 1})") from None
-      if not line.strip():
-        continue
-      try:
-        yield line_no, json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_no}: invalid JSON: {e.msg} (column {e.colno})") from None
-
-
-def read_corpus(path: str) -> Iterator[tuple[str, str]]:
-  """Streams (id, contents) from a Search-R1 corpus jsonl; bad rows raise naming file and line.
-
-  Duplicate ids raise too: a retrieved passage must name one document.
-  """
-  seen = {}
-  for line_no, row in iter_jsonl(path):
-    if not isinstance(row, dict) or "contents" not in row:
-      raise ValueError(f"{path}:{line_no}: row has no 'contents' field")
-    if not isinstance(row["contents"], str):
-      raise ValueError(f"{path}:{line_no}: 'contents' is {type(row['contents']).__name__}, not str")
-    # A missing id falls back to the 0-based line number (Search-R1 corpora always have one).
-    doc_id = str(row.get("id", line_no - 1))
-    first = seen.setdefault(doc_id, line_no)
-    if first != line_no:
-      raise ValueError(f"{path}:{line_no}: duplicate document id {doc_id!r} (first at line {first})")
-    yield doc_id, row["contents"]
-
-
-class DocStore:
-  """Document ids and contents as utf-8 blobs + int64 offsets; memory-mapped when loaded from disk."""
-  NAMES = ("ids", "contents")
-
-  def __init__(self, blobs: dict, offsets: dict):
-    self._blobs, self._offsets = blobs, offsets
-
-  def __len__(self) -> int:
-    return len(self._offsets["ids"]) - 1
-
-  def _get(self, name: str, i: int) -> str:
-    lo, hi = self._offsets[name][i], self._offsets[name][i + 1]
-    return bytes(self._blobs[name][lo:hi]).decode("utf-8")
-
-  def get(self, i: int) -> tuple[str, str]:
-    """(id, contents) of document i."""
-    return self._get("ids", i), self._get("contents", i)
-
-  def save(self, out_dir: str):
-    """Writes the blobs and offsets into `out_dir`."""
-    for name in self.NAMES:
-      with open(os.path.join(out_dir, f"doc_{name}.bin"), "wb") as f:
-        f.write(memoryview(np.ascontiguousarray(self._blobs[name])))
-      np.save(os.path.join(out_dir, f"doc_{name}_offsets.npy"), np.asarray(self._offsets[name]))
-
-  @classmethod
-  def load(cls, index_dir: str, mmap: bool = True) -> "DocStore":
-    """Opens the store saved in `index_dir` (memory-mapped unless `mmap=False`)."""
-    blobs, offsets = {}, {}
-    for name in cls.NAMES:
-      path = os.path.join(index_dir, f"doc_{name}.bin")
-      # np.memmap refuses empty files (all strings empty), so those are read instead.
-      use_mmap = mmap and os.path.getsize(path)
-      blobs[name] = np.memmap(path, np.uint8, mode="r") if use_mmap else np.fromfile(path, np.uint8)
-      offsets[name] = np.load(path.replace(".bin", "_offsets.npy"), mmap_mode="r" if mmap else None)
-    return cls(blobs, offsets)
-
-
-class DocStoreWriter:
-  """Streams documents into a DocStore: files in `out_dir` (text never held in memory), or memory."""
-
-  def __init__(self, out_dir: str | None = None):
-    self.out_dir = out_dir
-    self._files = {n: open(os.path.join(out_dir, f"doc_{n}.bin"), "wb") if out_dir else io.BytesIO()
-                   for n in DocStore.NAMES}
-    self._offsets = {n: array.array("q", [0]) for n in DocStore.NAMES}
-
-  def add(self, doc_id: str, contents: str):
-    """Appends one document."""
-    for name, value in (("ids", doc_id), ("contents", contents)):
-      written = self._files[name].write(value.encode("utf-8"))
-      self._offsets[name].append(self._offsets[name][-1] + written)
-
-  def close(self) -> DocStore:
-    """Finishes writing and returns the store (memory-mapped when written to disk)."""
-    offsets = {n: np.asarray(o) for n, o in self._offsets.items()}
-    if self.out_dir is None:
-      blobs = {n: np.frombuffer(f.getvalue(), np.uint8) for n, f in self._files.items()}
-      return DocStore(blobs, offsets)
-    for name, f in self._files.items():
-      f.close()
-      np.save(os.path.join(self.out_dir, f"doc_{name}_offsets.npy"), offsets[name])
-    return DocStore.load(self.out_dir)
-
-
-# ---- demo assets (tools/fetch_assets.py writes them) ----
-
-QWEN_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-_ASSET_LAYOUT = {
-    "qwen_gguf": "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-    "smollm_gguf": "models/smollm2-135m-instruct.q4_1.gguf",
-    "wiki_corpus": "data/wiki_summaries/corpus.jsonl",
-    "wiki_index": "data/wiki_summaries/bm25_okapi",
-    "fanoutqa_train": "data/fanoutqa/train.parquet",
-    "fanoutqa_test": "data/fanoutqa/test.parquet",
-    "fanoutqa_answerable": "data/fanoutqa/answerable.parquet",
-}
-
-
-def file_sha256(path: str) -> str:
-  """Hex sha256 of a file, read in 16 MiB blocks (assets, checkpoint manifests)."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 24), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
-def default_asset_dir() -> str:
-  """$LLDS_ASSETS, else ~/.cache/llds_jax."""
-  home_cache = os.path.join(os.path.expanduser("~"), ".cache", "llds_jax")
-  return os.environ.get("LLDS_ASSETS") or home_cache
-
-
-def asset_paths(dest: str | None = None, *, require: Sequence[str] | None = None) -> dict[str, str]:
-  """Absolute paths of the demo assets; missing required ones (default: all) raise with the fix."""
-  root = os.path.abspath(dest or default_asset_dir())
-  paths = {name: os.path.join(root, rel) for name, rel in _ASSET_LAYOUT.items()}
-  unknown = set(require or ()) - set(paths)
-  if unknown:
-    raise KeyError(f"unknown assets {sorted(unknown)}; known: {sorted(paths)}")
-  # An index directory only counts once its meta.json (written last) exists.
-  present = lambda n: os.path.exists(os.path.join(paths[n], "meta.json") if n.endswith("_index")
-                                     else paths[n])
-  missing = [n for n in (paths if require is None else require) if not present(n)]
-  if missing:
-    raise FileNotFoundError(f"demo assets missing under {root}: {', '.join(missing)}; run "
-                            f"`python tools/fetch_assets.py --dest {root}` first")
-  return paths

@@ -15,33 +15,12 @@ import numpy as np
 import tqdm
 
 from llds_jax import data, hosts, rewards
-from llds_jax.rollout import Rollout, RolloutConfig, rollout
+from llds_jax.rollout import RolloutConfig, rollout
 
 # Table columns: record field averaged per source, or (numerator, denominator) summed per source.
 COLUMNS = {"em": "em", "f1": "f1", "searches": "searches",
            "invalid_action_rate": ("invalid_actions", "turns"), "answer_rate": "answered",
            "turns": "turns"}  # invalid_action_rate: per turn, as the training metric
-
-
-def invalid_actions(ro: Rollout, tokenizer) -> np.ndarray:
-  """Per row, the turns whose text held neither a `<search>` nor an `<answer>` action.
-
-  The rollout counts these only in aggregate. Each turn's sampled tokens form one maximal run of
-  `loss_mask == 1` (turns are separated by a non-empty observation, or the row ends), so parsing
-  each run as the rollout does and subtracting the valid ones from `turns` gives the same count,
-  including turns that sampled nothing but EOS (no run at all).
-  """
-  out = np.zeros(len(ro.turns), np.int32)
-  for n in range(len(ro.turns)):
-    ids = ro.response_ids[n, :ro.response_len[n]]
-    sampled = ro.loss_mask[n, :ro.response_len[n]] > 0
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], sampled.astype(np.int8), [0]])))
-    valid = 0
-    for start, stop in zip(edges[::2], edges[1::2]):
-      text = tokenizer.decode(ids[start:stop].tolist(), skip_special_tokens=True)
-      valid += rewards.parse_action(text)[0] is not None
-    out[n] = max(int(ro.turns[n]) - valid, 0)
-  return out
 
 
 def evaluate(model, tokenizer, retriever, examples: Sequence[data.Example], *,
@@ -68,7 +47,6 @@ def evaluate(model, tokenizer, retriever, examples: Sequence[data.Example], *,
     prompts = [data.encode_prompt(ex.messages, tokenizer) for ex in mine]
     ro = rollout(model, tokenizer, retriever, prompts, group_size=1, cfg=rollout_cfg,
                  seed=seed + start, mesh=mesh, progress=progress)
-    invalid = invalid_actions(ro, tokenizer)
     local = []
     for i, ex in enumerate(mine):
       text = ro.response_text[i]
@@ -79,7 +57,7 @@ def evaluate(model, tokenizer, retriever, examples: Sequence[data.Example], *,
           "answered": bool(ro.finish_reason[i] == "answer"),
           "em": rewards.em_of(answer, ex.golds), "f1": rewards.f1_of(answer, ex.golds),
           "searches": int(ro.valid_searches[i]), "turns": int(ro.turns[i]),
-          "invalid_actions": int(invalid[i]), "finish_reason": str(ro.finish_reason[i]),
+          "invalid_actions": int(ro.invalid_actions[i]), "finish_reason": str(ro.finish_reason[i]),
       })
     records += hosts.gather_objects(local)[:len(chunk)]
     bar.update(len(chunk))

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from llds_jax import sharding as shd
+from llds_jax import bpe, sharding as shd
 from llds_jax.model import ModelConfig, Transformer
 
 SHARD_BYTES = 5 * 1024**3  # transformers' default `max_shard_size`
@@ -268,9 +268,6 @@ _GGUF_BLOCK = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-# Pre-tokenizer split patterns by `tokenizer.ggml.pre` (what the original HF tokenizers use).
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
-                r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def _gguf_hf_name(name: str) -> str:
@@ -301,7 +298,7 @@ def _gguf_tokenizer(fields: dict):
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre != "qwen2")
   if pre == "qwen2":
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"), byte_level])
+        [pre_tokenizers.Split(Regex(bpe.SPLIT_PATTERN), behavior="isolated"), byte_level])
   elif pre == "smollm":  # digits one by one, then the GPT-2 split
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), byte_level])

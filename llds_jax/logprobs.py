@@ -1,8 +1,9 @@
 """Fused, chunked per-token log-probs and entropies from final hidden states.
 
-Dims: B batch rows, T tokens, D embed, V vocab, N sequence chunks, C tokens per chunk.
+Dims (llds_jax/__init__.py): B rows, T tokens, D embed, V vocab, J chunks of C tokens, Sh row
+shards.
 
-The full `B×T×V` logits tensor never exists. The sequence is cut into N chunks of C tokens and a
+The full `B×T×V` logits tensor never exists. The sequence is cut into J chunks of C tokens and a
 `lax.scan` visits one chunk at a time, in the forward pass and again in a hand-written backward
 pass (`jax.custom_vjp`) that recomputes the chunk's logits from the saved per-token log-sum-exp.
 So the forward keeps only `B×T` outputs and the backward holds about two `B×C×V` float32 blocks at a
@@ -34,7 +35,7 @@ class _Opts(NamedTuple):
 
 
 def _chunk_layout(num_tokens: int, chunk_size: int) -> tuple[int, int]:
-  """(N, C): N = ceil(T / chunk_size) chunks of equal size C ≤ chunk_size, padding < N."""
+  """(J, C): J = ceil(T / chunk_size) chunks of equal size C ≤ chunk_size, padding < J."""
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
   num_chunks = -(-num_tokens // chunk_size)
@@ -61,8 +62,8 @@ def _gathered(w_DxV, opts: _Opts):
   return shd.constrain(w_DxV.astype(opts.compute_dtype), (None, "vocab"))
 
 
-def _fwd_scan(h_NxBxCxD, w_DxV, tgt_NxBxC, opts: _Opts):
-  """(logp, entropy, lse) per token, each N×B×C float32."""
+def _fwd_scan(h_JxBxCxD, w_DxV, tgt_JxBxC, opts: _Opts):
+  """(logp, entropy, lse) per token, each J×B×C float32."""
   w_DxV = _gathered(w_DxV, opts)
   v = w_DxV.shape[1]
 
@@ -79,20 +80,20 @@ def _fwd_scan(h_NxBxCxD, w_DxV, tgt_NxBxC, opts: _Opts):
       ent_BxC = jnp.zeros_like(lse_BxC)
     return None, (tgt_z_BxC - lse_BxC, ent_BxC, lse_BxC)
 
-  _, outs = lax.scan(step, None, (h_NxBxCxD, tgt_NxBxC))
+  _, outs = lax.scan(step, None, (h_JxBxCxD, tgt_JxBxC))
   return outs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fused(h_NxBxCxD, w_DxV, tgt_NxBxC, opts: _Opts):
-  logp_NxBxC, ent_NxBxC, _ = _fwd_scan(h_NxBxCxD, w_DxV, tgt_NxBxC, opts)
-  return logp_NxBxC, ent_NxBxC
+def _fused(h_JxBxCxD, w_DxV, tgt_JxBxC, opts: _Opts):
+  logp_JxBxC, ent_JxBxC, _ = _fwd_scan(h_JxBxCxD, w_DxV, tgt_JxBxC, opts)
+  return logp_JxBxC, ent_JxBxC
 
 
-def _fused_fwd(h_NxBxCxD, w_DxV, tgt_NxBxC, opts: _Opts):
-  logp_NxBxC, ent_NxBxC, lse_NxBxC = _fwd_scan(h_NxBxCxD, w_DxV, tgt_NxBxC, opts)
-  res = (h_NxBxCxD, w_DxV, tgt_NxBxC, lse_NxBxC, ent_NxBxC)
-  return (logp_NxBxC, ent_NxBxC), res
+def _fused_fwd(h_JxBxCxD, w_DxV, tgt_JxBxC, opts: _Opts):
+  logp_JxBxC, ent_JxBxC, lse_JxBxC = _fwd_scan(h_JxBxCxD, w_DxV, tgt_JxBxC, opts)
+  res = (h_JxBxCxD, w_DxV, tgt_JxBxC, lse_JxBxC, ent_JxBxC)
+  return (logp_JxBxC, ent_JxBxC), res
 
 
 def _row_shards(b: int) -> int:
@@ -101,17 +102,17 @@ def _row_shards(b: int) -> int:
 
 
 def _fused_bwd(opts: _Opts, res, cts):
-  h_NxBxCxD, w_DxV, tgt_NxBxC, lse_NxBxC, ent_NxBxC = res
-  g_logp_NxBxC, g_ent_NxBxC = cts
+  h_JxBxCxD, w_DxV, tgt_JxBxC, lse_JxBxC, ent_JxBxC = res
+  g_logp_JxBxC, g_ent_JxBxC = cts
   w_cd_DxV = _gathered(w_DxV, opts)
-  b, v = h_NxBxCxD.shape[1], w_DxV.shape[1]
+  b, v = h_JxBxCxD.shape[1], w_DxV.shape[1]
   # dW sums over rows, which are sharded: a D×V carry would be all-reduced on every chunk (the
-  # 3B dry run: 154 GB per step). Each row shard keeps its own partial sum (S×D×V, S sharded
+  # 3B dry run: 154 GB per step). Each row shard keeps its own partial sum (Sh×D×V, Sh sharded
   # like the rows, so one D×V per device as before) and they are reduced once after the scan.
   s = _row_shards(b)
   dw_axes = ("batch", None, "vocab")
 
-  def step(dw_SxDxV, xs):
+  def step(dw_ShxDxV, xs):
     h_BxCxD, tgt_BxC, lse_BxC, ent_BxC, g_logp_BxC, g_ent_BxC = xs
     z_BxCxV = _chunk_logits(h_BxCxD, w_cd_DxV, opts)
     logq_BxCxV = z_BxCxV - lse_BxC[:, :, None]  # log softmax, recomputed
@@ -123,16 +124,16 @@ def _fused_bwd(opts: _Opts, res, cts):
     g_z_BxCxV = (g_z_BxCxV * opts.inv_temp).astype(opts.compute_dtype)
     dh_BxCxD = jnp.einsum("bcv,dv->bcd", g_z_BxCxV, w_cd_DxV, preferred_element_type=jnp.float32)
     # dW is summed over chunks in a float32 carry, whatever the matmul dtype.
-    h_SxbxCxD = h_BxCxD.astype(opts.compute_dtype).reshape(s, b // s, *h_BxCxD.shape[1:])
-    g_z_SxbxCxV = g_z_BxCxV.reshape(s, b // s, *g_z_BxCxV.shape[1:])
-    dw_SxDxV += jnp.einsum("sbcd,sbcv->sdv", h_SxbxCxD, g_z_SxbxCxV,
+    h_ShxbxCxD = h_BxCxD.astype(opts.compute_dtype).reshape(s, b // s, *h_BxCxD.shape[1:])
+    g_z_ShxbxCxV = g_z_BxCxV.reshape(s, b // s, *g_z_BxCxV.shape[1:])
+    dw_ShxDxV += jnp.einsum("sbcd,sbcv->sdv", h_ShxbxCxD, g_z_ShxbxCxV,
                            preferred_element_type=jnp.float32)
-    return shd.constrain(dw_SxDxV, dw_axes), dh_BxCxD.astype(h_BxCxD.dtype)
+    return shd.constrain(dw_ShxDxV, dw_axes), dh_BxCxD.astype(h_BxCxD.dtype)
 
-  xs = (h_NxBxCxD, tgt_NxBxC, lse_NxBxC, ent_NxBxC, g_logp_NxBxC, g_ent_NxBxC)
-  dw0_SxDxV = shd.constrain(jnp.zeros((s, *w_DxV.shape), jnp.float32), dw_axes)
-  dw_SxDxV, dh_NxBxCxD = lax.scan(step, dw0_SxDxV, xs)
-  return dh_NxBxCxD, dw_SxDxV.sum(0).astype(w_DxV.dtype), None  # integer targets: no cotangent
+  xs = (h_JxBxCxD, tgt_JxBxC, lse_JxBxC, ent_JxBxC, g_logp_JxBxC, g_ent_JxBxC)
+  dw0_ShxDxV = shd.constrain(jnp.zeros((s, *w_DxV.shape), jnp.float32), dw_axes)
+  dw_ShxDxV, dh_JxBxCxD = lax.scan(step, dw0_ShxDxV, xs)
+  return dh_JxBxCxD, dw_ShxDxV.sum(0).astype(w_DxV.dtype), None  # integer targets: no cotangent
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -170,11 +171,11 @@ def token_logprobs(
   # Padded tail positions produce finite values that are sliced off, so they get no gradient.
   h_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
   tgt_BxT = jnp.pad(targets_BxT.astype(jnp.int32), ((0, 0), (0, pad)))
-  h_NxBxCxD = jnp.swapaxes(h_BxTxD.reshape(b, n, c, d), 0, 1)
-  tgt_NxBxC = jnp.swapaxes(tgt_BxT.reshape(b, n, c), 0, 1)
-  logp_NxBxC, ent_NxBxC = _fused(h_NxBxCxD, unembed_DxV, tgt_NxBxC, opts)
+  h_JxBxCxD = jnp.swapaxes(h_BxTxD.reshape(b, n, c, d), 0, 1)
+  tgt_JxBxC = jnp.swapaxes(tgt_BxT.reshape(b, n, c), 0, 1)
+  logp_JxBxC, ent_JxBxC = _fused(h_JxBxCxD, unembed_DxV, tgt_JxBxC, opts)
 
-  def unchunk(x_NxBxC):
-    return jnp.swapaxes(x_NxBxC, 0, 1).reshape(b, n * c)[:, :t]
+  def unchunk(x_JxBxC):
+    return jnp.swapaxes(x_JxBxC, 0, 1).reshape(b, n * c)[:, :t]
 
-  return unchunk(logp_NxBxC), (unchunk(ent_NxBxC) if with_entropy else None)
+  return unchunk(logp_JxBxC), (unchunk(ent_JxBxC) if with_entropy else None)

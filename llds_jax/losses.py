@@ -22,10 +22,13 @@ from jax import lax
 
 _sg = lax.stop_gradient
 
+# The allowed values of the loss knobs; `trainer.validate` checks `config.rl` against these.
+LOSSES = ("grpo", "gspo")
 GATES = ("action", "response", "token")
 NORMS = ("token", "response")
 AGGS = ("token-mean", "seq-mean-token-mean")
 KL_KINDS = ("k1", "k2", "k3", "low_var_kl")
+BETA_FORMULAS = ("code", "paper")
 
 
 def _f32(x) -> jax.Array:
@@ -269,7 +272,7 @@ def adaptive_beta(mean_valid_searches, *, formula: str = "code", base_weight: fl
   if formula == "paper":
     return jnp.minimum(v / 2.0, 1.0)
   if formula != "code":
-    raise ValueError(f"adaptive β formula {formula!r} not in ('code', 'paper')")
+    raise ValueError(f"adaptive β formula {formula!r} not in {BETA_FORMULAS}")
   if lam <= 0:
     raise ValueError(f"LLDS λ must be > 0 for answer weights, got {lam}")
   return jnp.minimum(base_weight * jnp.maximum(v - 1.0, 0.0), lam) / lam
@@ -344,7 +347,7 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, cfg: LossConfig, *, ref
     pg_BxT, clipfrac, approx_kl = gspo_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, **clip)
     agg = cfg.agg or "seq-mean-token-mean"
   else:
-    raise ValueError(f"policy loss {cfg.loss!r} not in ('grpo', 'gspo')")
+    raise ValueError(f"policy loss {cfg.loss!r} not in {LOSSES}")
   sc = (lambda x, _: x) if scales is None else (lambda x, kind: x * scales[kind])  # noqa: E731
   zero = jnp.float32(0.0)
   pg = sc(aggregate(pg_BxT, mask_BxT, agg), "token" if agg == "token-mean" else "seq")

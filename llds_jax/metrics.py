@@ -14,7 +14,7 @@ import os
 import jax
 import numpy as np
 
-from llds_jax import data, faults
+from llds_jax import faults, file_io
 
 REQUIRED_KEYS = ("step", "reward/mean", "loss/total", "loss/pg", "loss/llds", "loss/kl", "entropy",
                  "grad_norm", "skipped_nonfinite", "lld/preserving_logp",
@@ -101,7 +101,7 @@ def read_metrics(path: str) -> list[dict]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such file")
   records = []
-  for line_no, rec in data.iter_jsonl(path):
+  for line_no, rec in file_io.iter_jsonl(path):
     if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
       raise ValueError(f"{path}:{line_no}: not a metrics record (needs an integer 'step')")
     records.append(rec)
@@ -124,17 +124,11 @@ def summarize_minibatches(per_step: list[dict]) -> dict:
   return out
 
 
-def repeat_counts(response_ids_NxR: np.ndarray, loss_mask_NxR: np.ndarray) -> tuple[int, int]:
+def repeat_counts(response_ids_BxR: np.ndarray, loss_mask_BxR: np.ndarray) -> tuple[int, int]:
   """(sampled tokens equal to the sampled token before them, sampled tokens after a sampled one)."""
-  same = (response_ids_NxR[:, 1:] == response_ids_NxR[:, :-1])
-  both = (loss_mask_NxR[:, 1:] > 0) & (loss_mask_NxR[:, :-1] > 0)
+  same = (response_ids_BxR[:, 1:] == response_ids_BxR[:, :-1])
+  both = (loss_mask_BxR[:, 1:] > 0) & (loss_mask_BxR[:, :-1] > 0)
   return int((same & both).sum()), int(both.sum())
-
-
-def repeat_fraction(response_ids_NxR: np.ndarray, loss_mask_NxR: np.ndarray) -> float:
-  """Share of sampled tokens equal to the sampled token before them (the "!!!!" collapse)."""
-  same, both = repeat_counts(response_ids_NxR, loss_mask_NxR)
-  return same / max(both, 1)
 
 
 class LLDMonitor:

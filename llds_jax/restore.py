@@ -19,8 +19,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from llds_jax import checkpoint, hf_io, sharding as shd, tokenizer_check
-from llds_jax.model import ModelConfig, Transformer
+from llds_jax import checkpoint, policy, sharding as shd
+from llds_jax.model import Transformer
+from llds_jax.model_config import ModelConfig
 
 
 class Run(NamedTuple):
@@ -44,40 +45,16 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     raise ValueError(f"{path}: invalid JSON ({e})") from e
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-  """Steps with a finished checkpoint under `workdir/checkpoints`, ascending."""
-  root = epath.Path(workdir) / "checkpoints"
-  if not root.exists():
-    return []
-  # Orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames when done, so a bare integer
-  # name is a committed checkpoint.
-  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state").exists())
-
-
 def policy_config(c, *, dtype: str | None = None):
-  """(ModelConfig, tokenizer) of the run's policy, without reading its initial weights.
+  """(ModelConfig, tokenizer) of the run's policy (`policy.load` without its initial weights).
 
   `dtype` overrides the compute dtype (params keep the run's `param_dtype`, as checkpointed).
   """
-  # For the hf_io loaders `dtype` is the compute dtype once `param_dtype` is overridden.
-  overrides = dict(param_dtype=c.model.param_dtype, dtype=dtype or c.model.dtype, remat="none")
-  path, tokenizer = c.model.path, None
-  if path.endswith(".gguf"):
-    # A GGUF keeps its architecture and tokenizer beside the weights; reading them dequantizes
-    # the base weights once, which the caller then drops.
-    _, cfg, tokenizer = hf_io.load_gguf(path, **overrides)
-  elif path:
-    cfg = hf_io.read_config(path, **overrides)
-  elif "random" in c.model:
-    cfg = ModelConfig.from_hf(c.model.random.to_dict(), **overrides)
-  else:
-    raise ValueError("run config has neither model.path nor model.random: cannot rebuild the model")
   if c.model.tokenizer and not os.path.exists(c.model.tokenizer):
     raise FileNotFoundError(f"run config model.tokenizer={c.model.tokenizer!r}: no such "
                             "directory (the run was made on another machine?)")
-  tokenizer = tokenizer_check.policy_tokenizer(
-      cfg, path, c.model.tokenizer, carried=tokenizer, field="run config model.tokenizer",
-      allow_mismatch=c.model.get("allow_tokenizer_mismatch", False))
+  _, cfg, tokenizer = policy.load(c, dtype=dtype, remat="none", weights=False,
+                                  field="run config model.tokenizer")
   return cfg, tokenizer
 
 
@@ -104,7 +81,7 @@ def load_run(workdir: str, step: int | None = None, mesh=None, *, dtype: str | N
   """
   workdir = os.path.abspath(workdir)  # orbax refuses relative paths with a misleading message
   c = run_config(workdir)
-  steps = checkpoint_steps(workdir)
+  steps = checkpoint.saved_steps(os.path.join(workdir, "checkpoints"))
   if not steps:
     raise FileNotFoundError(f"{workdir}/checkpoints: no finished checkpoint")
   if step is None:

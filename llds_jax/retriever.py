@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from llds_jax import data, postings, pruning
+from llds_jax import corpus, postings, pruning
 
 FORMAT = "llds_jax.bm25/1"
 _WORD_RE = re.compile(r"\w+")
@@ -166,7 +166,7 @@ class BM25Index:
       # meta.json is written last, so a build that dies midway never looks like a valid index.
       if os.path.exists(os.path.join(store_dir, "meta.json")):
         os.remove(os.path.join(store_dir, "meta.json"))
-    writer = data.DocStoreWriter(store_dir)
+    writer = corpus.DocStoreWriter(store_dir)
     builder = postings.PostingsBuilder(spill_dir=store_dir)
     try:
       for i, doc in enumerate(docs):
@@ -276,7 +276,7 @@ class BM25Index:
               for name in cls._ARRAYS}
     with open(os.path.join(index_dir, "vocab.json"), encoding="utf-8") as f:
       vocab = {term: i for i, term in enumerate(json.load(f))}
-    store = data.DocStore.load(index_dir, mmap) if meta.pop("has_store") else None
+    store = corpus.DocStore.load(index_dir, mmap) if meta.pop("has_store") else None
     max_path = os.path.join(index_dir, "term_max_V.npy")  # absent in indexes saved before pruning
     term_max_V = (np.load(max_path, mmap_mode="r" if mmap else None)
                   if os.path.exists(max_path) else None)

@@ -1,4 +1,5 @@
-"""Search-R1 answer extraction, exact-match / F1 rewards, action parsing and the LLDS-MA answer mask.
+"""Search-R1 answer extraction, exact-match / F1 rewards, action parsing, and the model's own
+answer span in a row's tokens (what is scored, and the LLDS-MA answer mask).
 
 Pure Python + NumPy. Semantics follow Search-R1's `qa_em.py` and `generation.py` (PAPER.md §D.3,
 §D.5), applied to the *response* text only: Search-R1 decodes prompt + response and skips the first
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_ANSWER_SPAN = re.compile(rb"<answer>.*?</answer>", re.DOTALL)  # _ANSWER_RE on token bytes
 _ACTION_RE = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
 _ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
 _PUNCT = frozenset(string.punctuation)
@@ -37,16 +39,17 @@ def extract_answer(response_text: str) -> str | None:
 
 # What a trajectory is scored on (config.rl.reward_scope, tools/evaluate.py --reward_scope):
 # "sampled" (default, DESIGN.md §Rewards): the model's own answer, the last complete span inside
-# its sampled tokens (`rollout.model_answer`); "search_r1_text": Search-R1's `qa_em.py`, the last
+# its sampled tokens (`model_answer`); "search_r1_text": Search-R1's `qa_em.py`, the last
 # span of the whole response text, observations and the invalid-action message included, kept
 # for parity only (a retrieved document holding `<answer>x</answer>` scores as if answered).
 REWARD_SCOPES = ("sampled", "search_r1_text")
 
 
-def scored_answer(model_answer: str | None, response_text: str, scope: str) -> str | None:
-  """The answer a trajectory is scored on under `scope` (see REWARD_SCOPES)."""
+def scored_answer(own_answer: str | None, response_text: str, scope: str) -> str | None:
+  """The answer a trajectory is scored on under `scope` (see REWARD_SCOPES); `own_answer` is
+  `model_answer`'s."""
   if scope == "sampled":
-    return model_answer
+    return own_answer
   if scope == "search_r1_text":
     return extract_answer(response_text)
   raise ValueError(f"reward scope {scope!r} not in {REWARD_SCOPES}")
@@ -103,54 +106,38 @@ def truncate_action(text: str) -> str:
   return text
 
 
-def _token_char_spans(token_ids: Sequence[int], tokenizer) -> tuple[str, np.ndarray]:
-  """Decoded text and each token's [start, end) char span in it (special tokens kept).
+def answer_span_mask(ids: Sequence[int], tok_bytes: Sequence[bytes]) -> np.ndarray:
+  """float32: 1 on tokens overlapping the last complete `<answer>…</answer>` (tags included).
 
-  Byte-level BPE can split one character over several tokens; those tokens decode to U+FFFD on their
-  own, so consecutive tokens are merged until they decode cleanly and share the merged span.
+  The span `extract_answer` reads, found in O(T) on token bytes (special tokens are empty,
+  and never contain the tags) instead of by decoding token by token.
   """
-  kw = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
-  ids = [int(t) for t in token_ids]
-  text = tokenizer.decode(ids, **kw)
-  pieces = tokenizer.batch_decode([[t] for t in ids], **kw)
-  spans_Tx2 = np.zeros((len(ids), 2), np.int64)
-  pos, i = 0, 0
-  while i < len(ids):
-    j, piece = i + 1, pieces[i]
-    while "\ufffd" in piece and j < len(ids) and not text.startswith(piece, pos):
-      j += 1
-      piece = tokenizer.decode(ids[i:j], **kw)
-    if not text.startswith(piece, pos):
-      break
-    spans_Tx2[i:j] = (pos, pos + len(piece))
-    pos, i = pos + len(piece), j
-  if i < len(ids) or pos != len(text):
-    # Tokenizers whose pieces do not concatenate to the full decode (e.g. SentencePiece dropping
-    # word-initial spaces): fall back to prefix decodes, O(T²) but exact.
-    ends = [len(tokenizer.decode(ids[:t + 1], **kw)) for t in range(len(ids))]
-    spans_Tx2[:, 1] = ends
-    spans_Tx2[1:, 0] = ends[:-1]
-    spans_Tx2[0, 0] = 0
-  return text, spans_Tx2
+  lens = np.array([len(tok_bytes[t]) for t in ids], np.int64)
+  ends = np.cumsum(lens)
+  spans = list(_ANSWER_SPAN.finditer(b"".join(tok_bytes[t] for t in ids)))
+  if not spans:
+    return np.zeros(len(ids), np.float32)
+  lo, hi = spans[-1].span()
+  return ((ends > lo) & (ends - lens < hi)).astype(np.float32)
 
 
-def answer_token_mask(token_ids: Sequence[int], tokenizer,
-                      tail_tokens: int | None = None) -> np.ndarray:
-  """float32[T]: 0.0 on tokens overlapping the last complete `<answer>…</answer>` (tags included).
+def model_answer(ids: Sequence[int], mask: Sequence[float],
+                 tok_bytes: Sequence[bytes]) -> tuple[np.ndarray, str | None]:
+  """(answer_mask, answer) of the last complete answer span inside one run of sampled tokens.
 
-  `token_ids` is one unpadded response. `tail_tokens=50` reproduces the official code, which only
-  looks for the answer in the last 50 tokens; None searches the whole response. No complete span
-  → all ones. Used as the LLDS-MA weight pattern (β is applied where the mask is 0).
+  Only the model's own text counts (DESIGN.md §Rewards): each maximal run of `mask` = 1 is one
+  turn's sampled tokens, searched on its own, so a span quoted in a retrieved document, or one
+  joined across an inserted observation or the invalid-action message, is never the answer.
+  answer_mask is 1 on that span's tokens; answer is its stripped text (None: never answered).
   """
-  mask_T = np.ones(len(token_ids), np.float32)
-  start = 0 if tail_tokens is None else max(0, len(token_ids) - tail_tokens)
-  if start == len(token_ids):
-    return mask_T
-  text, spans_Tx2 = _token_char_spans(token_ids[start:], tokenizer)
-  matches = list(_ANSWER_RE.finditer(text))
-  if not matches:
-    return mask_T
-  lo, hi = matches[-1].span()
-  hit = (spans_Tx2[:, 1] > lo) & (spans_Tx2[:, 0] < hi)
-  mask_T[start:][hit] = 0.0
-  return mask_T
+  mask_T = np.asarray(mask, np.float32)
+  edges = np.flatnonzero(np.diff(np.concatenate([[0], (mask_T > 0).astype(np.int8), [0]])))
+  out_T = np.zeros(len(ids), np.float32)
+  for start, stop in reversed(list(zip(edges[::2], edges[1::2]))):
+    run = [int(t) for t in ids[start:stop]]
+    out_T[start:stop] = answer_span_mask(run, tok_bytes)
+    if out_T.any():
+      text = b"".join(tok_bytes[t] for t in run)
+      span = list(_ANSWER_SPAN.finditer(text))[-1].group()
+      return out_T, span[len(b"<answer>"):-len(b"</answer>")].decode("utf-8", "replace").strip()
+  return out_T, None

@@ -1,7 +1,8 @@
 """Search-R1 multi-turn rollouts whose observations are appended into the live KV cache.
 
-Dims: B prompts, G group size, N = B·G rows (prompt-major: row n answers prompt n // G), P prompt
-tokens, R response tokens, T tokens of a fed block.
+Dims (llds_jax/__init__.py): B rows = prompts × G group size (prompt-major: row b answers prompt
+b // G; the sampler's rows are padded to the mesh's row shards), P prompt tokens, R response
+tokens, T tokens of a fed block, Ts tokens sampled in one turn.
 
 Per turn (PAPER.md §D.3): every live row samples ≤ `max_turn_tokens` tokens, stopping at EOS or
 at the first `</search>` / `</answer>`; the turn's action is the first `<search>…</search>` or
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import time
 from collections.abc import Sequence
 
@@ -41,7 +41,6 @@ from llds_jax import sampler as smp
 
 STOP_STRINGS = ("</search>", "</answer>")
 MIN_VIEW = 256  # cache slots a turn attends to are a power of two ≥ this (few compiled shapes)
-_ANSWER_SPAN = re.compile(rb"<answer>.*?</answer>", re.DOTALL)  # as rewards.extract_answer
 INFO_OPEN, INFO_CLOSE = "\n\n<information>", "</information>\n\n"
 OBS_TRUNCATION = ("passages", "raw")
 INVALID_ACTION = ("\nMy previous action is invalid. If I want to search, I should put the query "
@@ -67,22 +66,51 @@ class RolloutConfig:
   cache_dtype: str | None = None  # e.g. "bfloat16"; None = model compute dtype
 
 
+def rollout_config(c) -> RolloutConfig:
+  """The rollout settings of a run config (`config.rollout`, passages from `config.retriever`)."""
+  r = c.rollout
+  return RolloutConfig(max_turns=r.max_turns, max_turn_tokens=r.max_turn_tokens,
+                       max_obs_tokens=r.max_obs_tokens, obs_truncation=r.obs_truncation,
+                       max_context=r.max_context,
+                       topk=c.retriever.topk, temperature=r.temperature, top_p=r.top_p,
+                       top_k=r.top_k, cache_dtype=r.cache_dtype or None)
+
+
+# Sizing rules, shared with tools/dry_run.py (which compiles the programs these sizes give).
+
+def worst_case_tokens(cfg: RolloutConfig) -> int:
+  """Response tokens of a row whose every turn runs to its limit and every search is fed."""
+  return (cfg.max_turns + 1) * cfg.max_turn_tokens + cfg.max_turns * cfg.max_obs_tokens
+
+
+def cache_capacity(cfg: RolloutConfig, longest_prompt: int) -> int:
+  """Tokens per row, also the KV cache slots; the prompt is bucketed, so a new longest prompt
+  does not recompile the sampler each step."""
+  return min(cfg.max_context, smp.bucket(longest_prompt) + worst_case_tokens(cfg))
+
+
+def turn_view(cap: int, need: int) -> int:
+  """Cache slots a turn attends to (and writes): `need` rounded up to a power of two ≥ MIN_VIEW,
+  at most `cap`, so cost follows the context and few shapes are compiled."""
+  return min(cap, max(MIN_VIEW, 1 << (need - 1).bit_length()))
+
+
 @dataclasses.dataclass
 class Rollout:
   """One batch of trajectories as host arrays, right-padded."""
 
-  prompt_ids: np.ndarray  # int32 [N, P]
-  prompt_len: np.ndarray  # int32 [N]
-  response_ids: np.ndarray  # int32 [N, R]: sampled and observation tokens, in context order
-  response_len: np.ndarray  # int32 [N]
-  loss_mask: np.ndarray  # float32 [N, R]: 1 exactly on model-sampled tokens
-  answer_mask: np.ndarray  # float32 [N, R]: 1 on the model's answer span (`model_answer`)
+  prompt_ids: np.ndarray  # int32 [B, P]
+  prompt_len: np.ndarray  # int32 [B]
+  response_ids: np.ndarray  # int32 [B, R]: sampled and observation tokens, in context order
+  response_len: np.ndarray  # int32 [B]
+  loss_mask: np.ndarray  # float32 [B, R]: 1 exactly on model-sampled tokens
+  answer_mask: np.ndarray  # float32 [B, R]: 1 on the model's answer span (`model_answer`)
   answer: list  # str | None per row: the model's own last complete answer (None: never answered)
-  sample_logp: np.ndarray  # float32 [N, R]: sampler log-prob (temperature 1) if sampled, else 0
-  valid_searches: np.ndarray  # int32 [N]: searches whose results entered the context
-  turns: np.ndarray  # int32 [N]: generation turns
-  invalid_actions: np.ndarray  # int32 [N]: turns whose text held no complete search/answer action
-  finish_reason: np.ndarray  # str [N]: "answer" | "max_turns" | "context"
+  sample_logp: np.ndarray  # float32 [B, R]: sampler log-prob (temperature 1) if sampled, else 0
+  valid_searches: np.ndarray  # int32 [B]: searches whose results entered the context
+  turns: np.ndarray  # int32 [B]: generation turns
+  invalid_actions: np.ndarray  # int32 [B]: turns whose text held no complete search/answer action
+  finish_reason: np.ndarray  # str [B]: "answer" | "max_turns" | "context"
   response_text: list[str]  # decoded response, special tokens kept
   stats: dict[str, float]
 
@@ -125,43 +153,6 @@ def information_block(passages: str) -> str:
   return f"{INFO_OPEN}{passages.strip()}{INFO_CLOSE}"
 
 
-def answer_span_mask(ids: Sequence[int], tok_bytes: Sequence[bytes]) -> np.ndarray:
-  """float32: 1 on tokens overlapping the last complete `<answer>…</answer>` (tags included).
-
-  The span `rewards.extract_answer` reads, found in O(T) on token bytes (special tokens are empty,
-  and never contain the tags) instead of by decoding token by token.
-  """
-  lens = np.array([len(tok_bytes[t]) for t in ids], np.int64)
-  ends = np.cumsum(lens)
-  spans = list(_ANSWER_SPAN.finditer(b"".join(tok_bytes[t] for t in ids)))
-  if not spans:
-    return np.zeros(len(ids), np.float32)
-  lo, hi = spans[-1].span()
-  return ((ends > lo) & (ends - lens < hi)).astype(np.float32)
-
-
-def model_answer(ids: Sequence[int], mask: Sequence[float],
-                 tok_bytes: Sequence[bytes]) -> tuple[np.ndarray, str | None]:
-  """(answer_mask, answer) of the last complete answer span inside one run of sampled tokens.
-
-  Only the model's own text counts (DESIGN.md §Rewards): each maximal run of `mask` = 1 is one
-  turn's sampled tokens, searched on its own, so a span quoted in a retrieved document, or one
-  joined across an inserted observation or the invalid-action message, is never the answer.
-  answer_mask is 1 on that span's tokens; answer is its stripped text (None: never answered).
-  """
-  mask_T = np.asarray(mask, np.float32)
-  edges = np.flatnonzero(np.diff(np.concatenate([[0], (mask_T > 0).astype(np.int8), [0]])))
-  out_T = np.zeros(len(ids), np.float32)
-  for start, stop in reversed(list(zip(edges[::2], edges[1::2]))):
-    run = [int(t) for t in ids[start:stop]]
-    out_T[start:stop] = answer_span_mask(run, tok_bytes)
-    if out_T.any():
-      text = b"".join(tok_bytes[t] for t in run)
-      span = list(_ANSWER_SPAN.finditer(text))[-1].group()
-      return out_T, span[len(b"<answer>"):-len(b"</answer>")].decode("utf-8", "replace").strip()
-  return out_T, None
-
-
 def _eos_ids(model, tokenizer) -> tuple[int, ...]:
   ids = {tokenizer.eos_token_id}
   cfg_eos = model.cfg.eos_token_id
@@ -171,140 +162,166 @@ def _eos_ids(model, tokenizer) -> tuple[int, ...]:
 
 def _pad(rows: Sequence[Sequence], width: int, dtype) -> np.ndarray:
   out = np.zeros((len(rows), width), dtype)
-  for n, r in enumerate(rows):
-    out[n, :len(r)] = r
+  for b, r in enumerate(rows):
+    out[b, :len(r)] = r
   return out
 
 
-def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, group_size: int = 1,
-            cfg: RolloutConfig = RolloutConfig(), seed: int = 0, mesh=None,
-            eos_ids: Sequence[int] | None = None, progress: bool = True) -> Rollout:
-  """Search-R1 episodes for every prompt × `group_size`; `retriever.retrieve_text(queries, k)`."""
-  prompt_rows = [[int(t) for t in p] for p in prompts for _ in range(group_size)]
-  if not prompt_rows or min(map(len, prompt_rows)) == 0:
-    raise ValueError("rollout: need at least one prompt and no empty prompt")
-  n_rows = len(prompt_rows)
-  # Shapes (and whether a jitted call happens at all) are agreed over processes: see hosts.py.
-  (longest,) = hosts.agree_max(max(map(len, prompt_rows)))
-  worst = (cfg.max_turns + 1) * cfg.max_turn_tokens + cfg.max_turns * cfg.max_obs_tokens
-  # Bucketed, so a new longest prompt does not recompile the sampler each step.
-  cap = min(cfg.max_context, smp.bucket(longest) + worst)  # tokens per row; also cache slots
-  if longest >= cap:
-    raise ValueError(f"rollout: a prompt of {longest} tokens leaves no room under "
-                     f"max_context={cap}")
-  scfg = smp.SampleConfig(cfg.temperature, cfg.top_p, cfg.top_k,
-                          tuple(eos_ids) if eos_ids is not None else _eos_ids(model, tokenizer))
-  table_QxMxV = hosts.put_replicated(
-      stops.cached_stop_table(tokenizer, STOP_STRINGS, model.cfg.vocab_size), mesh)
-  graphdef, params = nnx.split(model)
-  (padded,) = hosts.agree_max(hosts.padded_rows(n_rows, mesh))
-  state = smp.init_state(model.cfg, padded, cap, cfg.max_turn_tokens, len(STOP_STRINGS), seed=seed,
-                         cache_dtype=cfg.cache_dtype, mesh=mesh)
+@dataclasses.dataclass
+class _Row:
+  """Host bookkeeping of one rollout row.
 
-  # Host bookkeeping per row. `total` counts prompt + response tokens, the pending one included.
-  resp = [[] for _ in range(n_rows)]
-  mask = [[] for _ in range(n_rows)]
-  logp = [[] for _ in range(n_rows)]
-  block = [list(p) for p in prompt_rows]  # what the next feed writes into the row's cache
-  total = [len(p) for p in prompt_rows]
-  live = [True] * n_rows
-  finish = [""] * n_rows
-  turns = np.zeros(n_rows, np.int32)
-  searches = np.zeros(n_rows, np.int32)
-  invalid = np.zeros(n_rows, np.int32)
-  count = dict(obs_tokens=0, prefill=0, reprefill=0)
-  secs = dict(model=0.0, retrieval=0.0)
+  `total` counts prompt + response tokens, the pending one included."""
 
-  bar = tqdm.tqdm(range(cfg.max_turns + 1), desc="rollout turns", disable=not progress, leave=False)
-  for turn in bar:
-    final = turn == cfg.max_turns
-    limit_B = np.zeros(padded, np.int32)
-    for n in np.flatnonzero(live):
-      if cap - total[n] < 1:
-        live[n], finish[n] = False, "context"
-      else:
-        limit_B[n] = min(cfg.max_turn_tokens, cap - total[n])
-    rows = np.flatnonzero(live)
-    # Attend to (and write) only the slots this turn can reach: cost follows the context, not `cap`.
-    any_live, width, need = hosts.agree_max(
-        len(rows) > 0, smp.bucket(max((len(block[n]) for n in rows), default=1)),
-        max((total[n] + int(limit_B[n]) for n in rows), default=1))
-    if not any_live:
-      break
-    bar.set_postfix(live=len(rows))
-    tokens_BxT = np.zeros((padded, width), np.int32)
-    len_B = np.zeros(padded, np.int32)
-    for n in rows:
-      tokens_BxT[n, :len(block[n])], len_B[n] = block[n], len(block[n])
-      count["prefill"] += len(block[n])
-      count["reprefill"] += total[n] if turn else len(block[n])  # re-prefilling every turn
+  prompt: list[int]
+  block: list[int]  # what the next feed writes into the row's cache
+  total: int
+  response: list[int] = dataclasses.field(default_factory=list)
+  mask: list[float] = dataclasses.field(default_factory=list)  # 1 sampled, 0 inserted
+  logp: list[float] = dataclasses.field(default_factory=list)  # sampler log-prob; 0 if inserted
+  live: bool = True
+  finish: str = ""  # "answer" | "max_turns" | "context"
+  turns: int = 0
+  searches: int = 0  # searches whose results entered the context
+  invalid: int = 0  # turns whose text held no complete action
 
-    view = min(cap, max(MIN_VIEW, 1 << (need - 1).bit_length()))
-    t0 = time.perf_counter()
-    put = functools.partial(hosts.put_rows, mesh=mesh)
-    state = smp.feed(graphdef, params, state, put(tokens_BxT), put(len_B), put(limit_B),
-                     table_QxMxV, scfg, view)
-    state = smp.decode(graphdef, params, state, table_QxMxV, scfg, view)
-    toks_BxN, logp_BxN, num_B, stop_B = map(
-        hosts.local_rows, (state.tokens_BxN, state.logp_BxN, state.num_B, state.stop_B))
-    secs["model"] += time.perf_counter() - t0
+  def end(self, reason: str) -> None:
+    self.live, self.finish = False, reason
 
-    # The segment's last token is pending (not in the cache): it opens the next block, unless it is
-    # an EOS, which is dropped from response and context alike.
-    eos_B = stop_B == smp.EOS
-    new_ids = [toks_BxN[n, :num_B[n] - eos_B[n]].tolist() for n in rows]
-    texts = tokenizer.batch_decode(new_ids, skip_special_tokens=True)
-    observations, queries, searching = {}, [], []
-    for n, ids, text in zip(rows, new_ids, texts):
-      turns[n] += 1
-      resp[n] += ids
-      mask[n] += [1.0] * len(ids)
-      logp[n] += logp_BxN[n, :len(ids)].tolist()
-      total[n] += len(ids)
-      block[n] = [] if eos_B[n] else ids[-1:]
-      kind, content = rewards.parse_action(text)
-      invalid[n] += kind is None
-      if kind == "answer" or final:
-        live[n], finish[n] = False, "answer" if kind == "answer" else "max_turns"
-      elif kind == "search":
-        queries.append(content)
-        searching.append(n)
-      else:
-        observations[n] = INVALID_ACTION
-    if queries:
-      t0 = time.perf_counter()
-      passages = retriever.retrieve_text(queries, cfg.topk)
-      secs["retrieval"] += time.perf_counter() - t0
-      for n, text in zip(searching, passages):
-        observations[n] = information_block(text)
-    obs_rows = sorted(observations)
-    obs_ids = encode_observations(tokenizer, [observations[n] for n in obs_rows],
-                                  cfg.max_obs_tokens, cfg.obs_truncation)
-    for n, ids in zip(obs_rows, obs_ids):
-      if total[n] + len(ids) + 1 > cap:  # no room to answer after this observation
-        live[n], finish[n] = False, "context"
-        continue
-      resp[n] += ids
-      mask[n] += [0.0] * len(ids)
-      logp[n] += [0.0] * len(ids)
-      total[n] += len(ids)
-      block[n] += ids
-      count["obs_tokens"] += len(ids)
-      searches[n] += n in searching  # a search counts once its result is in the context
-  bar.close()
+  def extend(self, ids: list[int], sampled: bool, logp: list[float] | None = None) -> None:
+    self.response += ids
+    self.mask += [1.0 if sampled else 0.0] * len(ids)
+    self.logp += logp if logp is not None else [0.0] * len(ids)
+    self.total += len(ids)
 
-  width = smp.bucket(max(map(len, resp)), minimum=8)
-  loss_mask = _pad(mask, width, np.float32)
-  tok_bytes = stops.cached_token_bytes(tokenizer, model.cfg.vocab_size)
-  answers = [model_answer(r, m, tok_bytes) for r, m in zip(resp, mask)]
-  answer_mask = _pad([a[0] for a in answers], width, np.float32)
-  # Statistics over every process's rows (each process returns only its own rows).
-  per_row = hosts.gather_rows(np.stack([searches, invalid, turns,
-                                        [f == "answer" for f in finish]], 1).astype(np.int64))
+
+@dataclasses.dataclass
+class _Loop:
+  """What every turn of one `rollout` call shares: the compiled pieces and the running counts."""
+
+  graphdef: object
+  params: object
+  sample_cfg: smp.SampleConfig
+  table_QxMxV: object
+  cap: int  # tokens per row, also the cache slots
+  padded: int  # sampler rows (a multiple of the row shards)
+  mesh: object
+  count: dict = dataclasses.field(
+      default_factory=lambda: dict(obs_tokens=0, prefill=0, reprefill=0))
+  secs: dict = dataclasses.field(default_factory=lambda: dict(model=0.0, retrieval=0.0))
+
+
+def _turn_limits(rows: list[_Row], loop: _Loop, max_turn_tokens: int) -> np.ndarray:
+  """Tokens each live row may sample this turn; a row with no room left ends ("context")."""
+  limit_B = np.zeros(loop.padded, np.int32)
+  for b, row in enumerate(rows):
+    if not row.live:
+      continue
+    if loop.cap - row.total < 1:
+      row.end("context")
+    else:
+      limit_B[b] = min(max_turn_tokens, loop.cap - row.total)
+  return limit_B
+
+
+def _sample(loop: _Loop, state, rows: list[_Row], live: np.ndarray, limit_B: np.ndarray,
+            first: bool):
+  """Feeds every live row's pending block and decodes its turn; (state, tokens, log-probs, counts,
+  stops) of this process's rows, or None when no process has a live row."""
+  # Attend to (and write) only the slots this turn can reach: cost follows the context, not `cap`.
+  any_live, width, need = hosts.agree_max(
+      len(live) > 0, smp.bucket(max((len(rows[b].block) for b in live), default=1)),
+      max((rows[b].total + int(limit_B[b]) for b in live), default=1))
+  if not any_live:
+    return None
+  tokens_BxT = np.zeros((loop.padded, width), np.int32)
+  len_B = np.zeros(loop.padded, np.int32)
+  for b in live:
+    block = rows[b].block
+    tokens_BxT[b, :len(block)], len_B[b] = block, len(block)
+    loop.count["prefill"] += len(block)
+    loop.count["reprefill"] += len(block) if first else rows[b].total  # re-prefilling every turn
+  view = turn_view(loop.cap, need)
+  t0 = time.perf_counter()
+  put = functools.partial(hosts.put_rows, mesh=loop.mesh)
+  state = smp.feed(loop.graphdef, loop.params, state, put(tokens_BxT), put(len_B), put(limit_B),
+                   loop.table_QxMxV, loop.sample_cfg, view)
+  state = smp.decode(loop.graphdef, loop.params, state, loop.table_QxMxV, loop.sample_cfg,
+                     view)
+  out = tuple(map(hosts.local_rows, (state.tokens_BxTs, state.logp_BxTs, state.num_B,
+                                     state.stop_B)))
+  loop.secs["model"] += time.perf_counter() - t0
+  return (state,) + out
+
+
+def _take_actions(rows: list[_Row], live: np.ndarray, toks_BxTs, logp_BxTs, num_B, stop_B,
+                  tokenizer, final: bool) -> tuple[dict[int, str], list[int], list[str]]:
+  """Appends each live row's sampled turn and parses its action: an answer (or any action on the
+  final turn) ends the row, a search is queued, anything else gets the correction message.
+
+  Returns (observations so far, searching rows, their queries).
+  """
+  # The segment's last token is pending (not in the cache): it opens the next block, unless it is
+  # an EOS, which is dropped from response and context alike.
+  eos_B = stop_B == smp.EOS
+  new_ids = [toks_BxTs[b, :num_B[b] - eos_B[b]].tolist() for b in live]
+  texts = tokenizer.batch_decode(new_ids, skip_special_tokens=True)
+  observations, searching, queries = {}, [], []
+  for b, ids, text in zip(live, new_ids, texts):
+    row = rows[b]
+    row.turns += 1
+    row.extend(ids, sampled=True, logp=logp_BxTs[b, :len(ids)].tolist())
+    row.block = [] if eos_B[b] else ids[-1:]
+    kind, content = rewards.parse_action(text)
+    row.invalid += kind is None
+    if kind == "answer" or final:
+      row.end("answer" if kind == "answer" else "max_turns")
+    elif kind == "search":
+      searching.append(b)
+      queries.append(content)
+    else:
+      observations[b] = INVALID_ACTION
+  return observations, searching, queries
+
+
+def _search(loop: _Loop, retriever, queries: list[str], searching: list[int], topk: int,
+            observations: dict[int, str]) -> None:
+  """All searching rows' queries in one retriever call; each gets its `<information>` block."""
+  if not queries:
+    return
+  t0 = time.perf_counter()
+  passages = retriever.retrieve_text(queries, topk)
+  loop.secs["retrieval"] += time.perf_counter() - t0
+  for b, text in zip(searching, passages):
+    observations[b] = information_block(text)
+
+
+def _insert_observations(loop: _Loop, rows: list[_Row], observations: dict[int, str],
+                         searching: list[int], tokenizer, cfg: RolloutConfig) -> None:
+  """Appends each observation to its row's response and next block (fed with the pending token);
+  a row left without room to answer after it ends ("context")."""
+  obs_rows = sorted(observations)
+  obs_ids = encode_observations(tokenizer, [observations[b] for b in obs_rows],
+                                cfg.max_obs_tokens, cfg.obs_truncation)
+  for b, ids in zip(obs_rows, obs_ids):
+    row = rows[b]
+    if row.total + len(ids) + 1 > loop.cap:  # no room to answer after this observation
+      row.end("context")
+      continue
+    row.extend(ids, sampled=False)
+    row.block += ids
+    loop.count["obs_tokens"] += len(ids)
+    row.searches += b in searching  # a search counts once its result is in the context
+
+
+def _stats(loop: _Loop, rows: list[_Row], loss_mask: np.ndarray) -> dict[str, float]:
+  """rollout/* and time/rollout_* metrics over every process's rows."""
+  per_row = hosts.gather_rows(np.array(
+      [[r.searches, r.invalid, r.turns, r.finish == "answer"] for r in rows], np.int64))
   generated, obs_tokens, prefill, reprefill = hosts.gather_rows(np.array(
-      [[loss_mask.sum(), count["obs_tokens"], count["prefill"], count["reprefill"]]],
-      np.int64)).sum(0).tolist()
-  stats = {
+      [[loss_mask.sum(), loop.count["obs_tokens"], loop.count["prefill"],
+        loop.count["reprefill"]]], np.int64)).sum(0).tolist()
+  return {
       "rollout/searches_per_traj": float(per_row[:, 0].mean()),
       "rollout/invalid_action_rate": float(per_row[:, 1].sum() / per_row[:, 2].sum()),
       "rollout/turns": float(per_row[:, 2].mean()),
@@ -314,21 +331,70 @@ def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, gr
       "rollout/tokens": generated + obs_tokens,
       "rollout/prefill_tokens": prefill,
       "rollout/reprefill_tokens": reprefill,
-      "time/rollout_model_s": secs["model"],
-      "time/rollout_retrieval_s": secs["retrieval"],
+      "time/rollout_model_s": loop.secs["model"],
+      "time/rollout_retrieval_s": loop.secs["retrieval"],
   }
+
+
+def _collect(loop: _Loop, rows: list[_Row], longest: int, tokenizer, vocab_size: int) -> Rollout:
+  """The rows as right-padded host arrays, with the model's own answers and the statistics."""
+  width = smp.bucket(max(len(r.response) for r in rows), minimum=8)
+  loss_mask = _pad([r.mask for r in rows], width, np.float32)
+  tok_bytes = stops.cached_token_bytes(tokenizer, vocab_size)
+  answers = [rewards.model_answer(r.response, r.mask, tok_bytes) for r in rows]
   return Rollout(
-      prompt_ids=_pad(prompt_rows, longest, np.int32),
-      prompt_len=np.array([len(p) for p in prompt_rows], np.int32),
-      response_ids=_pad(resp, width, np.int32),
-      response_len=np.array([len(r) for r in resp], np.int32),
+      prompt_ids=_pad([r.prompt for r in rows], longest, np.int32),
+      prompt_len=np.array([len(r.prompt) for r in rows], np.int32),
+      response_ids=_pad([r.response for r in rows], width, np.int32),
+      response_len=np.array([len(r.response) for r in rows], np.int32),
       loss_mask=loss_mask,
-      answer_mask=answer_mask,
+      answer_mask=_pad([a[0] for a in answers], width, np.float32),
       answer=[a[1] for a in answers],
-      sample_logp=_pad(logp, width, np.float32),
-      valid_searches=searches,
-      turns=turns,
-      invalid_actions=invalid,
-      finish_reason=np.array(finish),
-      response_text=[tokenizer.decode(r, skip_special_tokens=False) for r in resp],
-      stats=stats)
+      sample_logp=_pad([r.logp for r in rows], width, np.float32),
+      valid_searches=np.array([r.searches for r in rows], np.int32),
+      turns=np.array([r.turns for r in rows], np.int32),
+      invalid_actions=np.array([r.invalid for r in rows], np.int32),
+      finish_reason=np.array([r.finish for r in rows]),
+      response_text=[tokenizer.decode(r.response, skip_special_tokens=False) for r in rows],
+      stats=_stats(loop, rows, loss_mask))
+
+
+def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, group_size: int = 1,
+            cfg: RolloutConfig = RolloutConfig(), seed: int = 0, mesh=None,
+            eos_ids: Sequence[int] | None = None, progress: bool = True) -> Rollout:
+  """Search-R1 episodes for every prompt × `group_size`; `retriever.retrieve_text(queries, k)`."""
+  prompt_rows = [[int(t) for t in p] for p in prompts for _ in range(group_size)]
+  if not prompt_rows or min(map(len, prompt_rows)) == 0:
+    raise ValueError("rollout: need at least one prompt and no empty prompt")
+  # Shapes (and whether a jitted call happens at all) are agreed over processes: see hosts.py.
+  (longest,) = hosts.agree_max(max(map(len, prompt_rows)))
+  cap = cache_capacity(cfg, longest)
+  if longest >= cap:
+    raise ValueError(f"rollout: a prompt of {longest} tokens leaves no room under "
+                     f"max_context={cap}")
+  sample_cfg = smp.SampleConfig(cfg.temperature, cfg.top_p, cfg.top_k,
+                          tuple(eos_ids) if eos_ids is not None else _eos_ids(model, tokenizer))
+  table_QxMxV = hosts.put_replicated(
+      stops.cached_stop_table(tokenizer, STOP_STRINGS, model.cfg.vocab_size), mesh)
+  graphdef, params = nnx.split(model)
+  (padded,) = hosts.agree_max(hosts.padded_rows(len(prompt_rows), mesh))
+  state = smp.init_state(model.cfg, padded, cap, cfg.max_turn_tokens, len(STOP_STRINGS), seed=seed,
+                         cache_dtype=cfg.cache_dtype, mesh=mesh)
+  loop = _Loop(graphdef, params, sample_cfg, table_QxMxV, cap, padded, mesh)
+  rows = [_Row(prompt=p, block=list(p), total=len(p)) for p in prompt_rows]
+
+  bar = tqdm.tqdm(range(cfg.max_turns + 1), desc="rollout turns", disable=not progress, leave=False)
+  for turn in bar:
+    limit_B = _turn_limits(rows, loop, cfg.max_turn_tokens)
+    live = np.flatnonzero([r.live for r in rows])
+    sampled = _sample(loop, state, rows, live, limit_B, first=turn == 0)
+    if sampled is None:
+      break
+    bar.set_postfix(live=len(live))
+    state, toks_BxTs, logp_BxTs, num_B, stop_B = sampled
+    observations, searching, queries = _take_actions(
+        rows, live, toks_BxTs, logp_BxTs, num_B, stop_B, tokenizer, final=turn == cfg.max_turns)
+    _search(loop, retriever, queries, searching, cfg.topk, observations)
+    _insert_observations(loop, rows, observations, searching, tokenizer, cfg)
+  bar.close()
+  return _collect(loop, rows, longest, tokenizer, model.cfg.vocab_size)

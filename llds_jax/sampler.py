@@ -1,7 +1,7 @@
 """Batched sampling over a slot KV cache: a jitted block feed and a jitted `lax.while_loop` decoder.
 
-Dims: B rows, T tokens of a fed block, N tokens per segment, S cache slots, V vocab, Q stop
-strings, M stop-string automaton states (bytes of the longest stop string).
+Dims (llds_jax/__init__.py): B rows, T tokens of a fed block, Ts tokens per segment, S cache
+slots, V vocab, Q stop strings, M stop-string automaton states (bytes of the longest stop string).
 
 Generation runs in *segments*. `feed` writes a right-padded block of new tokens into each row's
 cache at that row's next position (the prompt, or in the rollout the pending token plus an
@@ -78,8 +78,8 @@ class SamplingState:
   """Everything a row needs to continue generating; all leaves have the row as leading dim."""
 
   cache: KVCache
-  tokens_BxN: jax.Array  # int32, tokens sampled in the current segment
-  logp_BxN: jax.Array  # float32, their log-probs at temperature 1
+  tokens_BxTs: jax.Array  # int32, tokens sampled in the current segment
+  logp_BxTs: jax.Array  # float32, their log-probs at temperature 1
   num_B: jax.Array  # int32, tokens sampled in the current segment
   limit_B: jax.Array  # int32, most tokens this segment may sample
   last_B: jax.Array  # int32, the pending token (sampled, not yet in the cache)
@@ -112,8 +112,8 @@ def _state_maker(cfg, batch, slots, segment, num_stops, cache_dtype, mesh):
     zeros_B = jnp.zeros((batch,), jnp.int32)
     return SamplingState(
         cache=KVCache.init(cfg, batch, slots, cache_dtype),
-        tokens_BxN=jnp.zeros((batch, segment), jnp.int32),
-        logp_BxN=jnp.zeros((batch, segment), jnp.float32),
+        tokens_BxTs=jnp.zeros((batch, segment), jnp.int32),
+        logp_BxTs=jnp.zeros((batch, segment), jnp.float32),
         num_B=zeros_B, limit_B=zeros_B, last_B=zeros_B, next_pos_B=zeros_B,
         done_B=jnp.ones((batch,), bool), stop_B=zeros_B,
         match_BxQ=jnp.zeros((batch, num_stops), jnp.int32), key_B=key_B)
@@ -175,10 +175,10 @@ def _sample(logits_BxV, key_B, pos_B, cfg: SampleConfig):
 
 def _record(state: SamplingState, tok_B, logp_B, active_B, table_QxMxV, cfg: SampleConfig):
   """Append the sampled token of active rows and update their stop status."""
-  B, N = state.tokens_BxN.shape
+  B, Ts = state.tokens_BxTs.shape
   # A one-hot select rather than a scatter: it stays row-local, so the compiler keeps the buffers
   # sharded by row (a scatter made them replicated, i.e. all-gathered on every decode step).
-  write_BxN = active_B[:, None] & (jnp.arange(N)[None, :] == state.num_B[:, None])
+  write_BxTs = active_B[:, None] & (jnp.arange(Ts)[None, :] == state.num_B[:, None])
   num_B = state.num_B + active_B
   is_eos_B = jnp.zeros((B,), bool)
   if cfg.eos_ids:
@@ -192,8 +192,8 @@ def _record(state: SamplingState, tok_B, logp_B, active_B, table_QxMxV, cfg: Sam
   reason_B = jnp.select([is_eos_B, hit_B, num_B >= state.limit_B], [EOS, STOP_STRING, LENGTH],
                         RUNNING)
   return state.replace(
-      tokens_BxN=jnp.where(write_BxN, tok_B[:, None], state.tokens_BxN),
-      logp_BxN=jnp.where(write_BxN, logp_B[:, None], state.logp_BxN),
+      tokens_BxTs=jnp.where(write_BxTs, tok_B[:, None], state.tokens_BxTs),
+      logp_BxTs=jnp.where(write_BxTs, logp_B[:, None], state.logp_BxTs),
       num_B=num_B,
       last_B=jnp.where(active_B, tok_B, state.last_B),
       done_B=state.done_B | (active_B & (reason_B != RUNNING)),
@@ -235,8 +235,8 @@ def feed(graphdef, params, state: SamplingState, tokens_BxT, len_B, limit_B, tab
   next_pos_B = state.next_pos_B + len_B
   active_B = (len_B > 0) & (limit_B > 0)
   state = state.replace(
-      cache=_widen(state.cache, part), tokens_BxN=jnp.zeros_like(state.tokens_BxN),
-      logp_BxN=jnp.zeros_like(state.logp_BxN), num_B=jnp.zeros_like(state.num_B), limit_B=limit_B,
+      cache=_widen(state.cache, part), tokens_BxTs=jnp.zeros_like(state.tokens_BxTs),
+      logp_BxTs=jnp.zeros_like(state.logp_BxTs), num_B=jnp.zeros_like(state.num_B), limit_B=limit_B,
       next_pos_B=next_pos_B, done_B=~active_B, stop_B=jnp.zeros_like(state.stop_B),
       match_BxQ=jnp.zeros_like(state.match_BxQ))
   tok_B, logp_B = _sample(logits_BxV, state.key_B, next_pos_B, cfg)
@@ -310,7 +310,7 @@ def sample(model: Transformer, prompt_ids: Sequence[Sequence[int]], *, max_new_t
                scfg)
   state = decode(graphdef, params, state, table_QxMxV, scfg)
   toks, logps, num, stop = map(hosts.local_rows,
-                               (state.tokens_BxN, state.logp_BxN, state.num_B, state.stop_B))
+                               (state.tokens_BxTs, state.logp_BxTs, state.num_B, state.stop_B))
   n = range(len(prompts))
   return Generation(tokens=[toks[b, :num[b]].tolist() for b in n],
                     logprobs=[logps[b, :num[b]].tolist() for b in n],

@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Sequence
 
-from llds_jax import retriever
+from llds_jax import corpus, retriever
 
 _INDEX = None  # the worker's own BM25Index
 
@@ -80,3 +80,13 @@ class SearchPool:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def load_retriever(path: str, workers: int = 1) -> retriever.BM25Index | SearchPool:
+  """The retriever a run searches: a saved index directory, or a corpus jsonl indexed in memory
+  (small corpora only); with `workers` > 1, a pool of that many processes over the saved index."""
+  if workers > 1:
+    return SearchPool(path, workers)
+  if path.endswith(".jsonl"):
+    return retriever.BM25Index.build(corpus.read_corpus(path))
+  return retriever.BM25Index.load(path)

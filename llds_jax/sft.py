@@ -1,6 +1,7 @@
 """Supervised format warm-up: teach a policy the Search-R1 action format before RL.
 
-Dims: N trajectories in the pool, B rows per step, P prompt and R response tokens.
+Dims (llds_jax/__init__.py): B rows (of the trajectory pool, or of one step), P prompt and R
+response tokens.
 
 A random (or weak) policy almost never emits a well-formed `<search>…</search>` or
 `<answer>…</answer>`, so GRPO sees all-zero rewards and learns nothing. `format_warmup` builds
@@ -14,8 +15,9 @@ and fits them with masked next-token NLL. Every token is laid out exactly as `ro
 produce it: the chat-templated prompt (`data.encode_prompt`), actions encoded as ordinary text
 (`loss_mask` 1), observations from the same retriever and `rollout.encode_observations` (special
 tokens not parsed, cut to `max_obs_tokens`, `loss_mask` 0), in the `[left-padded prompt |
-right-padded response]` layout of `trainer.build_batch`. So the warmed-up policy starts RL on
-exactly the inputs it was fitted on, and the loss is the trainer's own fused log-prob.
+right-padded response]` layout of the RL batch (`batch_layout.row_layout`). So the warmed-up
+policy starts RL on exactly the inputs it was fitted on, and the loss is the trainer's own fused
+log-prob.
 
 A fraction `direct_frac` of trajectories answers without searching, so the policy also knows that
 action and RL has the search-or-answer choice to learn.
@@ -33,7 +35,7 @@ import optax
 import tqdm
 from flax import nnx
 
-from llds_jax import data, faults, losses, rollout as rl, sharding as shd
+from llds_jax import batch_layout, data, faults, losses, rollout, sharding as shd
 from llds_jax.sampler import bucket
 from llds_jax.train_step import response_logprobs
 
@@ -76,8 +78,8 @@ def build_trajectory(tokenizer, retriever, example: data.Example, queries: Seque
     mask.extend([1.0] * len(ids))
 
   passages = retriever.retrieve_text(list(queries), topk) if queries else []
-  obs = rl.encode_observations(tokenizer, [rl.information_block(p) for p in passages],
-                               max_obs_tokens, obs_truncation)
+  blocks = [rollout.information_block(p) for p in passages]
+  obs = rollout.encode_observations(tokenizer, blocks, max_obs_tokens, obs_truncation)
   for query, obs_ids in zip(queries, obs):
     act((SEARCH_THINK if think else SEARCH_PLAIN).format(query=query))
     resp.extend(obs_ids)
@@ -101,19 +103,14 @@ def build_trajectories(tokenizer, retriever, examples: Sequence[data.Example], *
 
 
 def layout(trajs: Sequence[Trajectory]) -> dict[str, np.ndarray]:
-  """Trajectories as `[left-padded prompt | right-padded response]` host arrays."""
+  """Trajectories as update-batch rows (`batch_layout.row_layout`) with their loss mask."""
   P = max(len(t.prompt_ids) for t in trajs)
   R = max(len(t.response_ids) for t in trajs)
-  ids = np.zeros((len(trajs), P + R), np.int32)
-  attn = np.zeros_like(ids)
-  mask = np.zeros((len(trajs), R), np.float32)
-  for i, t in enumerate(trajs):
-    p, r = len(t.prompt_ids), len(t.response_ids)
-    ids[i, P - p:P], ids[i, P:P + r] = t.prompt_ids, t.response_ids
-    attn[i, P - p:P + r] = 1
-    mask[i, :r] = t.loss_mask
-  return dict(input_ids=ids, attn_mask=attn, positions=np.maximum(np.cumsum(attn, 1) - 1, 0),
-              loss_mask=mask)
+  mask_BxR = np.zeros((len(trajs), R), np.float32)
+  for b, t in enumerate(trajs):
+    mask_BxR[b, :len(t.loss_mask)] = t.loss_mask
+  return dict(batch_layout.row_layout([t.prompt_ids for t in trajs],
+                                      [t.response_ids for t in trajs], P, R), loss_mask=mask_BxR)
 
 
 def _nll(params, graphdef, batch: dict, chunk_size: int):

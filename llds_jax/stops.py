@@ -1,7 +1,7 @@
 """Stop strings as a per-token automaton table over the vocabulary (host, NumPy; built once).
 
-Dims: Q stop strings, M automaton states (bytes of the longest stop string), V vocab, L bytes of
-the longest token.
+Dims (llds_jax/__init__.py): Q stop strings, M automaton states (bytes of the longest stop
+string), V vocab; W bytes of the longest token (this module's own).
 
 Stop strings are matched exactly on bytes, incrementally, without decoding text: for every stop
 string a KMP automaton over bytes is run, on the host and once, through every token's byte string
@@ -88,9 +88,9 @@ def stop_table(tok_bytes: Sequence[bytes], stop_strings: Sequence[str]) -> np.nd
   # Tokens sorted by length, longest first: at byte i only a prefix of them is still running.
   order_V = np.argsort(-lens_V, kind="stable")
   width = int(lens_V.max(initial=1))
-  buf_VxL = np.zeros((len(tok_bytes), width), np.uint8)
+  buf_VxW = np.zeros((len(tok_bytes), width), np.uint8)
   for row, v in enumerate(order_V):
-    buf_VxL[row, :lens_V[v]] = np.frombuffer(tok_bytes[v], np.uint8)
+    buf_VxW[row, :lens_V[v]] = np.frombuffer(tok_bytes[v], np.uint8)
   running = [int((lens_V > i).sum()) for i in range(width)]
   table = np.zeros((len(patterns), M, len(tok_bytes)), np.int8)
   for s, pattern in enumerate(patterns):
@@ -98,7 +98,7 @@ def stop_table(tok_bytes: Sequence[bytes], stop_strings: Sequence[str]) -> np.nd
     for q in range(m):
       state_V = np.full(len(tok_bytes), q, np.int32)
       for i, n in enumerate(running):
-        state_V[:n] = dfa[state_V[:n], buf_VxL[:n, i]]
+        state_V[:n] = dfa[state_V[:n], buf_VxW[:n, i]]
       table[s, q, order_V] = np.where(state_V == m, -1, state_V)
   return table
 

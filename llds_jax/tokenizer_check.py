@@ -1,7 +1,8 @@
 """Which tokenizer a policy runs with, and the checks that it fits the model.
 
-Every loader path (`trainer.load_policy`, `restore.policy_config`, `tools/evaluate.py`) ends in
-`policy_tokenizer`, so a model never silently runs with a tokenizer that is not its own:
+Every loader path goes through `policy.load` (the trainer, `restore`, tools/evaluate.py and
+tools/real_run.py), which ends in `policy_tokenizer`, so a model never silently runs with a
+tokenizer that is not its own:
 
 * A model that carries a tokenizer (a GGUF file, or a HF directory with tokenizer files) and a
   `model.tokenizer` naming a different one is refused with both sources named, unless

@@ -1,16 +1,16 @@
 """The jitted, mesh-sharded update: TrainState, optimizer, log-prob passes and the update phase.
 
-Dims: N rollout rows, L = P + R tokens per row (left-padded prompt of P, right-padded response
+Dims (llds_jax/__init__.py): B rollout rows, L = P + R tokens per row (left-padded prompt of P, right-padded response
 of R), A micro-batches per minibatch, D embed, V vocab.
 
 A rollout batch is laid out as `[prompt | response]` with the prompt left-padded, so the response
 region is the fixed slice `[P, L)` and the hidden states that predict it are `[P-1, L-1)`. Every
-loss term lives on that `N×R` grid; `loss_mask_NxR` is 1 exactly on model-sampled tokens.
+loss term lives on that `B×R` grid; `loss_mask_BxR` is 1 exactly on model-sampled tokens.
 
 Why several optimizer steps per rollout: the LLDS term compares the current policy with the
 policy that produced the rollout (old log-probs, fixed once per rollout). With a single optimizer
 step per rollout it is identically zero (PAPER.md §B.2), so `update_phase` computes old and
-reference log-probs once and then takes `ppo_epochs × N / minibatch` steps.
+reference log-probs once and then takes `ppo_epochs × B / minibatch` steps.
 """
 
 from __future__ import annotations
@@ -70,13 +70,13 @@ def _set_lr(opt_state, lr):
 
 def response_logprobs(graphdef, params, batch: dict, *, resp_len: int, chunk_size: int,
                       temperature: float = 1.0, with_entropy: bool = True):
-  """(logp_NxR, entropy_NxR) of the last `resp_len` tokens, never materializing N×R×V logits."""
+  """(logp_BxR, entropy_BxR) of the last `resp_len` tokens, never materializing B×R×V logits."""
   model = nnx.merge(graphdef, params)
-  ids_NxL = batch["input_ids"]
-  h_NxLxD, _ = model.hidden(ids_NxL, batch["positions"], batch["attn_mask"])
-  L = ids_NxL.shape[1]
-  h_NxRxD = h_NxLxD[:, L - resp_len - 1:L - 1]
-  return token_logprobs(h_NxRxD, model.unembed(), ids_NxL[:, L - resp_len:],
+  ids_BxL = batch["input_ids"]
+  h_BxLxD, _ = model.hidden(ids_BxL, batch["positions"], batch["attn_mask"])
+  L = ids_BxL.shape[1]
+  h_BxRxD = h_BxLxD[:, L - resp_len - 1:L - 1]
+  return token_logprobs(h_BxRxD, model.unembed(), ids_BxL[:, L - resp_len:],
                         chunk_size=chunk_size, temperature=temperature, with_entropy=with_entropy)
 
 
@@ -95,6 +95,19 @@ class StepConfig:
   pack_micro_seqs: int = 0
 
 
+def step_config(c) -> StepConfig:
+  """The step knobs of a run config (`config.rl`, the sampling temperature, the packing sizes)."""
+  rl = c.rl.to_dict()
+  rl["ratio_clamp"] = rl["ratio_clamp"] or None
+  rl["agg"] = rl["agg"] or None
+  return StepConfig(loss=losses.LossConfig.from_config(rl),
+                    num_micro=c.rl.minibatch_size // c.rl.micro_batch_size,
+                    chunk_size=c.rl.logprob_chunk, temperature=c.rollout.temperature or 1.0,
+                    logprob_rows=c.rl.logprob_micro_batch_size,
+                    pack_len=(c.rl.pack_len or c.rollout.max_context) if c.rl.pack else 0,
+                    pack_micro_seqs=c.rl.pack_micro_seqs or c.rl.micro_batch_size)
+
+
 def _micro_loss(params, graphdef, micro: dict, sc: StepConfig):
   logp, ent = response_logprobs(graphdef, params, micro, resp_len=micro["loss_mask"].shape[1],
                                 chunk_size=sc.chunk_size, temperature=sc.temperature)
@@ -107,7 +120,7 @@ def _micro_loss(params, graphdef, micro: dict, sc: StepConfig):
 
 
 def _blocks(x, num: int):
-  """[N, ...] → [num, N/num, ...] with the rows of every block still sharded over the mesh."""
+  """[B, ...] → [num, B/num, ...] with the rows of every block still sharded over the mesh."""
   x = x.reshape(num, x.shape[0] // num, *x.shape[1:])
   return shd.constrain(x, (None, "batch", *([None] * (x.ndim - 2))))
 

@@ -1,33 +1,37 @@
 """The training loop: rollout with search → EM rewards → GRPO advantages → minibatch updates.
 
-Dims: B prompts per step, G group size, N = B·G rollout rows, P prompt and R response tokens.
+Dims (llds_jax/__init__.py): B rows (this step's prompts × G group size), P prompt and R
+response tokens.
 
-This is the only module with side effects (files, progress bars). Everything numeric happens in
-`rollout`, `losses` and `train_step`; the loop is a straight `for step` with `if step % every`
-blocks, in the style of nanodo / big_vision trainers.
+The loop only: what it runs is built elsewhere (the policy and the rollout's weight copy in
+`policy`, the retriever in `search_pool`, the update rows in `batch_layout`) and everything
+numeric happens in `rollout`, `losses` and `train_step`. The loop is a straight `for step` with
+`if step % every` blocks, in the style of nanodo / big_vision trainers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import tqdm
 from flax import nnx
+from jax.sharding import Mesh
 
-from llds_jax import checkpoint, data, evaluation, faults, hf_io, hosts, losses, plots
-from llds_jax import metrics as mlib, rewards, sft, tokenizer_check
+from llds_jax import checkpoint, data, evaluation, faults, hosts, losses, plots, policy
+from llds_jax import metrics as mlib, rewards, sft
 from llds_jax import sharding as shd
-from llds_jax.model import ModelConfig, Transformer, compute_dtype_of
-from llds_jax.retriever import BM25Index
-from llds_jax.rollout import OBS_TRUNCATION, RolloutConfig, rollout
-from llds_jax.sampler import bucket
-from llds_jax.search_pool import SearchPool
-from llds_jax.train_step import StepConfig, Updater, update_phase
+from llds_jax.batch_layout import build_batch
+from llds_jax.rollout import OBS_TRUNCATION, RolloutConfig, rollout, rollout_config
+from llds_jax.search_pool import load_retriever
+from llds_jax.train_step import Updater, step_config, update_phase
 
 # Progress notes a user should see are INFO on this logger (main.py shows the "llds_jax" tree at
 # INFO); WARNING is kept for things that need action.
@@ -53,11 +57,11 @@ def validate(c) -> None:
   if c.rl.micro_batch_size <= 0 or c.rl.minibatch_size % c.rl.micro_batch_size:
     raise ValueError(f"config.rl.micro_batch_size={c.rl.micro_batch_size} must divide "
                      f"rl.minibatch_size={c.rl.minibatch_size}")
-  for field, allowed in (("llds_gate", ("action", "response", "token")),
-                         ("llds_norm", ("token", "response")), ("loss", ("grpo", "gspo")),
-                         ("kl_kind", ("k1", "k2", "k3", "low_var_kl")),
-                         ("agg", ("", "token-mean", "seq-mean-token-mean")),
-                         ("adaptive_beta", ("", "code", "paper"))):
+  # "" = the official default per loss (agg) / a fixed β (adaptive_beta).
+  for field, allowed in (("llds_gate", losses.GATES), ("llds_norm", losses.NORMS),
+                         ("loss", losses.LOSSES), ("kl_kind", losses.KL_KINDS),
+                         ("agg", ("",) + losses.AGGS),
+                         ("adaptive_beta", ("",) + losses.BETA_FORMULAS)):
     if c.rl[field] not in allowed:
       raise ValueError(f"config.rl.{field}={c.rl[field]!r} not in {allowed}")
   if c.rollout.obs_truncation not in OBS_TRUNCATION:
@@ -118,7 +122,7 @@ def _validate_packing(c, row_shards: int) -> None:
                      f"{row_shards} row shards (0 = off)")
 
 
-def zero_variance_filter(reward_N: np.ndarray, group_N: np.ndarray,
+def zero_variance_filter(reward_B: np.ndarray, group_B: np.ndarray,
                          minibatch: int) -> tuple[np.ndarray, dict]:
   """(rows to train on, filter/* metrics) for `rl.filter_zero_variance` (DAPO dynamic sampling).
 
@@ -126,127 +130,11 @@ def zero_variance_filter(reward_N: np.ndarray, group_N: np.ndarray,
   Rows of the other groups are kept in order and cut to whole minibatches (no refill), so the
   optimizer steps per rollout can fall, to none.
   """
-  informative = {g for g in np.unique(group_N) if np.ptp(reward_N[group_N == g]) > 0}
-  keep = np.flatnonzero([g in informative for g in group_N])
+  informative = {g for g in np.unique(group_B) if np.ptp(reward_B[group_B == g]) > 0}
+  keep = np.flatnonzero([g in informative for g in group_B])
   used = keep[:len(keep) // minibatch * minibatch]
-  return used, {"filter/zero_variance_frac": 1.0 - len(keep) / max(len(group_N), 1),
+  return used, {"filter/zero_variance_frac": 1.0 - len(keep) / max(len(group_B), 1),
                 "filter/rows_used": float(len(used))}
-
-
-def load_policy(c, mesh):
-  """(model, cfg, tokenizer): HF directory, GGUF file, or random init — placed on the mesh.
-
-  The tokenizer is the model's own unless `model.tokenizer` names one; a different one than the
-  model carries is refused (`tokenizer_check.policy_tokenizer`).
-  """
-  # The loaders' `dtype` sets compute and storage dtype; `param_dtype` then overrides storage.
-  kw = dict(dtype=jnp.dtype(c.model.dtype), param_dtype=c.model.param_dtype, mesh=mesh,
-            remat=c.model.remat, scan_layers=c.model.scan_layers)
-  tokenizer = None
-  if c.model.path.endswith(".gguf"):
-    model, cfg, tokenizer = hf_io.load_gguf(c.model.path, **kw)
-  elif c.model.path:
-    model, cfg = hf_io.load_pretrained(c.model.path, **kw)
-  else:
-    cfg = ModelConfig.from_hf(c.model.random.to_dict(), param_dtype=c.model.param_dtype,
-                              dtype=c.model.dtype, remat=c.model.remat,
-                              scan_layers=c.model.scan_layers)
-    model = shd.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(c.seed)), mesh)
-  tokenizer = tokenizer_check.policy_tokenizer(
-      cfg, c.model.path, c.model.tokenizer, carried=tokenizer,
-      allow_mismatch=c.model.get("allow_tokenizer_mismatch", False))
-  return model, cfg, tokenizer
-
-
-def load_retriever(path: str, workers: int = 1) -> BM25Index | SearchPool:
-  """A saved index directory, or a corpus jsonl indexed in memory (small corpora only); with
-  `workers` > 1, a pool of that many processes searching the saved index (search_pool.py)."""
-  if workers > 1:
-    return SearchPool(path, workers)
-  if path.endswith(".jsonl"):
-    return BM25Index.build(data.read_corpus(path))
-  return BM25Index.load(path)
-
-
-def rollout_config(c) -> RolloutConfig:
-  r = c.rollout
-  return RolloutConfig(max_turns=r.max_turns, max_turn_tokens=r.max_turn_tokens,
-                       max_obs_tokens=r.max_obs_tokens, obs_truncation=r.obs_truncation,
-                       max_context=r.max_context,
-                       topk=c.retriever.topk, temperature=r.temperature, top_p=r.top_p,
-                       top_k=r.top_k, cache_dtype=r.cache_dtype or None)
-
-
-def step_config(c) -> StepConfig:
-  rl = c.rl.to_dict()
-  rl["ratio_clamp"] = rl["ratio_clamp"] or None
-  rl["agg"] = rl["agg"] or None
-  return StepConfig(loss=losses.LossConfig.from_config(rl),
-                    num_micro=c.rl.minibatch_size // c.rl.micro_batch_size,
-                    chunk_size=c.rl.logprob_chunk, temperature=c.rollout.temperature or 1.0,
-                    logprob_rows=c.rl.logprob_micro_batch_size,
-                    pack_len=(c.rl.pack_len or c.rollout.max_context) if c.rl.pack else 0,
-                    pack_micro_seqs=c.rl.pack_micro_seqs or c.rl.micro_batch_size)
-
-
-def build_batch(ro, adv_N: np.ndarray, answer_weight_NxR: np.ndarray,
-                max_len: int | None = None) -> dict:
-  """`[left-padded prompt | right-padded response]` rows; P and R bucketed to bound recompiles.
-
-  P and R are agreed over processes: every host's rows go into one global array. Bucketing both
-  could make rows longer than the rollout's `max_len` (e.g. 384 + 4096 for a 4096 context); then
-  R is cut back to `max_len − P`, or to the longest response rounded up to 64 if that is longer.
-  """
-  n = len(adv_N)
-  longest = max(int(ro.response_len.max()), 1)
-  P, R, longest = hosts.agree_max(bucket(int(ro.prompt_len.max())), bucket(longest), longest)
-  if max_len and P + R > max_len:
-    R = max(max_len - P, -(-longest // 64) * 64)
-  ids = np.zeros((n, P + R), np.int32)
-  attn = np.zeros((n, P + R), np.int32)
-  for i in range(n):
-    p, r = int(ro.prompt_len[i]), int(ro.response_len[i])
-    ids[i, P - p:P], ids[i, P:P + r] = ro.prompt_ids[i, :p], ro.response_ids[i, :r]
-    attn[i, P - p:P + r] = 1
-  pad = lambda x: np.pad(x[:, :R], ((0, 0), (0, R - min(x.shape[1], R))))  # noqa: E731
-  return dict(input_ids=ids, attn_mask=attn, positions=np.maximum(np.cumsum(attn, 1) - 1, 0),
-              loss_mask=pad(ro.loss_mask).astype(np.float32), adv=adv_N.astype(np.float32),
-              answer_weight=pad(answer_weight_NxR).astype(np.float32))
-
-
-def rollout_weights(c, abstract_params, mesh):
-  """ShapeDtypeStructs (dtype and sharding) of the rollout's copy of params of these shapes.
-
-  Each leaf takes the dtype the model computes it in (`model.compute_dtype_of`: float matrices the
-  compute dtype, 1-D norm weights their own) and the layout of `config.rollout.weight_sharding`'s
-  rules (sharding.WEIGHT_LAYOUTS).
-  """
-  shardings = shd.state_shardings(abstract_params, mesh,
-                                  shd.WEIGHT_LAYOUTS[c.rollout.weight_sharding])
-  return jax.tree.map(
-      lambda x, sh: jax.ShapeDtypeStruct(x.shape, compute_dtype_of(x, c.model.dtype),
-                                     sharding=sh),
-      abstract_params, shardings)
-
-
-def compute_dtype_weights(c, abstract_params, mesh):
-  """params → the rollout's copy: matrices in the compute dtype, in the rollout layout.
-
-  Decoding reads every weight once per generated token, so with float32 master weights and
-  bfloat16 compute it would move twice the bytes it needs. Every matmul casts its weight to the
-  compute dtype anyway, so casting once per rollout is exact; 1-D norm weights stay as they are
-  because the model applies them in float32. The layout matters as much: with the
-  training shards (`embed` over fsdp) every decoded token all-gathers every layer, while the
-  "tensor" layout gathers once per rollout, here. Same dtype and layout: the params themselves.
-  """
-  target = rollout_weights(c, abstract_params, mesh)
-  train = shd.state_shardings(abstract_params, mesh)
-  same = jax.tree.map(lambda x, t, s: x.dtype == t.dtype and t.sharding == s, abstract_params,
-                      target, train)
-  if all(jax.tree.leaves(same)):
-    return lambda params: params
-  return jax.jit(lambda params: jax.tree.map(lambda x, t: x.astype(t.dtype), params, target),
-                 out_shardings=jax.tree.map(lambda t: t.sharding, target))
 
 
 def answer_beta(c, mean_valid_searches: float) -> float:
@@ -259,6 +147,147 @@ def answer_beta(c, mean_valid_searches: float) -> float:
                                     base_weight=c.rl.answer_weight, lam=c.rl.llds_lambda))
 
 
+@dataclasses.dataclass
+class _Run:
+  """What every step of one training run reads."""
+
+  c: ml_collections.ConfigDict
+  mesh: Mesh
+  show: bool  # progress bars (process 0 only)
+  tokenizer: Any
+  retriever: Any
+  graphdef: Any
+  updater: Updater
+  sampling_weights: Callable  # params → the rollout's compute-dtype copy (policy.py)
+  ref_params: Any  # the frozen KL reference, or None without a KL term
+  rollout_cfg: RolloutConfig
+
+  def sampling_model(self, state) -> nnx.Module:
+    return nnx.merge(self.graphdef, self.sampling_weights(state.params))
+
+
+def _load_data(c) -> tuple[list, list, data.PromptIterator]:
+  """Train and validation questions and the prompt iterator; errors name a file and row."""
+  examples = data.load_examples(c.data.train.split(","))
+  val = data.load_examples(c.data.val.split(",")) if c.data.val else []
+  if c.log.eval_limit:
+    val = val[:c.log.eval_limit]
+  if c.rollout.prompts > len(examples):
+    raise ValueError(f"config.rollout.prompts={c.rollout.prompts} exceeds the {len(examples)} "
+                     f"questions of config.data.train={c.data.train!r}")
+  return examples, val, data.PromptIterator(examples, c.rollout.prompts, seed=c.seed,
+                                            shuffle=c.data.shuffle)
+
+
+def _build_run(c, mesh, examples: list, val: list) -> tuple[_Run, Any]:
+  """The policy (format-warmed-up if asked), its updater and the retriever; (run, state)."""
+  show = c.log.progress and jax.process_index() == 0  # one set of progress bars per job
+  retriever = load_retriever(c.retriever.index, c.retriever.workers)
+  model, _, tokenizer = policy.load(c, mesh)
+  for field, exs in (("config.data.train", examples), ("config.data.val", val)):
+    data.check_prompt_lengths(exs, tokenizer, c.rollout.max_prompt_tokens, field)
+  if c.model.format_warmup_steps:
+    model, sft_losses = sft.warmup_from_config(c, model, tokenizer, retriever, examples, mesh,
+                                               progress=show)
+    _log.info("format warm-up: NLL %.3f -> %.3f over %d steps", sft_losses[0],
+              sft_losses[-1], len(sft_losses))
+  graphdef, params = nnx.split(model)
+  # The frozen reference of the KL term is the policy RL starts from.
+  ref_params = jax.tree.map(lambda x: x.copy(), params) if c.rl.kl_coef else None
+  abstract = jax.eval_shape(lambda: params)
+  updater = Updater(graphdef, abstract, opt=c.opt, step_cfg=step_config(c), mesh=mesh)
+  state = updater.init_state(params)
+  run = _Run(c, mesh, show, tokenizer, retriever, graphdef, updater,
+             policy.compute_dtype_weights(c, abstract, mesh), ref_params, rollout_config(c))
+  return run, state
+
+
+def _roll_out(run: _Run, state, batch: list, step: int):
+  """This process's prompts of the step, each `group_size` times, through the search rollout."""
+  c = run.c
+  prompts = [data.encode_prompt(ex.messages, run.tokenizer) for ex in batch]
+  too_long = [len(p) for p in prompts if len(p) > c.rollout.max_prompt_tokens]
+  if too_long:
+    raise ValueError(f"step {step}: prompt of {too_long[0]} tokens exceeds "
+                     f"config.rollout.max_prompt_tokens={c.rollout.max_prompt_tokens}")
+  # The compute-dtype copy of the weights lives only for the rollout, not during the update.
+  return rollout(run.sampling_model(state), run.tokenizer, run.retriever, prompts,
+                 group_size=c.rollout.group_size, cfg=run.rollout_cfg,
+                 seed=c.seed * 1_000_003 + step, mesh=run.mesh, progress=run.show)
+
+
+def _score(c, ro, batch: list) -> dict:
+  """EM rewards of this process's rows and GRPO advantages from every process's groups."""
+  rows, group_B = data.repeat_groups(batch, c.rollout.group_size)
+  reward_B = np.array([rewards.em_of(rewards.scored_answer(a, t, c.rl.reward_scope), ex.golds)
+                       for a, t, ex in zip(ro.answer, ro.response_text, rows)], np.float32)
+  # Batch statistics over every host's rows; this host keeps its own slice of the advantages.
+  reward_all, group_all = hosts.gather_rows(reward_B), hosts.gather_rows(group_B)
+  adv_B = hosts.split(np.asarray(losses.grpo_advantages(reward_all, group_all)))
+  return dict(reward_B=reward_B, group_B=group_B, reward_all=reward_all, group_all=group_all,
+              adv_B=adv_B)
+
+
+def _update_rows(c, ro, scored: dict) -> tuple[dict, float, dict]:
+  """(host batch, LLDS-MA β, filter/* metrics): the rows the update trains on."""
+  beta = answer_beta(c, float(hosts.gather_rows(ro.valid_searches).mean()))
+  answer_w = np.where(ro.answer_mask > 0, beta, 1.0)
+  host_batch = build_batch(ro, scored["adv_B"], answer_w, max_len=c.rollout.max_context)
+  filtered = {}
+  if c.rl.filter_zero_variance:
+    used, filtered = zero_variance_filter(scored["reward_B"], scored["group_B"],
+                                          c.rl.minibatch_size)
+    host_batch = {k: v[used] for k, v in host_batch.items()}
+  return host_batch, beta, filtered
+
+
+def _update(run: _Run, state, host_batch: dict, step: int) -> tuple[Any, dict]:
+  """The minibatch updates of one rollout; (state, loss and LLD metrics)."""
+  c = run.c
+  if not len(host_batch["adv"]):  # every group filtered: no update; zeros keep every metric key
+    m = {k: 0.0 for k in ("loss/total", "loss/pg", "loss/llds", "loss/kl", "entropy",
+                          "grad_norm", "skipped_nonfinite")}
+    m.update({"update/optimizer_steps": 0, "lld/preserving_logp": float("nan")})  # no π_old pass
+    return run.updater.advance(state), m
+  progress = (lambda s: tqdm.tqdm(s, desc="update", leave=False)) if run.show else None
+  shuffle = c.seed * 7919 + step if c.rl.shuffle_minibatches else None
+  state, per_mb, batch_stats = update_phase(run.updater, state, host_batch, run.ref_params,
+                                            minibatch=c.rl.minibatch_size,
+                                            ppo_epochs=c.rl.ppo_epochs, shuffle_seed=shuffle,
+                                            progress=progress)
+  m = mlib.summarize_minibatches(per_mb)
+  m.update({k: float(v) for k, v in jax.device_get(batch_stats).items()})
+  return state, m
+
+
+def _step_metrics(ro, scored: dict, beta: float, t_roll: float) -> dict:
+  """reward/*, llds/answer_beta and the rollout's timing and length over every process."""
+  reward_all, group_all = scored["reward_all"], scored["group_all"]
+  return {"reward/mean": float(reward_all.mean()), "reward/max_group_std": float(
+      max(np.std(reward_all[group_all == g]) for g in np.unique(group_all))),
+          "llds/answer_beta": beta, "time/rollout_s": t_roll,
+          "rollout/response_tokens_mean": float(hosts.gather_rows(ro.response_len).mean())}
+
+
+def _validation(run: _Run, state, val: list) -> dict:
+  """val/<data_source>/* of the current policy on the held-out questions."""
+  c = run.c
+  table, _ = evaluation.evaluate(
+      run.sampling_model(state), run.tokenizer, run.retriever, val,
+      rollout_cfg=evaluation.eval_rollout_config(run.rollout_cfg,
+                                                 max_turns=c.log.eval_max_turns),
+      batch_size=max(c.rollout.prompts, 1), mesh=run.mesh, seed=c.seed, progress=run.show,
+      reward_scope=c.rl.reward_scope)
+  return {f"val/{src}/{k}": v for src, row in table.items() for k, v in row.items()}
+
+
+def _lld_watch(monitor: mlib.LLDMonitor, done: int, ro, m: dict) -> dict:
+  """The LLD monitor's metrics: a sustained fall of preserving log-probs, repeated responses."""
+  same, both = hosts.gather_rows(np.array([mlib.repeat_counts(ro.response_ids, ro.loss_mask)
+                                           ])).sum(0)
+  return monitor.update(done, m["lld/preserving_logp"], float(same / max(both, 1)))
+
+
 def train(c) -> list[dict]:
   """Runs `c.total_steps` training steps in `c.workdir`; returns the metric records written."""
   validate(c)
@@ -267,38 +296,15 @@ def train(c) -> list[dict]:
     checkpoint.check_compatible(os.path.join(c.workdir, "checkpoints"), fingerprint)
   os.makedirs(c.workdir, exist_ok=True)
   mesh = shd.make_mesh(dict(c.mesh))
-  show = c.log.progress and jax.process_index() == 0  # one set of progress bars per job
   # Data and corpus first: their errors name a file and row before anything is compiled.
-  examples = data.load_examples(c.data.train.split(","))
-  val = data.load_examples(c.data.val.split(",")) if c.data.val else []
-  if c.log.eval_limit:
-    val = val[:c.log.eval_limit]
-  if c.rollout.prompts > len(examples):
-    raise ValueError(f"config.rollout.prompts={c.rollout.prompts} exceeds the {len(examples)} "
-                     f"questions of config.data.train={c.data.train!r}")
-  it = data.PromptIterator(examples, c.rollout.prompts, seed=c.seed, shuffle=c.data.shuffle)
-  retriever = load_retriever(c.retriever.index, c.retriever.workers)
-  model, cfg, tokenizer = load_policy(c, mesh)
-  for field, exs in (("config.data.train", examples), ("config.data.val", val)):
-    data.check_prompt_lengths(exs, tokenizer, c.rollout.max_prompt_tokens, field)
-  if c.model.format_warmup_steps:
-    model, sft_losses = sft.warmup_from_config(c, model, tokenizer, retriever, examples, mesh,
-                                               progress=show)
-    _log.info("format warm-up: NLL %.3f -> %.3f over %d steps", sft_losses[0],
-                    sft_losses[-1], len(sft_losses))
-  graphdef, params = nnx.split(model)
-  # The frozen reference of the KL term is the policy RL starts from.
-  ref_params = jax.tree.map(lambda x: x.copy(), params) if c.rl.kl_coef else None
-  abstract = jax.eval_shape(lambda: params)
-  updater = Updater(graphdef, abstract, opt=c.opt, step_cfg=step_config(c), mesh=mesh)
-  state = updater.init_state(params)
-  sampling_weights = compute_dtype_weights(c, abstract, mesh)
+  examples, val, it = _load_data(c)
+  run, state = _build_run(c, mesh, examples, val)
   ckpt = checkpoint.Checkpointer(os.path.join(c.workdir, "checkpoints"), keep=c.ckpt.keep,
                                  async_save=c.ckpt.async_save)
   start = 0
   if c.resume:
-    restored = ckpt.restore_latest(checkpoint.abstract_like(state, updater.state_shardings),
-                                   fingerprint)
+    restored = ckpt.restore_latest(
+        checkpoint.abstract_like(state, run.updater.state_shardings), fingerprint)
     if restored is not None:
       start, state, meta = restored
       it.restore(meta["data"])
@@ -309,73 +315,30 @@ def train(c) -> list[dict]:
       f.write(c.to_json_best_effort(indent=2))
   writer = mlib.MetricWriter(c.workdir, tensorboard=c.log.tensorboard,
                              resume_step=start if c.resume else 0)
-  rcfg = rollout_config(c)
   records = []
   monitor = mlib.LLDMonitor(patience=c.log.lld_patience)
   if start and os.path.exists(writer.path):  # continue the streak an uninterrupted run would see
     monitor.restore(mlib.read_metrics(writer.path))
   bar = tqdm.tqdm(range(start, c.total_steps), desc="train", initial=start, total=c.total_steps,
-                  disable=not show)
+                  disable=not run.show)
   for step in bar:
     t0 = time.perf_counter()
     batch = hosts.split(next(it))  # this process's prompts: a contiguous share
-    prompts = [data.encode_prompt(ex.messages, tokenizer) for ex in batch]
-    too_long = [len(p) for p in prompts if len(p) > c.rollout.max_prompt_tokens]
-    if too_long:
-      raise ValueError(f"step {step}: prompt of {too_long[0]} tokens exceeds "
-                       f"config.rollout.max_prompt_tokens={c.rollout.max_prompt_tokens}")
-    policy = nnx.merge(graphdef, sampling_weights(state.params))
-    ro = rollout(policy, tokenizer, retriever, prompts, group_size=c.rollout.group_size, cfg=rcfg,
-                 seed=c.seed * 1_000_003 + step, mesh=mesh, progress=show)
-    del policy  # the compute-dtype copy of the weights is not needed during the update
+    ro = _roll_out(run, state, batch, step)
     faults.point("rollout", step + 1)  # test-only crash injection (llds_jax/faults.py)
     t_roll = time.perf_counter() - t0
-    rows, group_ids = data.repeat_groups(batch, c.rollout.group_size)
-    reward_N = np.array([rewards.em_of(rewards.scored_answer(a, t, c.rl.reward_scope), ex.golds)
-                         for a, t, ex in zip(ro.answer, ro.response_text, rows)], np.float32)
-    # Batch statistics over every host's rows; this host keeps its own slice of the advantages.
-    reward_all, group_all = hosts.gather_rows(reward_N), hosts.gather_rows(group_ids)
-    adv_N = hosts.split(np.asarray(losses.grpo_advantages(reward_all, group_all)))
-    beta = answer_beta(c, float(hosts.gather_rows(ro.valid_searches).mean()))
-    answer_w = np.where(ro.answer_mask > 0, beta, 1.0)
-    host_batch = build_batch(ro, adv_N, answer_w, max_len=c.rollout.max_context)
-    progress = (lambda s: tqdm.tqdm(s, desc="update", leave=False)) if show else None
-    shuffle = c.seed * 7919 + step if c.rl.shuffle_minibatches else None
-    filtered = {}
-    if c.rl.filter_zero_variance:
-      used, filtered = zero_variance_filter(reward_N, group_ids, c.rl.minibatch_size)
-      host_batch = {k: v[used] for k, v in host_batch.items()}
-    if len(host_batch["adv"]):
-      state, per_mb, batch_stats = update_phase(updater, state, host_batch, ref_params,
-                                   minibatch=c.rl.minibatch_size,
-                                   ppo_epochs=c.rl.ppo_epochs, shuffle_seed=shuffle,
-                                   progress=progress)
-      m = mlib.summarize_minibatches(per_mb)
-      m.update({k: float(v) for k, v in jax.device_get(batch_stats).items()})
-    else:  # every group filtered: no update, and zeros keep the metric keys of every record
-      state = updater.advance(state)
-      m = {k: 0.0 for k in ("loss/total", "loss/pg", "loss/llds", "loss/kl", "entropy",
-                            "grad_norm", "skipped_nonfinite")}
-      m.update({"update/optimizer_steps": 0, "lld/preserving_logp": float("nan")})  # no π_old pass
+    scored = _score(c, ro, batch)
+    host_batch, beta, filtered = _update_rows(c, ro, scored)
+    state, m = _update(run, state, host_batch, step)
     faults.point("update", step + 1)
     m.update(filtered)
     m.update(ro.stats)
-    m.update({"reward/mean": float(reward_all.mean()), "reward/max_group_std": float(
-        max(np.std(reward_all[group_all == g]) for g in np.unique(group_all))),
-              "llds/answer_beta": beta, "time/rollout_s": t_roll,
-              "rollout/response_tokens_mean": float(hosts.gather_rows(ro.response_len).mean())})
+    m.update(_step_metrics(ro, scored, beta, t_roll))
     done = step + 1
     if val and c.log.eval_every and (done % c.log.eval_every == 0 or done == c.total_steps):
-      table, _ = evaluation.evaluate(
-          nnx.merge(graphdef, sampling_weights(state.params)), tokenizer, retriever, val,
-          rollout_cfg=evaluation.eval_rollout_config(rcfg, max_turns=c.log.eval_max_turns),
-          batch_size=max(c.rollout.prompts, 1), mesh=mesh, seed=c.seed, progress=show,
-          reward_scope=c.rl.reward_scope)
-      m.update({f"val/{src}/{k}": v for src, row in table.items() for k, v in row.items()})
+      m.update(_validation(run, state, val))
       faults.point("validation", done)
-    same, both = hosts.gather_rows(np.array([mlib.repeat_counts(ro.response_ids, ro.loss_mask)
-                                             ])).sum(0)
-    m.update(monitor.update(done, m["lld/preserving_logp"], float(same / max(both, 1))))
+    m.update(_lld_watch(monitor, done, ro, m))
     m["time/step_s"] = time.perf_counter() - t0
     rec = writer.write(done, m)
     # The checkpoint follows its step's record, so after a kill anywhere they agree: a restored
@@ -390,4 +353,3 @@ def train(c) -> list[dict]:
     written = plots.plot(writer.path, os.path.join(c.workdir, "plots"))
     _log.info("wrote %d plots to %s", len(written), os.path.join(c.workdir, "plots"))
   return records
-

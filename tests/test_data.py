@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import transformers
 
-from llds_jax import data
+from llds_jax import assets, corpus, data
 
 TESTDATA = os.path.join(os.path.dirname(__file__), "testdata")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,15 +151,15 @@ def test_encode_prompt_uses_chat_template():
 
 def test_asset_paths(tmp_path, monkeypatch):
   monkeypatch.setenv("LLDS_ASSETS", str(tmp_path))
-  paths = data.asset_paths(require=())
+  paths = assets.asset_paths(require=())
   assert paths["wiki_corpus"].startswith(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="fetch_assets.py"):
-    data.asset_paths()
+    assets.asset_paths()
   os.makedirs(paths["wiki_index"])  # a directory without meta.json is not a finished index
   with pytest.raises(FileNotFoundError, match="wiki_index"):
-    data.asset_paths(require=["wiki_index"])
+    assets.asset_paths(require=["wiki_index"])
   with pytest.raises(KeyError, match="unknown assets"):
-    data.asset_paths(require=["nope"])
+    assets.asset_paths(require=["nope"])
 
 
 def _fetch_assets_module():
@@ -234,9 +234,9 @@ def test_corpus_non_utf8_and_duplicate_ids_name_file_and_line(tmp_path):
   path = tmp_path / "corpus.jsonl"
   path.write_bytes(b'{"id": "0", "contents": "\\"A\\"\\na"}\n{"id": "1", "contents": "b\xff"}\n')
   with pytest.raises(ValueError, match=r"corpus.jsonl:2: not UTF-8 \(byte 0xff"):
-    list(data.read_corpus(str(path)))
+    list(corpus.read_corpus(str(path)))
   path.write_text('{"id": "0", "contents": "a"}\n{"id": "1", "contents": "b"}\n'
                   '{"id": "0", "contents": "c"}\n')
   with pytest.raises(ValueError, match=r"corpus.jsonl:3: duplicate document id '0' \(first at "
                                        r"line 1\)"):
-    list(data.read_corpus(str(path)))
+    list(corpus.read_corpus(str(path)))

@@ -70,9 +70,9 @@ def test_dry_run_memory_equals_the_real_compiled_step(tiny_run):
   cfg = dry_run.model_config(c)
   model = sharding.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
   graphdef, params = nnx.split(model)
-  from llds_jax import trainer
+  from llds_jax import train_step
   up = Updater(graphdef, jax.eval_shape(lambda: params), opt=c.opt,
-               step_cfg=trainer.step_config(c), mesh=mesh)
+               step_cfg=train_step.step_config(c), mesh=mesh)
   state = up.init_state(params)
   s, mb = out["shapes"], c.rl.minibatch_size
   ints = ("input_ids", "attn_mask", "positions")

@@ -254,7 +254,7 @@ def _write_gguf(tm, path, tokenizer_dir):
 
 def test_qwen3_gguf_loads_with_its_tokenizer(tmp_path):
   from hf_fixtures import make_torch_model
-  from llds_jax import trainer
+  from llds_jax import policy
 
   tiny_tok = os.path.join(os.path.dirname(__file__), "testdata", "tiny_tokenizer")
   tm = make_torch_model("qwen3_tied", vocab_size=1000, eos_token_id=999)  # the tokenizer's size
@@ -275,4 +275,4 @@ def test_qwen3_gguf_loads_with_its_tokenizer(tmp_path):
                          allow_tokenizer_mismatch=False, dtype="float32", param_dtype="float32",
                          remat="none", scan_layers=True)))
   with pytest.raises(ValueError, match="other' differs from the tokenizer that .*m.gguf' carries"):
-    trainer.load_policy(c, sharding.make_mesh())
+    policy.load(c, sharding.make_mesh())

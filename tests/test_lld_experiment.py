@@ -12,8 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import lld_experiment as lx  # noqa: E402
-from llds_jax import data, metrics as mlib, rewards, rollout as rl, sft  # noqa: E402
-from llds_jax import sharding as shd, trainer  # noqa: E402
+from llds_jax import data, metrics as mlib, rewards, rollout, sft  # noqa: E402
+from llds_jax import search_pool, sharding as shd  # noqa: E402
 from llds_jax.model import ModelConfig, Transformer  # noqa: E402
 
 SMOKE_KEYS = ("reward/mean", "lld/preserving_logp", "lld/nonpreserving_logp", "entropy",
@@ -29,7 +29,7 @@ def testbed(tmp_path_factory):
   a = lx.parse_args(["--smoke"])
   lx.build_testbed(out, a)
   tok = AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
-  return dict(dir=out, tok=tok, retriever=trainer.load_retriever(os.path.join(out, "corpus.jsonl")),
+  return dict(dir=out, tok=tok, retriever=search_pool.load_retriever(os.path.join(out, "corpus.jsonl")),
               examples=data.load_examples(os.path.join(out, "warmup.parquet")))
 
 
@@ -66,7 +66,8 @@ def test_trajectory_tokens_match_what_the_rollout_feeds(testbed):
   assert [mask[r[0]] for r in runs] == [1, 0, 1, 0, 1]
   passages = ret.retrieve_text(queries, 3)
   for run, text in zip(runs[1::2], passages):
-    assert ids[run].tolist() == rl.encode_observations(tok, [rl.information_block(text)], 400)[0]
+    block = rollout.information_block(text)
+    assert ids[run].tolist() == rollout.encode_observations(tok, [block], 400)[0]
   actions = [tok.decode(ids[r].tolist()) for r in runs[0::2]]
   assert actions[:2] == [sft.SEARCH_THINK.format(query=q) for q in queries]
   assert rewards.parse_action(actions[0]) == ("search", queries[0])

@@ -232,11 +232,11 @@ def _tiny_config(tmp_path):
 
 
 def test_pack_config_switch_and_bad_fields(tmp_path):
-  from llds_jax import trainer
+  from llds_jax import train_step, trainer
   c = _tiny_config(tmp_path)
-  assert trainer.step_config(c).pack_len == 0  # the padded path unless asked
+  assert train_step.step_config(c).pack_len == 0  # the padded path unless asked
   c.rl.pack = True
-  sc = trainer.step_config(c)
+  sc = train_step.step_config(c)
   assert (sc.pack_len, sc.pack_micro_seqs) == (c.rollout.max_context, c.rl.micro_batch_size)
   trainer.validate(c)
   for field, value in (("pack_len", c.rollout.max_context - 1), ("pack_micro_seqs", 6)):

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from llds_jax import data, pruning, retriever
+from llds_jax import corpus, pruning, retriever
 
 TESTDATA = os.path.join(os.path.dirname(__file__), "testdata")
 
@@ -18,7 +18,7 @@ def _questions():
 
 @pytest.fixture(scope="module")
 def wiki_docs():
-  rows = list(data.read_corpus(os.path.join(TESTDATA, "wiki_sample.jsonl")))
+  rows = list(corpus.read_corpus(os.path.join(TESTDATA, "wiki_sample.jsonl")))
   return [retriever.tokenize(c) for _, c in rows], [retriever.tokenize(q) for q in _questions()]
 
 
@@ -101,7 +101,7 @@ def test_pruning_reads_fewer_docs_than_postings(wiki_docs, monkeypatch):
 
 
 def test_term_max_saved_loaded_and_recomputed(tmp_path):
-  rows = list(data.read_corpus(os.path.join(TESTDATA, "wiki_sample.jsonl")))
+  rows = list(corpus.read_corpus(os.path.join(TESTDATA, "wiki_sample.jsonl")))
   index = retriever.BM25Index.build(rows, store_dir=str(tmp_path / "i"))
   saved = index.term_max_V
   assert isinstance(saved.base, np.memmap)  # loaded from the index dir, memory-mapped

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from llds_jax import data
+from llds_jax import assets
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +33,7 @@ def real_run(outdir) -> dict:
 
 
 def test_real_run_smoke(tmp_path):
-  data.asset_paths(require=["smollm_gguf", "wiki_index", "fanoutqa_train", "fanoutqa_test"])
+  assets.asset_paths(require=["smollm_gguf", "wiki_index", "fanoutqa_train", "fanoutqa_test"])
   summary = real_run(tmp_path)
   for stage in ("eval_base", "eval_warm", "eval_grpo", "eval_llds_action"):
     assert summary[stage]["n"] == 4 and 0.0 <= summary[stage]["em"] <= 1.0, stage

@@ -4,14 +4,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llds_jax import data, hf_io
+from llds_jax import assets, hf_io
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("asset", ["qwen_gguf", "smollm_gguf"])
 def test_gguf_model_completes_paris(asset):
-  path = data.asset_paths(require=[asset])[asset]
+  path = assets.asset_paths(require=[asset])[asset]
   model, cfg, tok = hf_io.load_gguf(path)
   ids = tok("The capital of France is")["input_ids"]
   for _ in range(2):
@@ -24,7 +24,7 @@ def test_gguf_model_completes_paris(asset):
 def test_gguf_matches_transformers(asset):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  path = data.asset_paths(require=[asset])[asset]
+  path = assets.asset_paths(require=[asset])[asset]
   model, cfg, tok = hf_io.load_gguf(path)
   import os
   ref_tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),

@@ -11,14 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 from rank_bm25 import BM25Okapi
 
-from llds_jax import data, postings, retriever
+from llds_jax import corpus, postings, retriever
 
 TESTDATA = os.path.join(os.path.dirname(__file__), "testdata")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _wiki_rows():
-  return list(data.read_corpus(os.path.join(TESTDATA, "wiki_sample.jsonl")))
+  return list(corpus.read_corpus(os.path.join(TESTDATA, "wiki_sample.jsonl")))
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +234,7 @@ def test_bad_corpus_rows_name_file_and_line(tmp_path, lines, message):
   path = tmp_path / "corpus.jsonl"
   path.write_text("\n".join(lines) + "\n")
   with pytest.raises(ValueError, match=message):
-    retriever.BM25Index.build(data.read_corpus(str(path)), store_dir=str(tmp_path / "idx"))
+    retriever.BM25Index.build(corpus.read_corpus(str(path)), store_dir=str(tmp_path / "idx"))
   assert not (tmp_path / "idx" / "meta.json").exists()
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import transformers
 
+import answer_oracle
 from llds_jax import rewards
 
 TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "testdata", "tiny_tokenizer")
@@ -97,7 +98,7 @@ def test_truncate_action_checks_search_first():
 ])
 def test_answer_token_mask_covers_last_span(tok, response, span):
   ids = tok.encode(response, add_special_tokens=False)
-  mask = rewards.answer_token_mask(ids, tok)
+  mask = answer_oracle.answer_token_mask(ids, tok)
   assert mask.dtype == np.float32 and mask.shape == (len(ids),)
   # Reference spans from prefix decodes: token i covers [len(decode(ids[:i])), len(decode(ids[:i+1]))).
   ends = np.array([len(tok.decode(ids[:i + 1])) for i in range(len(ids))])
@@ -112,21 +113,21 @@ def test_answer_token_mask_covers_last_span(tok, response, span):
 def test_answer_token_mask_multibyte_characters_split_over_tokens(tok):
   ids = tok.encode("<answer> 東京都 </answer>", add_special_tokens=False)
   assert any("\ufffd" in tok.decode([t]) for t in ids)  # the merge path is exercised
-  assert np.all(rewards.answer_token_mask(ids, tok) == 0.0)
+  assert np.all(answer_oracle.answer_token_mask(ids, tok) == 0.0)
 
 
 def test_answer_token_mask_no_span_and_tail(tok):
   for text in ("<answer> Paris", "no answer here", ""):
     ids = tok.encode(text, add_special_tokens=False)
-    assert np.all(rewards.answer_token_mask(ids, tok) == 1.0)
+    assert np.all(answer_oracle.answer_token_mask(ids, tok) == 1.0)
   text = "<answer> Paris </answer>" + " filler words" * 30
   ids = tok.encode(text, add_special_tokens=False)
-  assert np.all(rewards.answer_token_mask(ids, tok, tail_tokens=50) == 1.0)  # span is outside the tail
-  assert np.any(rewards.answer_token_mask(ids, tok) == 0.0)
+  assert np.all(answer_oracle.answer_token_mask(ids, tok, tail_tokens=50) == 1.0)  # span is outside the tail
+  assert np.any(answer_oracle.answer_token_mask(ids, tok) == 0.0)
   text = " filler words" * 30 + "<answer> Paris </answer>"
   ids = tok.encode(text, add_special_tokens=False)
-  np.testing.assert_array_equal(rewards.answer_token_mask(ids, tok, tail_tokens=50),
-                                rewards.answer_token_mask(ids, tok))
+  np.testing.assert_array_equal(answer_oracle.answer_token_mask(ids, tok, tail_tokens=50),
+                                answer_oracle.answer_token_mask(ids, tok))
 
 
 class _SentencePieceLike:
@@ -141,5 +142,5 @@ class _SentencePieceLike:
 
 
 def test_answer_token_mask_prefix_fallback():
-  mask = rewards.answer_token_mask([3, 0, 1, 2, 4], _SentencePieceLike())
+  mask = answer_oracle.answer_token_mask([3, 0, 1, 2, 4], _SentencePieceLike())
   assert mask.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0]

@@ -9,6 +9,7 @@ from llds_jax import rewards
 from llds_jax import rollout as ro
 from llds_jax import stops
 
+import answer_oracle
 from hf_fixtures import transformers
 from test_sampler import TOKENIZER_DIR, init_model, log_softmax_full, scripted_model, tiny_cfg
 
@@ -217,7 +218,7 @@ def test_model_answer_ignores_inserted_text(tok):
                          ([(sampled, 1), (inserted, 0), (late, 1)], "Oslo")]:
     ids = [t for seg, _ in segments for t in seg]
     mask = [float(m) for seg, m in segments for _ in seg]
-    mask_T, answer = ro.model_answer(ids, mask, tok_bytes)
+    mask_T, answer = rewards.model_answer(ids, mask, tok_bytes)
     assert answer == want
     assert bool(mask_T.any()) == (want is not None) and not (mask_T * (1 - np.array(mask))).any()
   # The whole text (what Search-R1 scores) would have found "and" or "Rome".
@@ -236,8 +237,8 @@ def test_answer_span_mask_agrees_with_rewards(tok, added_tags):
            "<answer> never closed", "plain"]
   for text in texts:
     ids = _enc(tok, text)
-    want = 1.0 - rewards.answer_token_mask(ids, tok)
-    np.testing.assert_array_equal(ro.answer_span_mask(ids, tok_bytes), want, err_msg=text)
+    want = 1.0 - answer_oracle.answer_token_mask(ids, tok)
+    np.testing.assert_array_equal(rewards.answer_span_mask(ids, tok_bytes), want, err_msg=text)
     assert want.any() == (rewards.extract_answer(text) is not None)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llds_jax import hosts, sampler, sharding, trainer
+from llds_jax import hosts, policy, sampler, sharding
 from llds_jax.model import KVCache, ModelConfig, Transformer
 from llds_jax.train_step import response_logprobs
 
@@ -108,10 +108,10 @@ def test_prefill_cache_write_stays_within_row_shards():
 
 
 def _rollout_copy(params, mesh, layout: str):
-  """trainer.compute_dtype_weights in `layout` (float32 compute, so only the layout changes)."""
+  """policy.compute_dtype_weights in `layout` (float32 compute, so only the layout changes)."""
   c = ml_collections.ConfigDict({"model": {"dtype": "float32", "param_dtype": "float32"},
                                  "rollout": {"weight_sharding": layout}})
-  return trainer.compute_dtype_weights(c, jax.eval_shape(lambda: params), mesh)(params)
+  return policy.compute_dtype_weights(c, jax.eval_shape(lambda: params), mesh)(params)
 
 
 @pytest.fixture(scope="module")

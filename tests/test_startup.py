@@ -30,11 +30,11 @@ def test_progress_notes_are_info_lines_libraries_stay_quiet():
   code = """
 import logging
 from absl import app
-from llds_jax import main, trainer
+from llds_jax import main
 
 def run(argv):
   main.setup_logging()
-  trainer._log.info("wrote %d plots", 8)
+  logging.getLogger("llds_jax.trainer").info("wrote %d plots", 8)
   logging.getLogger("orbax").info("library chatter")
 app.run(run)
 """

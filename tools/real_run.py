@@ -54,13 +54,14 @@ def config(a):
 
 def warm_up(c, out: str) -> dict:
   """Stage 1: the format warm-up of `c.model.path`, saved to `out` as a HF directory."""
-  from llds_jax import data, hf_io, sft, sharding as shd, trainer
+  from llds_jax import data, hf_io, policy, search_pool, sft, sharding as shd
   mesh = shd.make_mesh(dict(c.mesh))
-  model, cfg, tok = trainer.load_policy(c, mesh)
+  model, cfg, tok = policy.load(c, mesh)
   examples = data.load_examples(c.data.train.split(","))
   t0 = time.perf_counter()
-  model, losses = sft.warmup_from_config(c, model, tok, trainer.load_retriever(c.retriever.index),
-                                         examples, mesh, progress=c.log.progress)
+  retriever = search_pool.load_retriever(c.retriever.index)
+  model, losses = sft.warmup_from_config(c, model, tok, retriever, examples, mesh,
+                                         progress=c.log.progress)
   secs = time.perf_counter() - t0
   hf_io.save_pretrained(model, cfg, out, tokenizer=tok)
   return {"nll_first": float(losses[0]), "nll_last": float(losses[-1]), "steps": len(losses),

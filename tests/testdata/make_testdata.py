@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-from llds_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llds_jax import assets  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 NUM_DOCS = 300
 
@@ -30,7 +30,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--dest", default=None, help="asset root given to tools/fetch_assets.py")
   args = parser.parse_args()
-  paths = data.asset_paths(args.dest, require=("wiki_corpus", "fanoutqa_answerable"))
+  paths = assets.asset_paths(args.dest, require=("wiki_corpus", "fanoutqa_answerable"))
   with open(paths["wiki_corpus"], encoding="utf-8") as f:
     rows = [json.loads(line) for line in f]
   table = pq.read_table(paths["fanoutqa_answerable"]).to_pylist()
