@@ -44,16 +44,6 @@ def exhaustive_work(index, terms) -> int:
              for t, _ in terms)
 
 
-def term_max(indptr_V1: np.ndarray, weights_P: np.ndarray) -> np.ndarray:
-  """float32 [V]: each term's largest sparse impact (0 for terms without sparse postings)."""
-  indptr_V1 = np.asarray(indptr_V1)
-  max_V = np.zeros(len(indptr_V1) - 1, np.float32)
-  nonempty = indptr_V1[1:] > indptr_V1[:-1]
-  if nonempty.any():
-    max_V[nonempty] = np.maximum.reduceat(weights_P, indptr_V1[:-1][nonempty])
-  return max_V
-
-
 def _times(w: np.ndarray, count: int) -> np.ndarray:
   # Repeated query terms count once per repeat; the same operation as the exhaustive scorer's.
   return w if count == 1 else w * np.float64(count)
@@ -71,10 +61,7 @@ def score_docs(index, docs_C: np.ndarray, sparse, dense) -> np.ndarray:
 
 def _lookup(index, t: int, docs_C: np.ndarray) -> np.ndarray:
   """Term t's impacts at sorted docs (float32; an exact 0 where the doc lacks the term)."""
-  lo, hi = int(index.indptr_V1[t]), int(index.indptr_V1[t + 1])
-  docs = index.docs_P[lo:hi]
-  pos_C = np.minimum(np.searchsorted(docs, docs_C), hi - lo - 1)
-  return np.where(docs[pos_C] == docs_C, index.weights_P[lo + pos_C], np.float32(0))
+  return index.postings.lookup(t, docs_C)
 
 
 def _df(index, t: int) -> int:
@@ -85,11 +72,11 @@ def _merged_postings(index, terms):
   """Union of the terms' postings, sorted, with the sum of their count-scaled impacts per doc."""
   docs, ws = [], []
   for t, count in terms:
-    lo, hi = int(index.indptr_V1[t]), int(index.indptr_V1[t + 1])
-    docs.append(index.docs_P[lo:hi])
-    ws.append(_times(index.weights_P[lo:hi], count).astype(np.float64))
+    d, w = index.postings.term(t)
+    docs.append(d)
+    ws.append(_times(w, count).astype(np.float64))
   if len(docs) == 1:
-    return np.asarray(docs[0]), ws[0]
+    return docs[0], ws[0]
   docs, ws = np.concatenate(docs), np.concatenate(ws)
   order = np.argsort(docs, kind="stable")  # sorted runs: timsort merges them
   docs, ws = docs[order], ws[order]

@@ -17,8 +17,8 @@ Scoring, `variant="lucene"` (default k1=0.9, b=0.4, Pyserini's BM25 defaults): L
   is *not* reproduced: both variants use `tokenize` below.
 
 Per-posting impacts (the whole score contribution of a term occurrence) are precomputed in float64
-and stored as float32; query scores are accumulated in float64. Relative error vs rank_bm25 is
-therefore ≤ ~1e-7 per score.
+and stored exactly as float32 (compressed losslessly, block_postings.py); query scores are
+accumulated in float64. Relative error vs rank_bm25 is therefore ≤ ~1e-7 per score.
 """
 
 import collections
@@ -30,9 +30,12 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from llds_jax import data, postings, pruning
+from llds_jax import block_postings, postings, pruning
+from llds_jax.passage_store import PassageStore, PassageStoreWriter
 
-FORMAT = "llds_jax.bm25/1"
+# Bumped whenever the files change meaning: /1 raw CSR arrays and an uncompressed doc store;
+# /2 compressed postings (block_postings.py) and passage store (passage_store.py).
+FORMAT = "llds_jax.bm25/2"
 _WORD_RE = re.compile(r"\w+")
 _DEFAULTS = {"okapi": (1.5, 0.75), "lucene": (0.9, 0.4)}
 _DENSE_BUDGET = 1 << 20  # search: float64 scores held at once on the dense path (8 MiB)
@@ -126,17 +129,17 @@ def _top_k_dense(s_CxN: np.ndarray, k: int):
 
 
 class BM25Index:
-  """Sparse BM25 index: CSR postings (term → docs, impacts) plus an optional document store."""
+  """Sparse BM25 index: compressed postings (term → docs, impacts) plus an optional document store."""
 
-  _ARRAYS = ("indptr_V1", "docs_P", "weights_P", "doc_lens_N", "dense_terms_D", "dense_DxN",
-             "dense_max_D")
+  _ARRAYS = ("doc_lens_N", "dense_terms_D", "dense_DxN", "dense_max_D")
 
-  def __init__(self, *, vocab, meta, store=None, term_max_V=None, **arrays):
+  def __init__(self, *, vocab, meta, store=None, postings_arrays, **arrays):
     self.vocab, self.meta, self.store = vocab, meta, store
-    self._term_max_V = None if term_max_V is None else np.asarray(term_max_V)  # else computed
+    # Plain ndarray views of memory-mapped files: same pages, without np.memmap's per-slice
+    # Python overhead (a third of the time of a pruned query).
+    self.postings = block_postings.BlockPostings(postings_arrays)
+    self.indptr_V1 = self.postings.indptr_V1  # df of term t = indptr_V1[t + 1] − indptr_V1[t]
     for name in self._ARRAYS:
-      # Plain ndarray views of memory-mapped files: same pages, without np.memmap's per-slice
-      # Python overhead (a third of the time of a pruned query).
       setattr(self, name, np.asarray(arrays[name]))
     self.num_docs = len(self.doc_lens_N)
     self._dense_row = {int(t): r for r, t in enumerate(self.dense_terms_D)}
@@ -166,7 +169,7 @@ class BM25Index:
       # meta.json is written last, so a build that dies midway never looks like a valid index.
       if os.path.exists(os.path.join(store_dir, "meta.json")):
         os.remove(os.path.join(store_dir, "meta.json"))
-    writer = data.DocStoreWriter(store_dir)
+    writer = PassageStoreWriter(store_dir)
     builder = postings.PostingsBuilder(spill_dir=store_dir)
     try:
       for i, doc in enumerate(docs):
@@ -229,25 +232,27 @@ class BM25Index:
     for r, t in enumerate(dense_terms):
       sl = slice(d_indptr[t], d_indptr[t + 1])
       dense_DxN[r, d_docs[sl]] = impacts(idf[t], d_tf[sl], d_docs[sl])
-    return cls(vocab=builder.vocab, meta=meta, indptr_V1=indptr, docs_P=docs, weights_P=weights,
-               doc_lens_N=doc_lens, dense_terms_D=dense_terms, dense_DxN=dense_DxN,
+    encoded = block_postings.encode(indptr, docs, weights)
+    del docs, weights, tf
+    return cls(vocab=builder.vocab, meta=meta, postings_arrays=encoded, doc_lens_N=doc_lens,
+               dense_terms_D=dense_terms, dense_DxN=dense_DxN,
                dense_max_D=dense_DxN.max(axis=1, initial=-np.inf))
 
   # ---- persistence ----
 
   @property
   def term_max_V(self) -> np.ndarray:
-    """Each term's largest sparse impact, the MaxScore bounds (saved; computed for older indexes)."""
-    if self._term_max_V is None:
-      self._term_max_V = pruning.term_max(self.indptr_V1, self.weights_P)
-    return self._term_max_V
+    """Each term's largest sparse impact: the MaxScore bounds."""
+    return self.postings.term_max_V
+
+  def _all_arrays(self) -> dict:
+    return {**self.postings.arrays(), **{name: getattr(self, name) for name in self._ARRAYS}}
 
   def _save_postings(self, out_dir: str):
-    for name in self._ARRAYS:
-      np.save(os.path.join(out_dir, f"{name}.npy"), np.asarray(getattr(self, name)))
+    for name, value in self._all_arrays().items():
+      np.save(os.path.join(out_dir, f"{name}.npy"), np.asarray(value))
     with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
       json.dump(list(self.vocab), f, ensure_ascii=False)  # dict order is term-id order
-    np.save(os.path.join(out_dir, "term_max_V.npy"), self.term_max_V)
     with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
       json.dump({**self.meta, "has_store": self.store is not None}, f, indent=1)
 
@@ -268,19 +273,20 @@ class BM25Index:
     with open(meta_path, encoding="utf-8") as f:
       meta = json.load(f)
     if meta.get("format") != FORMAT:
-      raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    missing = [n for n in cls._ARRAYS if not os.path.exists(os.path.join(index_dir, f"{n}.npy"))]
+      raise ValueError(f"{meta_path}: index format {meta.get('format')!r}, this code reads "
+                       f"{FORMAT!r}; rebuild the index with tools/build_index.py --corpus CORPUS "
+                       f"--out {index_dir} (the demo index: python tools/fetch_assets.py)")
+    names = block_postings.ARRAYS + cls._ARRAYS
+    missing = [n for n in names if not os.path.exists(os.path.join(index_dir, f"{n}.npy"))]
     if missing:
       raise FileNotFoundError(f"{index_dir}: index arrays {missing} missing; rebuild the index")
     arrays = {name: np.load(os.path.join(index_dir, f"{name}.npy"), mmap_mode="r" if mmap else None)
-              for name in cls._ARRAYS}
+              for name in names}
     with open(os.path.join(index_dir, "vocab.json"), encoding="utf-8") as f:
       vocab = {term: i for i, term in enumerate(json.load(f))}
-    store = data.DocStore.load(index_dir, mmap) if meta.pop("has_store") else None
-    max_path = os.path.join(index_dir, "term_max_V.npy")  # absent in indexes saved before pruning
-    term_max_V = (np.load(max_path, mmap_mode="r" if mmap else None)
-                  if os.path.exists(max_path) else None)
-    return cls(vocab=vocab, meta=meta, store=store, term_max_V=term_max_V, **arrays)
+    store = PassageStore.load(index_dir, mmap) if meta.pop("has_store") else None
+    postings_arrays = {name: arrays.pop(name) for name in block_postings.ARRAYS}
+    return cls(vocab=vocab, meta=meta, store=store, postings_arrays=postings_arrays, **arrays)
 
   # ---- scoring ----
   # Term-at-a-time: a query's postings slices (terms in ascending id order) are concatenated and
@@ -308,9 +314,8 @@ class BM25Index:
     docs, weights = [np.zeros(0, np.int32)], [np.zeros(0)]
     for t, count in terms:
       if t not in self._dense_row:
-        lo, hi = int(self.indptr_V1[t]), int(self.indptr_V1[t + 1])
-        w = self.weights_P[lo:hi]
-        docs.append(self.docs_P[lo:hi])
+        d, w = self.postings.term(t)
+        docs.append(d)
         # Repeated query terms count once per repeat (rank_bm25 loops over the query with repeats).
         weights.append(w if count == 1 else w * np.float64(count))
     return np.concatenate(docs), np.concatenate(weights)
