@@ -17,11 +17,19 @@ Decoding is a slice view, a table gather and a cumsum per term, vectorized; a lo
 decodes only the blocks that may contain them.
 """
 
+import collections
+import os
+import threading
+
 import numpy as np
 
 BLOCK = 128
-CHUNK = 1 << 22  # encode: postings per chunk of whole terms, bounding the temporaries
+CHUNK = 1 << 20  # encode: postings per chunk of whole terms (~100 MiB of temporaries)
 _ESCAPE_CODE = 255
+# search: decoded common terms kept per process (LRU). The same common words recur in nearly every
+# question, so a batch decodes each of them about once; rare terms are cheap to decode again.
+CACHE_BYTES = 256 << 20
+CACHE_MIN_DF = 1 << 10
 
 ARRAYS = ("indptr_V1", "gap_off_V1", "gap_width_V", "gaps_X", "gap_exc_pos_E", "gap_exc_val_E",
           "codes_P", "table_ptr_V1", "table_I", "w_exc_pos_E", "w_exc_val_E", "blk_ptr_V1",
@@ -36,15 +44,16 @@ def _segment_rank(seg_S: np.ndarray) -> np.ndarray:
   return np.arange(len(seg_S)) - np.repeat(starts, lens)
 
 
-def _encode_chunk(t_lo: int, t_hi: int, indptr_V1, docs_P, weights_P, out: dict):
-  """Appends the encoding of terms t_lo..t_hi−1 to the lists in `out`."""
-  p_lo, p_hi = int(indptr_V1[t_lo]), int(indptr_V1[t_hi])
-  df_T = np.diff(indptr_V1[t_lo:t_hi + 1]).astype(np.int64)
+def _encode_chunk(p_lo: int, t_lo: int, df_T: np.ndarray, docs, w, out: dict):
+  """Appends the encoding of terms t_lo, t_lo + 1, … (df_T postings each, global positions from
+  p_lo; docs ascending per term) to the lists in `out`."""
+  df_T = np.asarray(df_T, np.int64)
+  t_hi = t_lo + len(df_T)
   term_P = np.repeat(np.arange(t_lo, t_hi), df_T)
-  pos_P = np.arange(p_lo, p_hi)
-  rank_P = pos_P - np.repeat(indptr_V1[t_lo:t_hi], df_T)  # position within its term
-  docs = np.asarray(docs_P[p_lo:p_hi], np.int64)
-  w = np.asarray(weights_P[p_lo:p_hi], np.float32)
+  rank_P = np.arange(len(term_P)) - np.repeat(np.cumsum(df_T) - df_T, df_T)  # position in its term
+  pos_P = p_lo + np.arange(len(term_P))
+  docs = np.asarray(docs, np.int64)
+  w = np.asarray(w, np.float32)
   gap_P = np.where(rank_P == 0, 0, docs - np.r_[0, docs[:-1]])
   # Doc-id deltas: per term the width with the fewest bytes counting 12 bytes per escape.
   costs = []
@@ -90,37 +99,106 @@ def _encode_chunk(t_lo: int, t_hi: int, indptr_V1, docs_P, weights_P, out: dict)
   out["blk_max_B"].append(np.maximum.reduceat(w, np.flatnonzero(starts)) if len(w) else
                           np.zeros(0, np.float32))
   out["blk_count_T"].append(-(-df_T // BLOCK))
+  max_T = np.zeros(len(df_T), np.float32)
+  if len(w):
+    max_T[df_T > 0] = np.maximum.reduceat(w, (np.cumsum(df_T) - df_T)[df_T > 0])
+  out["term_max_V"].append(max_T)
+
+
+_PARTS = ("gaps_X", "gap_exc_pos_E", "gap_exc_val_E", "codes_P", "table_I", "w_exc_pos_E",
+          "w_exc_val_E", "blk_first_B", "blk_max_B", "gap_width_V", "gap_off_V1", "term_max_V",
+          "table_len_T", "blk_count_T", "df_T")
+_PART_DTYPE = {"gaps_X": np.uint8, "gap_exc_pos_E": np.int64, "gap_exc_val_E": np.int32,
+               "codes_P": np.uint8, "table_I": np.float32, "w_exc_pos_E": np.int64,
+               "w_exc_val_E": np.float32, "blk_first_B": np.int32, "blk_max_B": np.float32,
+               "gap_width_V": np.uint8, "gap_off_V1": np.int64, "term_max_V": np.float32,
+               "table_len_T": np.int64, "blk_count_T": np.int64, "df_T": np.int64}
+
+
+class Encoder:
+  """Encodes postings term range by term range (ranges in term order, every term exactly once).
+
+  With `out_dir` each range's encoding is appended to files there and `finish` writes the final
+  .npy files (memory stays O(range)); else everything stays in memory.
+  """
+
+  def __init__(self, out_dir: str | None = None):
+    self.out_dir = out_dir
+    self._out = {name: [] for name in _PARTS}
+    self._out["gap_bytes"], self._postings, self._terms = 0, 0, 0
+    self._files = ({name: open(os.path.join(out_dir, f"_enc_{name}.bin"), "wb") for name in _PARTS}
+                   if out_dir else None)
+
+  def add(self, t_lo: int, df_T: np.ndarray, docs: np.ndarray, weights: np.ndarray):
+    """Terms t_lo, t_lo + 1, … with df_T postings each (doc ids ascending within a term)."""
+    if t_lo != self._terms:
+      raise ValueError(f"term ranges out of order: got term {t_lo}, expected {self._terms}")
+    _encode_chunk(self._postings, t_lo, df_T, docs, weights, self._out)
+    self._out["df_T"].append(np.asarray(df_T, np.int64))
+    self._postings += int(np.sum(df_T))
+    self._terms += len(df_T)
+    if self._files:
+      for name in _PARTS:
+        for part in self._out[name]:
+          self._files[name].write(np.ascontiguousarray(part, _PART_DTYPE[name]).tobytes())
+        self._out[name] = []
+
+  def _part(self, name: str) -> np.ndarray:
+    if self._files is None:
+      parts = self._out[name]
+      return np.concatenate(parts).astype(_PART_DTYPE[name], copy=False) if parts else np.zeros(
+          0, _PART_DTYPE[name])
+    self._files[name].close()
+    path = os.path.join(self.out_dir, f"_enc_{name}.bin")
+    return np.fromfile(path, _PART_DTYPE[name]) if os.path.getsize(path) else np.zeros(
+        0, _PART_DTYPE[name])
+
+  def finish(self) -> dict:
+    """Arrays named in ARRAYS (memory-mapped from out_dir's .npy files when writing to disk)."""
+    out = {}
+    per_term = {name: self._part(name) for name in ("gap_width_V", "gap_off_V1", "term_max_V",
+                                                    "table_len_T", "blk_count_T", "df_T")}
+    out["indptr_V1"] = np.r_[0, np.cumsum(per_term["df_T"])].astype(np.int64)
+    out["gap_off_V1"] = np.r_[per_term["gap_off_V1"], self._out["gap_bytes"]].astype(np.int64)
+    out["gap_width_V"], out["term_max_V"] = per_term["gap_width_V"], per_term["term_max_V"]
+    out["table_ptr_V1"] = np.r_[0, np.cumsum(per_term["table_len_T"])].astype(np.int64)
+    out["blk_ptr_V1"] = np.r_[0, np.cumsum(per_term["blk_count_T"])].astype(np.int64)
+    big = [n for n in ARRAYS if n not in out]
+    if self._files is None:
+      return {**out, **{name: self._part(name) for name in big}}
+    for name in big:  # raw appended bytes → .npy, streamed in slices
+      self._files[name].close()
+      raw = os.path.join(self.out_dir, f"_enc_{name}.bin")
+      n = os.path.getsize(raw) // np.dtype(_PART_DTYPE[name]).itemsize
+      dst = np.lib.format.open_memmap(os.path.join(self.out_dir, f"{name}.npy"), "w+",
+                                      _PART_DTYPE[name], (n,))
+      if n:
+        src = np.memmap(raw, _PART_DTYPE[name], "r")
+        for lo in range(0, n, 1 << 26):
+          dst[lo:lo + (1 << 26)] = src[lo:lo + (1 << 26)]
+        del src
+      dst.flush()
+      del dst
+    for name in out:
+      np.save(os.path.join(self.out_dir, f"{name}.npy"), out[name])
+    for name in _PARTS:
+      self._files[name].close()
+      os.remove(os.path.join(self.out_dir, f"_enc_{name}.bin"))
+    return {name: np.load(os.path.join(self.out_dir, f"{name}.npy"), mmap_mode="r")
+            for name in ARRAYS}
 
 
 def encode(indptr_V1: np.ndarray, docs_P: np.ndarray, weights_P: np.ndarray) -> dict:
   """Arrays (names in ARRAYS) of the compressed form of CSR postings (doc ids ascending per term)."""
   indptr_V1 = np.asarray(indptr_V1, np.int64)
   v = len(indptr_V1) - 1
-  out = {name: [] for name in ("gaps_X", "gap_exc_pos_E", "gap_exc_val_E", "codes_P", "table_I",
-                               "table_len_T", "w_exc_pos_E", "w_exc_val_E", "blk_first_B",
-                               "blk_max_B", "blk_count_T", "gap_width_V", "gap_off_V1")}
-  out["gap_bytes"] = 0
+  encoder = Encoder()
   cuts = np.searchsorted(indptr_V1, np.arange(CHUNK, indptr_V1[-1], CHUNK), "right") - 1
   bounds = np.unique(np.r_[0, cuts, v].clip(0, v))
-  for t_lo, t_hi in zip(bounds[:-1], bounds[1:]):
-    _encode_chunk(int(t_lo), int(t_hi), indptr_V1, docs_P, weights_P, out)
-  cat = lambda name, dtype: (np.concatenate(out[name]).astype(dtype, copy=False) if out[name]
-                             else np.zeros(0, dtype))
-  blk_max_B = cat("blk_max_B", np.float32)
-  blk_ptr_V1 = np.r_[0, np.cumsum(cat("blk_count_T", np.int64))]
-  term_max_V = np.zeros(v, np.float32)
-  has = blk_ptr_V1[1:] > blk_ptr_V1[:-1]
-  if has.any():
-    term_max_V[has] = np.maximum.reduceat(blk_max_B, blk_ptr_V1[:-1][has])
-  return {"indptr_V1": indptr_V1, "gap_off_V1": np.r_[cat("gap_off_V1", np.int64), out["gap_bytes"]],
-          "gap_width_V": cat("gap_width_V", np.uint8), "gaps_X": cat("gaps_X", np.uint8),
-          "gap_exc_pos_E": cat("gap_exc_pos_E", np.int64),
-          "gap_exc_val_E": cat("gap_exc_val_E", np.int32), "codes_P": cat("codes_P", np.uint8),
-          "table_ptr_V1": np.r_[0, np.cumsum(cat("table_len_T", np.int64))],
-          "table_I": cat("table_I", np.float32), "w_exc_pos_E": cat("w_exc_pos_E", np.int64),
-          "w_exc_val_E": cat("w_exc_val_E", np.float32), "blk_ptr_V1": blk_ptr_V1,
-          "blk_first_B": cat("blk_first_B", np.int32), "blk_max_B": blk_max_B,
-          "term_max_V": term_max_V}
+  for t_lo, t_hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+    p_lo, p_hi = indptr_V1[t_lo], indptr_V1[t_hi]
+    encoder.add(t_lo, np.diff(indptr_V1[t_lo:t_hi + 1]), docs_P[p_lo:p_hi], weights_P[p_lo:p_hi])
+  return encoder.finish()
 
 
 class BlockPostings:
@@ -130,6 +208,8 @@ class BlockPostings:
     for name in ARRAYS:
       setattr(self, name, np.asarray(arrays[name]))
     self.num_postings = int(self.indptr_V1[-1])
+    self._cache, self._cached_bytes = collections.OrderedDict(), 0
+    self._lock = threading.Lock()  # the cache is shared by threads searching one index
 
   def arrays(self) -> dict:
     return {name: getattr(self, name) for name in ARRAYS}
@@ -142,6 +222,13 @@ class BlockPostings:
     width = int(self.gap_width_V[t])
     lo = int(self.gap_off_V1[t])
     return self.gaps_X[lo:lo + width * self.df(t)].view(_DTYPE[width])
+
+  @staticmethod
+  def _patch_range(values: np.ndarray, p0: int, exc_pos_E, exc_val_E):
+    """Writes escaped values into `values` (positions p0, p0 + 1, …)."""
+    lo, hi = np.searchsorted(exc_pos_E, (p0, p0 + len(values)))
+    if hi > lo:
+      values[exc_pos_E[lo:hi] - p0] = exc_val_E[lo:hi]
 
   @staticmethod
   def _patch(values: np.ndarray, pos: np.ndarray, exc_pos_E, exc_val_E):
@@ -161,14 +248,33 @@ class BlockPostings:
     return w
 
   def term(self, t: int) -> tuple[np.ndarray, np.ndarray]:
-    """All of term t's (doc ids int64 ascending, float32 impacts)."""
+    """All of term t's (doc ids int32 ascending, float32 impacts); read-only arrays."""
     p0, p1 = int(self.indptr_V1[t]), int(self.indptr_V1[t + 1])
-    pos = np.arange(p0, p1)
-    d = self._gaps(t).astype(np.int64)
-    self._patch(d, pos, self.gap_exc_pos_E, self.gap_exc_val_E)
+    if p1 - p0 >= CACHE_MIN_DF:
+      with self._lock:
+        hit = self._cache.get(t)
+        if hit is not None:
+          self._cache.move_to_end(t)
+          return hit
+    d = self._gaps(t).astype(np.int32)
+    self._patch_range(d, p0, self.gap_exc_pos_E, self.gap_exc_val_E)
     if len(d):
       d[0] = self.blk_first_B[self.blk_ptr_V1[t]]
-    return np.cumsum(d), self._impacts(t, self.codes_P[p0:p1], pos)
+    table = self.table_I[int(self.table_ptr_V1[t]):int(self.table_ptr_V1[t + 1])]
+    w = table.take(self.codes_P[p0:p1], mode="clip")
+    if len(table) == _ESCAPE_CODE:  # only full tables can have escaped impacts
+      self._patch_range(w, p0, self.w_exc_pos_E, self.w_exc_val_E)
+    docs = np.cumsum(d, dtype=np.int32)  # doc ids < 2^31
+    docs.flags.writeable = w.flags.writeable = False  # may be shared through the cache
+    if p1 - p0 >= CACHE_MIN_DF and 8 * (p1 - p0) <= CACHE_BYTES:
+      with self._lock:
+        if t not in self._cache:
+          self._cache[t] = (docs, w)
+          self._cached_bytes += 8 * (p1 - p0)
+        while self._cached_bytes > CACHE_BYTES:
+          _, (old_docs, _) = self._cache.popitem(last=False)
+          self._cached_bytes -= 8 * len(old_docs)
+    return docs, w
 
   def blocks(self, t: int) -> tuple[np.ndarray, np.ndarray]:
     """Term t's per-block (first doc, max impact): skip pointers and block-max bounds."""

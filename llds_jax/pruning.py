@@ -31,6 +31,8 @@ FALLBACK_FRACTION = 8  # ≥ N/8 candidates: the exhaustive dense path is cheape
 MIN_WORK = 1 << 20  # exhaustive work (postings + N per dense row) below which pruning costs more
 REFINE = 8  # pass 1 scores exactly the REFINE·k docs with the best partial sums
 _MARGIN = 1e-9
+BLOCK_MAX = True  # per-candidate block-max bounds for the non-essential terms (else global bounds)
+DENSE_RANGE = 128  # docs per range of a dense row's range-max bounds
 
 
 def exhaustive_work(index, terms) -> int:
@@ -62,6 +64,16 @@ def score_docs(index, docs_C: np.ndarray, sparse, dense) -> np.ndarray:
 def _lookup(index, t: int, docs_C: np.ndarray) -> np.ndarray:
   """Term t's impacts at sorted docs (float32; an exact 0 where the doc lacks the term)."""
   return index.postings.lookup(t, docs_C)
+
+
+def _block_bounds(index, key, docs_C: np.ndarray) -> np.ndarray:
+  """Per doc, an upper bound on one term's impact: the max of the block that could hold the doc."""
+  kind, t = key
+  if kind == "s":
+    first_B, max_B = index.postings.blocks(t)
+    b_C = np.searchsorted(first_B, docs_C, "right") - 1
+    return np.where(b_C >= 0, max_B[np.maximum(b_C, 0)], np.float32(0)).astype(np.float64)
+  return index.dense_range_max(t)[docs_C // DENSE_RANGE].astype(np.float64)
 
 
 def _df(index, t: int) -> int:
@@ -135,15 +147,25 @@ def search_one(index, max_V: np.ndarray, terms: list[tuple[int, int]], k: int):
   if len(cand) > k:  # partial sums are ≤ the scores, so their k-th best is a lower bound too
     theta = max(theta, np.partition(part_C, len(cand) - k)[len(cand) - k])
   # MaxScore: add the non-essential terms, largest bound first, dropping every candidate whose
-  # partial sum plus the bounds still to come is below θ.
-  for key in reversed(rest):
-    keep = (part_C + total) * (1 + _MARGIN) >= theta
-    cand, part_C = cand[keep], part_C[keep]
-    kind, t = key
+  # partial sum plus the bounds still to come is below θ. The bounds still to come are per
+  # candidate: the block-max of the block of each term's postings that could hold the candidate
+  # (≤ the term's global bound, 0 before its first doc), read without decoding any block.
+  keep = (part_C + total) * (1 + _MARGIN) >= theta
+  cand, part_C = cand[keep], part_C[keep]
+  keys = list(reversed(rest))
+  all_counts = {("s", t): c for t, c in sparse} | {("d", r): c for r, c in dense}
+  if BLOCK_MAX and keys:
+    bm_RxC = np.stack([_block_bounds(index, key, cand) * all_counts[key] for key in keys])
+  else:
+    bm_RxC = np.repeat(np.array([ub[key] for key in keys]).reshape(-1, 1), len(cand), axis=1)
+  rest_C = bm_RxC.sum(axis=0)
+  for i, (kind, t) in enumerate(keys):
+    keep = (part_C + rest_C) * (1 + _MARGIN) >= theta
+    cand, part_C, rest_C, bm_RxC = cand[keep], part_C[keep], rest_C[keep], bm_RxC[:, keep]
     if kind == "s":
       part_C = part_C + _times(_lookup(index, t, cand), counts[t])
     else:
       part_C = part_C + _times(index.dense_DxN[t, cand], dense_counts[t])
-    total -= ub[key]
+    rest_C = rest_C - bm_RxC[i]
   # The survivors (a superset of the top k) get their exact scores, in the exhaustive order.
   return top_k(cand, score_docs(index, cand, sparse, dense), k)

@@ -142,6 +142,7 @@ class BM25Index:
     for name in self._ARRAYS:
       setattr(self, name, np.asarray(arrays[name]))
     self.num_docs = len(self.doc_lens_N)
+    self._range_max = {}  # dense row → its range maxima, computed on first use
     self._dense_row = {int(t): r for r, t in enumerate(self.dense_terms_D)}
 
   # ---- building ----
@@ -178,22 +179,29 @@ class BM25Index:
         builder.add(tokenize(text))
     finally:
       store = writer.close()
-    index = cls._from_builder(builder, k1=k1, b=b, epsilon=epsilon, variant=variant)
+    try:
+      index = cls._from_builder(builder, k1=k1, b=b, epsilon=epsilon, variant=variant,
+                                out_dir=store_dir)
+    finally:
+      builder.cleanup()
     index.store = store
     if store_dir is None:
       return index
-    index._save_postings(store_dir)
+    index._save_postings(store_dir, postings_saved=True)
     return cls.load(store_dir)
 
   @classmethod
-  def _from_builder(cls, builder, *, k1, b, epsilon, variant) -> "BM25Index":
+  def _from_builder(cls, builder, *, k1, b, epsilon, variant, out_dir=None) -> "BM25Index":
+    """Scores and encodes the builder's postings a term range at a time (memory O(range) beyond
+    the per-doc and per-term arrays and the dense rows); with `out_dir` the postings go there."""
     _check_variant(variant)
     k1 = _DEFAULTS[variant][0] if k1 is None else float(k1)
     b = _DEFAULTS[variant][1] if b is None else float(b)
+    df_V, doc_lens = builder.finish()
     # Terms in at least half the docs become dense rows: no more bytes than their postings, and
     # adding a contiguous row per query is far cheaper than scattering ≥ N/2 postings.
-    df_V, doc_lens, (indptr, docs, tf), dense_terms, (d_indptr, d_docs, d_tf) = builder.finish(
-        lambda df_V, n: df_V * 2 >= n)
+    dense_V = df_V * 2 >= len(doc_lens)
+    dense_terms = np.flatnonzero(dense_V)
     n = len(doc_lens)
     if n == 0 or not builder.vocab:
       raise ValueError(f"cannot index a corpus with {n} documents and {len(builder.vocab)} terms")
@@ -220,25 +228,31 @@ class BM25Index:
       tf_P = tf_P.astype(np.float64)
       return (idf_P * tf_P * scale / (tf_P + norm_N[docs_P])).astype(np.float32)
 
-    weights = np.empty(len(docs), np.float32)
-    # Blocks of ~postings.FLUSH_TOKENS postings (whole terms) bound the float64 temporaries.
-    starts = np.arange(0, len(docs), postings.FLUSH_TOKENS)
-    bounds = np.unique(np.searchsorted(indptr, starts, "right") - 1)
-    for t_lo, t_hi in zip(bounds, list(bounds[1:]) + [len(indptr) - 1]):
-      lo, hi = indptr[t_lo], indptr[t_hi]
-      idf_P = np.repeat(idf[t_lo:t_hi], np.diff(indptr[t_lo:t_hi + 1]))
-      weights[lo:hi] = impacts(idf_P, tf[lo:hi], docs[lo:hi])
     dense_DxN = np.zeros((len(dense_terms), n), np.float32)
-    for r, t in enumerate(dense_terms):
-      sl = slice(d_indptr[t], d_indptr[t + 1])
-      dense_DxN[r, d_docs[sl]] = impacts(idf[t], d_tf[sl], d_docs[sl])
-    encoded = block_postings.encode(indptr, docs, weights)
-    del docs, weights, tf
+    dense_row_V = np.cumsum(dense_V) - 1
+    encoder = block_postings.Encoder(out_dir)
+    for t_lo, t_hi, df_T, docs, tf in builder.term_ranges(block_postings.CHUNK):
+      sel_T = dense_V[t_lo:t_hi]
+      idf_P = np.repeat(idf[t_lo:t_hi], df_T)
+      w_P = impacts(idf_P, tf, docs)
+      dense_P = np.repeat(sel_T, df_T)
+      if dense_P.any():
+        rows_P = np.repeat(dense_row_V[t_lo:t_hi], df_T)[dense_P]
+        dense_DxN[rows_P, docs[dense_P]] = w_P[dense_P]
+      encoder.add(t_lo, np.where(sel_T, 0, df_T), docs[~dense_P], w_P[~dense_P])
+    encoded = encoder.finish()
     return cls(vocab=builder.vocab, meta=meta, postings_arrays=encoded, doc_lens_N=doc_lens,
                dense_terms_D=dense_terms, dense_DxN=dense_DxN,
                dense_max_D=dense_DxN.max(axis=1, initial=-np.inf))
 
   # ---- persistence ----
+
+  def dense_range_max(self, r: int) -> np.ndarray:
+    """Dense row r's max over each range of pruning.DENSE_RANGE docs (block-max bounds; cached)."""
+    if r not in self._range_max:
+      row = self.dense_DxN[r]
+      self._range_max[r] = np.maximum.reduceat(row, np.arange(0, len(row), pruning.DENSE_RANGE))
+    return self._range_max[r]
 
   @property
   def term_max_V(self) -> np.ndarray:
@@ -248,9 +262,10 @@ class BM25Index:
   def _all_arrays(self) -> dict:
     return {**self.postings.arrays(), **{name: getattr(self, name) for name in self._ARRAYS}}
 
-  def _save_postings(self, out_dir: str):
-    for name, value in self._all_arrays().items():
-      np.save(os.path.join(out_dir, f"{name}.npy"), np.asarray(value))
+  def _save_postings(self, out_dir: str, postings_saved: bool = False):
+    arrays = self._all_arrays()
+    for name in self._ARRAYS if postings_saved else arrays:
+      np.save(os.path.join(out_dir, f"{name}.npy"), np.asarray(arrays[name]))
     with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
       json.dump(list(self.vocab), f, ensure_ascii=False)  # dict order is term-id order
     with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:

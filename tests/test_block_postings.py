@@ -101,3 +101,19 @@ def test_passage_store_round_trip(tmp_path, monkeypatch, to_disk):
     assert isinstance(passage_store.PassageStore.load(str(tmp_path))._blob, np.memmap)
     raw = sum(len(a.encode()) + len(b.encode()) for a, b in rows)
     assert os.path.getsize(tmp_path / "passages.bin") < 0.7 * raw
+
+
+def test_decode_cache_is_bounded_and_returns_the_same_postings(monkeypatch):
+  rng = np.random.default_rng(2)
+  indptr, docs, weights = _random_csr(rng)
+  monkeypatch.setattr(block_postings, "CACHE_MIN_DF", 100)
+  monkeypatch.setattr(block_postings, "CACHE_BYTES", 8 * 40_000)  # room for about one big term
+  p = block_postings.BlockPostings(block_postings.encode(
+      indptr, np.concatenate(docs).astype(np.int32), np.concatenate(weights)))
+  for t in [*range(len(docs)), *reversed(range(len(docs)))]:
+    d, w = p.term(t)
+    np.testing.assert_array_equal(d, docs[t])
+    np.testing.assert_array_equal(w, weights[t])
+    assert not d.flags.writeable and not w.flags.writeable  # shared through the cache
+    assert p._cached_bytes <= block_postings.CACHE_BYTES
+  assert p._cache and all(len(p._cache[t][0]) >= 100 for t in p._cache)

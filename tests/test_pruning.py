@@ -109,3 +109,21 @@ def test_term_max_saved_and_loaded(tmp_path):
   np.testing.assert_array_equal(saved, fresh)
   df_V = np.diff(index.indptr_V1)
   assert (fresh[df_V > 0] > 0).all() and (fresh[df_V == 0] == 0).all()
+
+
+def test_block_max_bounds_skip_lookups_and_keep_results(zipf_docs, monkeypatch):
+  docs, queries = zipf_docs
+  index = retriever.BM25Index.from_tokenized(docs)
+  parsed = index._term_counts(queries)
+  monkeypatch.setattr(pruning, "FALLBACK_FRACTION", 1)
+  looked, real = [], pruning._lookup
+  monkeypatch.setattr(pruning, "_lookup", lambda idx, t, d: looked.append(len(d)) or real(idx, t, d))
+  runs = {}
+  for block_max in (False, True):  # global bounds only, then per-block bounds
+    monkeypatch.setattr(pruning, "BLOCK_MAX", block_max)
+    looked.clear()
+    top = [pruning.search_one(index, index.term_max_V, t, 10) for t in parsed if t]
+    runs[block_max] = ([None if r is None else (r[0].tolist(), r[1].tolist()) for r in top],
+                       sum(looked))
+  assert runs[True][0] == runs[False][0] and sum(r is not None for r in runs[True][0]) > 30
+  assert runs[True][1] < 0.98 * runs[False][1]  # fewer candidate lookups in the common terms
