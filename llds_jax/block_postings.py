@@ -300,8 +300,11 @@ class BlockPostings:
     """Term t's impacts at sorted docs (float32; an exact 0 where the doc lacks the term); only the
     blocks that may hold one of the docs are decoded."""
     first_B, _ = self.blocks(t)
-    blk_C = np.searchsorted(first_B, docs_C, "right") - 1
-    need = np.unique(blk_C[blk_C >= 0])
+    if self.df(t) >= CACHE_MIN_DF:  # a common term: decoded once per process, then cached
+      need = first_B
+    else:
+      blk_C = np.searchsorted(first_B, docs_C, "right") - 1
+      need = np.unique(blk_C[blk_C >= 0])
     if len(need) * 2 > len(first_B):
       docs, w = self.term(t)
     elif len(need):

@@ -4,11 +4,12 @@ Dims: V vocabulary terms, N documents, C candidate docs of one query, k results 
 
 Idea (MaxScore, Turtle & Flood 1995; the essential/non-essential split of Lucene's
 MaxScoreBulkScorer), vectorized per query in numpy. Every term has an upper bound
-ub = count · (its largest impact). With θ ≤ the k-th best score, the longest run of smallest-bound
-terms whose bounds sum below θ is "non-essential": a doc holding only those terms scores < θ, so it
-can neither enter the top k nor tie with it. Candidates are the docs of the essential (rare,
-high-idf) terms; the common terms (dense rows included) are looked up at the candidates, largest
-bound first, dropping each candidate whose partial sum plus the bounds still to come is below θ.
+ub = count · (its largest impact). With θ ≤ the k-th best score, any set of terms whose bounds sum
+below θ is "non-essential": a doc holding only those terms scores < θ, so it can neither enter the
+top k nor tie with it. The set is filled greedily with the terms of most postings per unit of bound
+(common words first). Candidates are the docs of the essential (rare) terms; the common terms
+(dense rows included) are looked up at the candidates, largest bound first, dropping each candidate
+whose partial sum plus the bounds still to come (per-block maxima) is below θ.
 
 θ (pass 1): the exact k-th best score of any set of docs is ≤ the true k-th best; the set is the
 REFINE·k docs of the highest-bound sparse terms with the best partial sums over those terms. Partial
@@ -130,15 +131,22 @@ def search_one(index, max_V: np.ndarray, terms: list[tuple[int, int]], k: int):
   best = (np.arange(len(docs)) if len(docs) <= REFINE * k else
           np.sort(np.argpartition(part, len(docs) - REFINE * k)[-REFINE * k:]))
   theta = top_k(docs[best], score_docs(index, docs[best], sparse, dense), k)[1][-1]
-  # Pass 2: the non-essential prefix (smallest bounds) sums below θ; the rest are essential.
+  # Pass 2: any set of terms whose bounds sum below θ may be non-essential, not only the smallest
+  # bounds (with repeats and tf saturation, "the" often has the largest bound of a question). The
+  # set is filled greedily by postings per unit of bound, so the essential terms, whose postings
+  # are all read, are the rarest that θ allows.
+  work = {key: index.num_docs if key[0] == "d" else _df(index, key[1]) for key in ub}
   essential, rest = [], []
   total = 0.0
-  for key in reversed(by_ub):
-    if not essential and (total + ub[key]) * (1 + _MARGIN) < theta:
+  for key in sorted(ub, key=lambda key: work[key] / max(ub[key], 1e-30), reverse=True):
+    if (total + ub[key]) * (1 + _MARGIN) < theta:
       total += ub[key]
       rest.append(key)
     else:
       essential.append(key)
+  rest.sort(key=ub.get)  # the loop below adds them largest bound first
+  if not essential:
+    return None  # cannot happen with θ ≤ a real score; kept as a guard
   if not theta > 0 or any(kind == "d" for kind, _ in essential):
     return None  # nothing proven (fewer than k hits), or a dense-row term is essential
   cand, part_C = _merged_postings(index, [(t, counts[t]) for _, t in essential])

@@ -31,6 +31,7 @@ def test_encode_decode_round_trip_exact(monkeypatch):
   rng = np.random.default_rng(0)
   indptr, docs, weights = _random_csr(rng)
   monkeypatch.setattr(block_postings, "CHUNK", 20_000)  # terms split over several chunks
+  monkeypatch.setattr(block_postings, "CACHE_MIN_DF", 1 << 40)  # lookups decode blocks, not terms
   enc = block_postings.encode(indptr, np.concatenate(docs).astype(np.int32),
                               np.concatenate(weights))
   assert len(enc["gap_exc_pos_E"]) and len(enc["w_exc_pos_E"])  # both escape paths are exercised

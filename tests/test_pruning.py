@@ -127,3 +127,15 @@ def test_block_max_bounds_skip_lookups_and_keep_results(zipf_docs, monkeypatch):
                        sum(looked))
   assert runs[True][0] == runs[False][0] and sum(r is not None for r in runs[True][0]) > 30
   assert runs[True][1] < 0.98 * runs[False][1]  # fewer candidate lookups in the common terms
+
+
+def test_common_words_with_the_largest_bounds_are_non_essential(zipf_docs, monkeypatch):
+  # okapi's idf floor plus tf saturation gives the df > N/2 words some of the largest bounds; the
+  # non-essential set is chosen by postings per unit of bound, so those words are looked up at the
+  # candidates instead of forcing an exhaustive pass (the smallest-bounds-first split pruned 64).
+  docs, queries = zipf_docs
+  index = retriever.BM25Index.from_tokenized(docs)
+  monkeypatch.setattr(pruning, "FALLBACK_FRACTION", 1)
+  parsed = [t for t in index._term_counts(queries) if t]
+  pruned = sum(pruning.search_one(index, index.term_max_V, t, 10) is not None for t in parsed)
+  assert pruned >= 0.75 * len(parsed)
