@@ -31,6 +31,7 @@ import numpy as np
 FALLBACK_FRACTION = 8  # ≥ N/8 candidates: the exhaustive dense path is cheaper than lookups
 MIN_WORK = 1 << 20  # exhaustive work (postings + N per dense row) below which pruning costs more
 REFINE = 8  # pass 1 scores exactly the REFINE·k docs with the best partial sums
+PASS1_POSTINGS = 1 << 14  # pass 1 reads the highest-bound sparse terms up to this many postings
 _MARGIN = 1e-9
 BLOCK_MAX = True  # per-candidate block-max bounds for the non-essential terms (else global bounds)
 DENSE_RANGE = 128  # docs per range of a dense row's range-max bounds
@@ -119,12 +120,14 @@ def search_one(index, max_V: np.ndarray, terms: list[tuple[int, int]], k: int):
   if not sparse or min(ub.values()) < 0:  # negative impacts (okapi's floor): no useful bound
     return None
   # Pass 1: a lower bound θ on the k-th best score from the docs of the highest-bound sparse terms
-  # (≥ k postings): those terms' partial sums (no lookups) pick the REFINE·k most promising docs,
-  # whose exact k-th best score is θ.
-  first = []
+  # (≥ k postings, and more while they total ≤ PASS1_POSTINGS): those terms' partial sums (no
+  # lookups) pick the REFINE·k most promising docs, whose exact k-th best score is θ. A θ close to
+  # the true k-th score leaves more terms non-essential, so fewer candidates.
+  first, n_first = [], 0
   for kind, t in by_ub:
-    if kind == "s" and sum(_df(index, u) for u, _ in first) < k:
+    if kind == "s" and (n_first < k or n_first + _df(index, t) <= PASS1_POSTINGS):
       first.append((t, counts[t]))
+      n_first += _df(index, t)
   docs, part = _merged_postings(index, first)
   if len(docs) < k or len(docs) * FALLBACK_FRACTION >= index.num_docs:
     return None
