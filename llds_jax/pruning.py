@@ -155,8 +155,9 @@ def search_one(index, max_V: np.ndarray, terms: list[tuple[int, int]], k: int):
   cand, part_C = _merged_postings(index, [(t, counts[t]) for _, t in essential])
   if len(cand) * FALLBACK_FRACTION >= index.num_docs:
     return None
-  if len(cand) > k:  # partial sums are ≤ the scores, so their k-th best is a lower bound too
-    theta = max(theta, np.partition(part_C, len(cand) - k)[len(cand) - k])
+  if len(cand) > REFINE * k:  # the best essential partial sums: their exact k-th best raises θ
+    best = np.sort(np.argpartition(part_C, len(cand) - REFINE * k)[-REFINE * k:])
+    theta = max(theta, top_k(cand[best], score_docs(index, cand[best], sparse, dense), k)[1][-1])
   # MaxScore: add the non-essential terms, largest bound first, dropping every candidate whose
   # partial sum plus the bounds still to come is below θ. The bounds still to come are per
   # candidate: the block-max of the block of each term's postings that could hold the candidate
