@@ -19,6 +19,7 @@ decodes only the blocks that may contain them.
 
 import collections
 import os
+import shutil
 import threading
 
 import numpy as np
@@ -166,19 +167,15 @@ class Encoder:
     big = [n for n in ARRAYS if n not in out]
     if self._files is None:
       return {**out, **{name: self._part(name) for name in big}}
-    for name in big:  # raw appended bytes → .npy, streamed in slices
-      self._files[name].close()
+    for name in big:  # raw appended bytes → .npy: a header, then the bytes copied as a stream
+      self._files[name].close()  # (plain file I/O: mapped pages would count as resident memory)
       raw = os.path.join(self.out_dir, f"_enc_{name}.bin")
-      n = os.path.getsize(raw) // np.dtype(_PART_DTYPE[name]).itemsize
-      dst = np.lib.format.open_memmap(os.path.join(self.out_dir, f"{name}.npy"), "w+",
-                                      _PART_DTYPE[name], (n,))
-      if n:
-        src = np.memmap(raw, _PART_DTYPE[name], "r")
-        for lo in range(0, n, 1 << 26):
-          dst[lo:lo + (1 << 26)] = src[lo:lo + (1 << 26)]
-        del src
-      dst.flush()
-      del dst
+      dtype = np.dtype(_PART_DTYPE[name])
+      header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                "shape": (os.path.getsize(raw) // dtype.itemsize,)}
+      with open(os.path.join(self.out_dir, f"{name}.npy"), "wb") as dst, open(raw, "rb") as src:
+        np.lib.format.write_array_header_1_0(dst, header)
+        shutil.copyfileobj(src, dst, 1 << 24)
     for name in out:
       np.save(os.path.join(self.out_dir, f"{name}.npy"), out[name])
     for name in _PARTS:

@@ -65,19 +65,37 @@ class PostingsBuilder:
     ids ascending, about `max_postings` at a time (a larger term comes alone).
 
     A k-way merge of the term-sorted chunks: each range takes its slice of every chunk (spilled
-    chunks are memory-mapped), so memory stays O(max_postings) whatever the corpus size.
+    chunks are read by slices), so memory stays O(max_postings) whatever the corpus size.
     """
-    chunks = [np.load(c, mmap_mode="r") if isinstance(c, str) else c for c in self._chunks]
     df_V = self._df
     cum = np.cumsum(df_V)
     cuts = np.searchsorted(cum, np.arange(max_postings, cum[-1] if len(cum) else 0, max_postings))
     bounds = np.unique(np.r_[0, cuts + 1, len(df_V)].clip(0, len(df_V)))
-    for t_lo, t_hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+    # Each chunk's slice of every range, from one sequential read of its term row. Spilled chunks
+    # are then read slice by slice with plain file reads, not memory-mapped: mapped pages would count
+    # in the build's resident memory.
+    chunks = []
+    for c in self._chunks:
+      if isinstance(c, str):
+        header = np.load(c, mmap_mode="r")
+        offset, n = header.offset, header.shape[1]
+        del header
+        terms = np.fromfile(c, np.int32, count=n, offset=offset)
+        chunks.append((c, offset, n, np.searchsorted(terms, bounds)))
+        del terms
+      else:
+        chunks.append((c, 0, c.shape[1], np.searchsorted(c[0], bounds)))
+    for i, (t_lo, t_hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
       parts = []
-      for chunk_3xP in chunks:
-        lo, hi = np.searchsorted(chunk_3xP[0], (t_lo, t_hi))
-        if hi > lo:
-          parts.append(np.asarray(chunk_3xP[:, lo:hi]))
+      for c, offset, n, pos in chunks:
+        lo, hi = int(pos[i]), int(pos[i + 1])
+        if hi <= lo:
+          continue
+        if isinstance(c, str):
+          parts.append(np.stack([np.fromfile(c, np.int32, count=hi - lo,
+                                             offset=offset + 4 * (r * n + lo)) for r in range(3)]))
+        else:
+          parts.append(c[:, lo:hi])
       t_P, d_P, f_P = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), np.int32)
       order = np.argsort(t_P, kind="stable")  # chunks are in doc order: docs stay ascending
       yield t_lo, t_hi, df_V[t_lo:t_hi], d_P[order], f_P[order]
