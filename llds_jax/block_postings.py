@@ -186,7 +186,7 @@ class Encoder:
 
 
 def encode(indptr_V1: np.ndarray, docs_P: np.ndarray, weights_P: np.ndarray) -> dict:
-  """Arrays (names in ARRAYS) of the compressed form of CSR postings (doc ids ascending per term)."""
+  """Arrays (names in ARRAYS) encoding CSR postings (doc ids ascending per term)."""
   indptr_V1 = np.asarray(indptr_V1, np.int64)
   v = len(indptr_V1) - 1
   encoder = Encoder()

@@ -28,7 +28,8 @@ class PassageStore:
   """Read side: `get(i)` → (id, contents)."""
 
   def __init__(self, blob: np.ndarray, offsets_B1: np.ndarray, first_B1: np.ndarray):
-    self._blob, self._offsets_B1, self._first_B1 = blob, np.asarray(offsets_B1), np.asarray(first_B1)
+    self._blob = blob
+    self._offsets_B1, self._first_B1 = np.asarray(offsets_B1), np.asarray(first_B1)
     self._cached = (-1, None)  # (block, its decoded (ids, contents)); replaced as a whole
 
   def __len__(self) -> int:

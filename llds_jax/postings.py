@@ -1,4 +1,4 @@
-"""Inverted-index construction: tokenized documents → term-major CSR postings (term, doc, tf).
+"""Inverted-index construction: tokenized documents → term-major postings (term, doc, tf) by ranges.
 
 Dims: V vocabulary terms, P postings (distinct (term, doc) pairs). Scoring lives in retriever.py;
 this module only counts, so it is independent of the BM25 variant.
@@ -72,8 +72,8 @@ class PostingsBuilder:
     cuts = np.searchsorted(cum, np.arange(max_postings, cum[-1] if len(cum) else 0, max_postings))
     bounds = np.unique(np.r_[0, cuts + 1, len(df_V)].clip(0, len(df_V)))
     # Each chunk's slice of every range, from one sequential read of its term row. Spilled chunks
-    # are then read slice by slice with plain file reads, not memory-mapped: mapped pages would count
-    # in the build's resident memory.
+    # are then read slice by slice with plain file reads, not memory-mapped: mapped pages would
+    # count in the build's resident memory.
     chunks = []
     for c in self._chunks:
       if isinstance(c, str):

@@ -129,7 +129,7 @@ def _top_k_dense(s_CxN: np.ndarray, k: int):
 
 
 class BM25Index:
-  """Sparse BM25 index: compressed postings (term → docs, impacts) plus an optional document store."""
+  """Sparse BM25 index: compressed postings (term → docs, impacts) and an optional doc store."""
 
   _ARRAYS = ("doc_lens_N", "dense_terms_D", "dense_DxN", "dense_max_D")
 

@@ -1,4 +1,4 @@
-"""Compressed postings (block_postings.py) and passage store (passage_store.py): lossless round trips."""
+"""Compressed postings (block_postings.py), passage store (passage_store.py): lossless round trips."""
 
 import json
 import os
@@ -76,12 +76,13 @@ def test_old_format_fails_loud_with_rebuild_message(tmp_path):
   meta_path = tmp_path / "meta.json"
   meta = json.loads(meta_path.read_text())
   meta_path.write_text(json.dumps({**meta, "format": "llds_jax.bm25/1"}))
-  with pytest.raises(ValueError, match=r"'llds_jax.bm25/1'.*rebuild the index with tools/build_index"):
+  with pytest.raises(ValueError, match=r"'llds_jax.bm25/1'.*rebuild the index with tools/build"):
     retriever.BM25Index.load(str(tmp_path))
   fa = tool_loader.load("tools/fetch_assets.py", "fetch_assets")
   assert not fa.index_is_current(str(tmp_path))  # fetch_assets rebuilds it instead of trusting it
   meta_path.write_text(json.dumps(meta))
-  assert fa.index_is_current(str(tmp_path)) and len(retriever.BM25Index.load(str(tmp_path)).store) == 20
+  assert fa.index_is_current(str(tmp_path))
+  assert len(retriever.BM25Index.load(str(tmp_path)).store) == 20
 
 
 @pytest.mark.parametrize("to_disk", [True, False])

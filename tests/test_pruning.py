@@ -117,7 +117,8 @@ def test_block_max_bounds_skip_lookups_and_keep_results(zipf_docs, monkeypatch):
   parsed = index._term_counts(queries)
   monkeypatch.setattr(pruning, "FALLBACK_FRACTION", 1)
   looked, real = [], pruning._lookup
-  monkeypatch.setattr(pruning, "_lookup", lambda idx, t, d: looked.append(len(d)) or real(idx, t, d))
+  monkeypatch.setattr(pruning, "_lookup",
+                      lambda idx, t, d: looked.append(len(d)) or real(idx, t, d))
   runs = {}
   for block_max in (False, True):  # global bounds only, then per-block bounds
     monkeypatch.setattr(pruning, "BLOCK_MAX", block_max)
