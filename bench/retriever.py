@@ -46,6 +46,7 @@ except ImportError:
   bm25s = None
 
 K = 10
+_STORE = ("doc_", "passages")  # document store files (format 1, format 2)
 WIKI18_PASSAGES = 21_015_324
 
 
@@ -217,8 +218,8 @@ def scaling(sizes: list[int], pool: bool = False):
                    **(pool_rates(out, index, questions) if pool else {}),
                    "postings": index.meta["num_postings"], "terms": index.meta["num_terms"],
                    "dense": index.meta["num_dense_terms"],
-                   "index_mib": sum(v for f, v in files.items() if not f.startswith("doc_")) / 2**20,
-                   "store_mib": sum(v for f, v in files.items() if f.startswith("doc_")) / 2**20,
+                   "index_mib": sum(v for f, v in files.items() if not f.startswith(_STORE)) / 2**20,
+                   "store_mib": sum(v for f, v in files.items() if f.startswith(_STORE)) / 2**20,
                    "corpus_mib": os.path.getsize(corpus) / 2**20})
       print(rows[-1], flush=True)
       os.remove(corpus)
@@ -234,7 +235,7 @@ def scaling(sizes: list[int], pool: bool = False):
            "FanOutQA questions, batched, k=10. q/CPU-s = queries per CPU-second of the searching "
            "process (pruned top-10 lists asserted equal to the exhaustive ones); pool columns are "
            "wall-clock q/s, so they depend on the load (in brackets: q per CPU-s summed over the workers).\n",
-           "| passages | build s | peak RSS MiB | postings | terms | dense-row terms | postings+vocab "
+           "| passages | build s (s per M passages) | peak RSS MiB | postings | terms | dense-row terms | postings+vocab "
            "MiB | doc store MiB | corpus jsonl MiB | queries/s (wall) | exhaustive q/CPU-s | pruned "
            "q/CPU-s | pruned ÷ exhaustive | pool 1 proc q/s | pool 2 proc q/s | 2 threads q/s |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -242,7 +243,8 @@ def scaling(sizes: list[int], pool: bool = False):
     pools = " | ".join(
         (f"{r[c]:,.0f}" + (f" ({r[c[:5] + '_qpcs']:,.0f})" if c.startswith("pool") else ""))
         if c in r else "–" for c in ("pool1_qps", "pool2_qps", "threads2_qps"))
-    lines.append(f"| {r['n']:,} | {r['build_s']:.1f} | {r['rss_mib']:,.0f} | {r['postings']:,} | "
+    lines.append(f"| {r['n']:,} | {r['build_s']:.1f} ({r['build_s'] / r['n'] * 1e6:.0f}) | "
+                 f"{r['rss_mib']:,.0f} | {r['postings']:,} | "
                  f"{r['terms']:,} | {r['dense']} | {r['index_mib']:,.0f} | {r['store_mib']:,.0f} | "
                  f"{r['corpus_mib']:,.0f} | {r['qps']:,.0f} | {r['qpcs_exhaustive']:,.0f} | "
                  f"{r['qpcs_pruned']:,.0f} | {r['qpcs_pruned'] / r['qpcs_exhaustive']:.2f}× | "

@@ -1,4 +1,4 @@
-"""Inverted-index construction: tokenized documents → term-major CSR postings (term, doc, tf).
+"""Inverted-index construction: tokenized documents → term-major postings (term, doc, tf) by ranges.
 
 Dims: V vocabulary terms, P postings (distinct (term, doc) pairs). Scoring lives in retriever.py;
 this module only counts, so it is independent of the BM25 variant.
@@ -6,7 +6,7 @@ this module only counts, so it is independent of the BM25 variant.
 
 import array
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -17,8 +17,8 @@ class PostingsBuilder:
   """Accumulates tokenized docs into term-major postings (doc ids ascending within a term).
 
   Every FLUSH_TOKENS tokens the pending docs become one (term, doc, tf) chunk, sorted term-major;
-  with `spill_dir` chunks live on disk until `finish` places them, so peak memory is about the
-  final arrays (≈ 8 bytes per posting) rather than several copies of them.
+  with `spill_dir` chunks live on disk, and `term_ranges` merges them a range of terms at a time,
+  so no array of all postings is ever held in memory.
   """
 
   def __init__(self, spill_dir: str | None = None):
@@ -55,28 +55,54 @@ class PostingsBuilder:
     self._chunks.append(chunk_3xP)
     self._terms, self._first_doc = array.array("i"), len(self.doc_lens)
 
-  def finish(self, is_dense_V: Callable[[np.ndarray, int], np.ndarray]):
-    """Places all chunks: CSR (indptr, docs, tf) for sparse terms, another for `is_dense_V` terms."""
+  def finish(self) -> tuple[np.ndarray, np.ndarray]:
+    """Flushes pending docs; returns (df_V, doc_lens_N). Postings then come from `term_ranges`."""
     self._flush()
-    df_V, n = self._df, len(self.doc_lens)
-    dense_V = is_dense_V(df_V, n)
-    dense_terms = np.flatnonzero(dense_V)
-    out = {}
-    for name, sel_V in (("sparse", ~dense_V), ("dense", dense_V)):
-      indptr = np.concatenate([[0], np.cumsum(np.where(sel_V, df_V, 0))])
-      out[name] = [indptr, np.empty(indptr[-1], np.int32), np.empty(indptr[-1], np.int32)]
-    cursor_V = np.where(dense_V, out["dense"][0][:-1], out["sparse"][0][:-1])  # next free slot
-    for chunk_3xP in self._chunks:
-      if isinstance(chunk_3xP, str):
-        path, chunk_3xP = chunk_3xP, np.load(chunk_3xP)
-        os.remove(path)
-      t_P, d_P, f_P = chunk_3xP
-      counts_V = np.bincount(t_P, minlength=len(df_V))
-      rank_P = np.arange(len(t_P)) - (np.cumsum(counts_V) - counts_V)[t_P]  # position in its run
-      pos_P = cursor_V[t_P] + rank_P
-      cursor_V += counts_V
-      for name, sel_P in (("sparse", ~dense_V[t_P]), ("dense", dense_V[t_P])):
-        out[name][1][pos_P[sel_P]] = d_P[sel_P]
-        out[name][2][pos_P[sel_P]] = f_P[sel_P]
-    doc_lens = np.frombuffer(self.doc_lens, np.int32).copy()
-    return df_V, doc_lens, out["sparse"], dense_terms, out["dense"]
+    return self._df, np.frombuffer(self.doc_lens, np.int32).copy()
+
+  def term_ranges(self, max_postings: int):
+    """Yields (t_lo, t_hi, df_T, docs, tf): the postings of terms t_lo..t_hi−1, term-major with doc
+    ids ascending, about `max_postings` at a time (a larger term comes alone).
+
+    A k-way merge of the term-sorted chunks: each range takes its slice of every chunk (spilled
+    chunks are read by slices), so memory stays O(max_postings) whatever the corpus size.
+    """
+    df_V = self._df
+    cum = np.cumsum(df_V)
+    cuts = np.searchsorted(cum, np.arange(max_postings, cum[-1] if len(cum) else 0, max_postings))
+    bounds = np.unique(np.r_[0, cuts + 1, len(df_V)].clip(0, len(df_V)))
+    # Each chunk's slice of every range, from one sequential read of its term row. Spilled chunks
+    # are then read slice by slice with plain file reads, not memory-mapped: mapped pages would
+    # count in the build's resident memory.
+    chunks = []
+    for c in self._chunks:
+      if isinstance(c, str):
+        header = np.load(c, mmap_mode="r")
+        offset, n = header.offset, header.shape[1]
+        del header
+        terms = np.fromfile(c, np.int32, count=n, offset=offset)
+        chunks.append((c, offset, n, np.searchsorted(terms, bounds)))
+        del terms
+      else:
+        chunks.append((c, 0, c.shape[1], np.searchsorted(c[0], bounds)))
+    for i, (t_lo, t_hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+      parts = []
+      for c, offset, n, pos in chunks:
+        lo, hi = int(pos[i]), int(pos[i + 1])
+        if hi <= lo:
+          continue
+        if isinstance(c, str):
+          parts.append(np.stack([np.fromfile(c, np.int32, count=hi - lo,
+                                             offset=offset + 4 * (r * n + lo)) for r in range(3)]))
+        else:
+          parts.append(c[:, lo:hi])
+      t_P, d_P, f_P = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), np.int32)
+      order = np.argsort(t_P, kind="stable")  # chunks are in doc order: docs stay ascending
+      yield t_lo, t_hi, df_V[t_lo:t_hi], d_P[order], f_P[order]
+
+  def cleanup(self):
+    """Removes spilled chunks."""
+    for c in self._chunks:
+      if isinstance(c, str) and os.path.exists(c):
+        os.remove(c)
+    self._chunks = []

@@ -4,11 +4,12 @@ Dims: V vocabulary terms, N documents, C candidate docs of one query, k results 
 
 Idea (MaxScore, Turtle & Flood 1995; the essential/non-essential split of Lucene's
 MaxScoreBulkScorer), vectorized per query in numpy. Every term has an upper bound
-ub = count · (its largest impact). With θ ≤ the k-th best score, the longest run of smallest-bound
-terms whose bounds sum below θ is "non-essential": a doc holding only those terms scores < θ, so it
-can neither enter the top k nor tie with it. Candidates are the docs of the essential (rare,
-high-idf) terms; the common terms (dense rows included) are looked up at the candidates, largest
-bound first, dropping each candidate whose partial sum plus the bounds still to come is below θ.
+ub = count · (its largest impact). With θ ≤ the k-th best score, any set of terms whose bounds sum
+below θ is "non-essential": a doc holding only those terms scores < θ, so it can neither enter the
+top k nor tie with it. The set is filled greedily with the terms of most postings per unit of bound
+(common words first). Candidates are the docs of the essential (rare) terms; the common terms
+(dense rows included) are looked up at the candidates, largest bound first, dropping each candidate
+whose partial sum plus the bounds still to come (per-block maxima) is below θ.
 
 θ (pass 1): the exact k-th best score of any set of docs is ≤ the true k-th best; the set is the
 REFINE·k docs of the highest-bound sparse terms with the best partial sums over those terms. Partial
@@ -30,7 +31,10 @@ import numpy as np
 FALLBACK_FRACTION = 8  # ≥ N/8 candidates: the exhaustive dense path is cheaper than lookups
 MIN_WORK = 1 << 20  # exhaustive work (postings + N per dense row) below which pruning costs more
 REFINE = 8  # pass 1 scores exactly the REFINE·k docs with the best partial sums
+PASS1_POSTINGS = 1 << 14  # pass 1 reads the highest-bound sparse terms up to this many postings
 _MARGIN = 1e-9
+BLOCK_MAX = True  # per-candidate block-max bounds for the non-essential terms (else global bounds)
+DENSE_RANGE = 128  # docs per range of a dense row's range-max bounds
 
 
 def exhaustive_work(index, terms) -> int:
@@ -42,16 +46,6 @@ def exhaustive_work(index, terms) -> int:
   """
   return sum(index.num_docs if t in index._dense_row else _df(index, t)  # pylint: disable=protected-access
              for t, _ in terms)
-
-
-def term_max(indptr_V1: np.ndarray, weights_P: np.ndarray) -> np.ndarray:
-  """float32 [V]: each term's largest sparse impact (0 for terms without sparse postings)."""
-  indptr_V1 = np.asarray(indptr_V1)
-  max_V = np.zeros(len(indptr_V1) - 1, np.float32)
-  nonempty = indptr_V1[1:] > indptr_V1[:-1]
-  if nonempty.any():
-    max_V[nonempty] = np.maximum.reduceat(weights_P, indptr_V1[:-1][nonempty])
-  return max_V
 
 
 def _times(w: np.ndarray, count: int) -> np.ndarray:
@@ -71,10 +65,17 @@ def score_docs(index, docs_C: np.ndarray, sparse, dense) -> np.ndarray:
 
 def _lookup(index, t: int, docs_C: np.ndarray) -> np.ndarray:
   """Term t's impacts at sorted docs (float32; an exact 0 where the doc lacks the term)."""
-  lo, hi = int(index.indptr_V1[t]), int(index.indptr_V1[t + 1])
-  docs = index.docs_P[lo:hi]
-  pos_C = np.minimum(np.searchsorted(docs, docs_C), hi - lo - 1)
-  return np.where(docs[pos_C] == docs_C, index.weights_P[lo + pos_C], np.float32(0))
+  return index.postings.lookup(t, docs_C)
+
+
+def _block_bounds(index, key, docs_C: np.ndarray) -> np.ndarray:
+  """Per doc, an upper bound on one term's impact: the max of the block that could hold the doc."""
+  kind, t = key
+  if kind == "s":
+    first_B, max_B = index.postings.blocks(t)
+    b_C = np.searchsorted(first_B, docs_C, "right") - 1
+    return np.where(b_C >= 0, max_B[np.maximum(b_C, 0)], np.float32(0)).astype(np.float64)
+  return index.dense_range_max(t)[docs_C // DENSE_RANGE].astype(np.float64)
 
 
 def _df(index, t: int) -> int:
@@ -85,11 +86,11 @@ def _merged_postings(index, terms):
   """Union of the terms' postings, sorted, with the sum of their count-scaled impacts per doc."""
   docs, ws = [], []
   for t, count in terms:
-    lo, hi = int(index.indptr_V1[t]), int(index.indptr_V1[t + 1])
-    docs.append(index.docs_P[lo:hi])
-    ws.append(_times(index.weights_P[lo:hi], count).astype(np.float64))
+    d, w = index.postings.term(t)
+    docs.append(d)
+    ws.append(_times(w, count).astype(np.float64))
   if len(docs) == 1:
-    return np.asarray(docs[0]), ws[0]
+    return docs[0], ws[0]
   docs, ws = np.concatenate(docs), np.concatenate(ws)
   order = np.argsort(docs, kind="stable")  # sorted runs: timsort merges them
   docs, ws = docs[order], ws[order]
@@ -119,44 +120,64 @@ def search_one(index, max_V: np.ndarray, terms: list[tuple[int, int]], k: int):
   if not sparse or min(ub.values()) < 0:  # negative impacts (okapi's floor): no useful bound
     return None
   # Pass 1: a lower bound θ on the k-th best score from the docs of the highest-bound sparse terms
-  # (≥ k postings): those terms' partial sums (no lookups) pick the REFINE·k most promising docs,
-  # whose exact k-th best score is θ.
-  first = []
+  # (≥ k postings, and more while they total ≤ PASS1_POSTINGS): those terms' partial sums (no
+  # lookups) pick the REFINE·k most promising docs, whose exact k-th best score is θ. A θ close to
+  # the true k-th score leaves more terms non-essential, so fewer candidates.
+  first, n_first = [], 0
   for kind, t in by_ub:
-    if kind == "s" and sum(_df(index, u) for u, _ in first) < k:
+    if kind == "s" and (n_first < k or n_first + _df(index, t) <= PASS1_POSTINGS):
       first.append((t, counts[t]))
+      n_first += _df(index, t)
   docs, part = _merged_postings(index, first)
   if len(docs) < k or len(docs) * FALLBACK_FRACTION >= index.num_docs:
     return None
   best = (np.arange(len(docs)) if len(docs) <= REFINE * k else
           np.sort(np.argpartition(part, len(docs) - REFINE * k)[-REFINE * k:]))
   theta = top_k(docs[best], score_docs(index, docs[best], sparse, dense), k)[1][-1]
-  # Pass 2: the non-essential prefix (smallest bounds) sums below θ; the rest are essential.
+  # Pass 2: any set of terms whose bounds sum below θ may be non-essential, not only the smallest
+  # bounds (with repeats and tf saturation, "the" often has the largest bound of a question). The
+  # set is filled greedily by postings per unit of bound, so the essential terms, whose postings
+  # are all read, are the rarest that θ allows.
+  work = {key: index.num_docs if key[0] == "d" else _df(index, key[1]) for key in ub}
   essential, rest = [], []
   total = 0.0
-  for key in reversed(by_ub):
-    if not essential and (total + ub[key]) * (1 + _MARGIN) < theta:
+  for key in sorted(ub, key=lambda key: work[key] / max(ub[key], 1e-30), reverse=True):
+    if (total + ub[key]) * (1 + _MARGIN) < theta:
       total += ub[key]
       rest.append(key)
     else:
       essential.append(key)
+  rest.sort(key=ub.get)  # the loop below adds them largest bound first
+  if not essential:
+    return None  # cannot happen with θ ≤ a real score; kept as a guard
   if not theta > 0 or any(kind == "d" for kind, _ in essential):
     return None  # nothing proven (fewer than k hits), or a dense-row term is essential
   cand, part_C = _merged_postings(index, [(t, counts[t]) for _, t in essential])
   if len(cand) * FALLBACK_FRACTION >= index.num_docs:
     return None
-  if len(cand) > k:  # partial sums are ≤ the scores, so their k-th best is a lower bound too
-    theta = max(theta, np.partition(part_C, len(cand) - k)[len(cand) - k])
+  if len(cand) > REFINE * k:  # the best essential partial sums: their exact k-th best raises θ
+    best = np.sort(np.argpartition(part_C, len(cand) - REFINE * k)[-REFINE * k:])
+    theta = max(theta, top_k(cand[best], score_docs(index, cand[best], sparse, dense), k)[1][-1])
   # MaxScore: add the non-essential terms, largest bound first, dropping every candidate whose
-  # partial sum plus the bounds still to come is below θ.
-  for key in reversed(rest):
-    keep = (part_C + total) * (1 + _MARGIN) >= theta
-    cand, part_C = cand[keep], part_C[keep]
-    kind, t = key
+  # partial sum plus the bounds still to come is below θ. The bounds still to come are per
+  # candidate: the block-max of the block of each term's postings that could hold the candidate
+  # (≤ the term's global bound, 0 before its first doc), read without decoding any block.
+  keep = (part_C + total) * (1 + _MARGIN) >= theta
+  cand, part_C = cand[keep], part_C[keep]
+  keys = list(reversed(rest))
+  all_counts = {("s", t): c for t, c in sparse} | {("d", r): c for r, c in dense}
+  if BLOCK_MAX and keys:
+    bm_RxC = np.stack([_block_bounds(index, key, cand) * all_counts[key] for key in keys])
+  else:
+    bm_RxC = np.repeat(np.array([ub[key] for key in keys]).reshape(-1, 1), len(cand), axis=1)
+  rest_C = bm_RxC.sum(axis=0)
+  for i, (kind, t) in enumerate(keys):
+    keep = (part_C + rest_C) * (1 + _MARGIN) >= theta
+    cand, part_C, rest_C, bm_RxC = cand[keep], part_C[keep], rest_C[keep], bm_RxC[:, keep]
     if kind == "s":
       part_C = part_C + _times(_lookup(index, t, cand), counts[t])
     else:
       part_C = part_C + _times(index.dense_DxN[t, cand], dense_counts[t])
-    total -= ub[key]
+    rest_C = rest_C - bm_RxC[i]
   # The survivors (a superset of the top k) get their exact scores, in the exhaustive order.
   return top_k(cand, score_docs(index, cand, sparse, dense), k)

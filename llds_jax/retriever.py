@@ -17,8 +17,8 @@ Scoring, `variant="lucene"` (default k1=0.9, b=0.4, Pyserini's BM25 defaults): L
   is *not* reproduced: both variants use `tokenize` below.
 
 Per-posting impacts (the whole score contribution of a term occurrence) are precomputed in float64
-and stored as float32; query scores are accumulated in float64. Relative error vs rank_bm25 is
-therefore ≤ ~1e-7 per score.
+and stored exactly as float32 (compressed losslessly, block_postings.py); query scores are
+accumulated in float64. Relative error vs rank_bm25 is therefore ≤ ~1e-7 per score.
 """
 
 import collections
@@ -30,9 +30,12 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from llds_jax import corpus, postings, pruning
+from llds_jax import block_postings, postings, pruning
+from llds_jax.passage_store import PassageStore, PassageStoreWriter
 
-FORMAT = "llds_jax.bm25/1"
+# Bumped whenever the files change meaning: /1 raw CSR arrays and an uncompressed doc store;
+# /2 compressed postings (block_postings.py) and passage store (passage_store.py).
+FORMAT = "llds_jax.bm25/2"
 _WORD_RE = re.compile(r"\w+")
 _DEFAULTS = {"okapi": (1.5, 0.75), "lucene": (0.9, 0.4)}
 _DENSE_BUDGET = 1 << 20  # search: float64 scores held at once on the dense path (8 MiB)
@@ -126,19 +129,20 @@ def _top_k_dense(s_CxN: np.ndarray, k: int):
 
 
 class BM25Index:
-  """Sparse BM25 index: CSR postings (term → docs, impacts) plus an optional document store."""
+  """Sparse BM25 index: compressed postings (term → docs, impacts) and an optional doc store."""
 
-  _ARRAYS = ("indptr_V1", "docs_P", "weights_P", "doc_lens_N", "dense_terms_D", "dense_DxN",
-             "dense_max_D")
+  _ARRAYS = ("doc_lens_N", "dense_terms_D", "dense_DxN", "dense_max_D")
 
-  def __init__(self, *, vocab, meta, store=None, term_max_V=None, **arrays):
+  def __init__(self, *, vocab, meta, store=None, postings_arrays, **arrays):
     self.vocab, self.meta, self.store = vocab, meta, store
-    self._term_max_V = None if term_max_V is None else np.asarray(term_max_V)  # else computed
+    # Plain ndarray views of memory-mapped files: same pages, without np.memmap's per-slice
+    # Python overhead (a third of the time of a pruned query).
+    self.postings = block_postings.BlockPostings(postings_arrays)
+    self.indptr_V1 = self.postings.indptr_V1  # df of term t = indptr_V1[t + 1] − indptr_V1[t]
     for name in self._ARRAYS:
-      # Plain ndarray views of memory-mapped files: same pages, without np.memmap's per-slice
-      # Python overhead (a third of the time of a pruned query).
       setattr(self, name, np.asarray(arrays[name]))
     self.num_docs = len(self.doc_lens_N)
+    self._range_max = {}  # dense row → its range maxima, computed on first use
     self._dense_row = {int(t): r for r, t in enumerate(self.dense_terms_D)}
 
   # ---- building ----
@@ -166,7 +170,7 @@ class BM25Index:
       # meta.json is written last, so a build that dies midway never looks like a valid index.
       if os.path.exists(os.path.join(store_dir, "meta.json")):
         os.remove(os.path.join(store_dir, "meta.json"))
-    writer = corpus.DocStoreWriter(store_dir)
+    writer = PassageStoreWriter(store_dir)
     builder = postings.PostingsBuilder(spill_dir=store_dir)
     try:
       for i, doc in enumerate(docs):
@@ -175,22 +179,29 @@ class BM25Index:
         builder.add(tokenize(text))
     finally:
       store = writer.close()
-    index = cls._from_builder(builder, k1=k1, b=b, epsilon=epsilon, variant=variant)
+    try:
+      index = cls._from_builder(builder, k1=k1, b=b, epsilon=epsilon, variant=variant,
+                                out_dir=store_dir)
+    finally:
+      builder.cleanup()
     index.store = store
     if store_dir is None:
       return index
-    index._save_postings(store_dir)
+    index._save_postings(store_dir, postings_saved=True)
     return cls.load(store_dir)
 
   @classmethod
-  def _from_builder(cls, builder, *, k1, b, epsilon, variant) -> "BM25Index":
+  def _from_builder(cls, builder, *, k1, b, epsilon, variant, out_dir=None) -> "BM25Index":
+    """Scores and encodes the builder's postings a term range at a time (memory O(range) beyond
+    the per-doc and per-term arrays and the dense rows); with `out_dir` the postings go there."""
     _check_variant(variant)
     k1 = _DEFAULTS[variant][0] if k1 is None else float(k1)
     b = _DEFAULTS[variant][1] if b is None else float(b)
+    df_V, doc_lens = builder.finish()
     # Terms in at least half the docs become dense rows: no more bytes than their postings, and
     # adding a contiguous row per query is far cheaper than scattering ≥ N/2 postings.
-    df_V, doc_lens, (indptr, docs, tf), dense_terms, (d_indptr, d_docs, d_tf) = builder.finish(
-        lambda df_V, n: df_V * 2 >= n)
+    dense_V = df_V * 2 >= len(doc_lens)
+    dense_terms = np.flatnonzero(dense_V)
     n = len(doc_lens)
     if n == 0 or not builder.vocab:
       raise ValueError(f"cannot index a corpus with {n} documents and {len(builder.vocab)} terms")
@@ -217,37 +228,46 @@ class BM25Index:
       tf_P = tf_P.astype(np.float64)
       return (idf_P * tf_P * scale / (tf_P + norm_N[docs_P])).astype(np.float32)
 
-    weights = np.empty(len(docs), np.float32)
-    # Blocks of ~postings.FLUSH_TOKENS postings (whole terms) bound the float64 temporaries.
-    starts = np.arange(0, len(docs), postings.FLUSH_TOKENS)
-    bounds = np.unique(np.searchsorted(indptr, starts, "right") - 1)
-    for t_lo, t_hi in zip(bounds, list(bounds[1:]) + [len(indptr) - 1]):
-      lo, hi = indptr[t_lo], indptr[t_hi]
-      idf_P = np.repeat(idf[t_lo:t_hi], np.diff(indptr[t_lo:t_hi + 1]))
-      weights[lo:hi] = impacts(idf_P, tf[lo:hi], docs[lo:hi])
     dense_DxN = np.zeros((len(dense_terms), n), np.float32)
-    for r, t in enumerate(dense_terms):
-      sl = slice(d_indptr[t], d_indptr[t + 1])
-      dense_DxN[r, d_docs[sl]] = impacts(idf[t], d_tf[sl], d_docs[sl])
-    return cls(vocab=builder.vocab, meta=meta, indptr_V1=indptr, docs_P=docs, weights_P=weights,
-               doc_lens_N=doc_lens, dense_terms_D=dense_terms, dense_DxN=dense_DxN,
+    dense_row_V = np.cumsum(dense_V) - 1
+    encoder = block_postings.Encoder(out_dir)
+    for t_lo, t_hi, df_T, docs, tf in builder.term_ranges(block_postings.CHUNK):
+      sel_T = dense_V[t_lo:t_hi]
+      idf_P = np.repeat(idf[t_lo:t_hi], df_T)
+      w_P = impacts(idf_P, tf, docs)
+      dense_P = np.repeat(sel_T, df_T)
+      if dense_P.any():
+        rows_P = np.repeat(dense_row_V[t_lo:t_hi], df_T)[dense_P]
+        dense_DxN[rows_P, docs[dense_P]] = w_P[dense_P]
+      encoder.add(t_lo, np.where(sel_T, 0, df_T), docs[~dense_P], w_P[~dense_P])
+    encoded = encoder.finish()
+    return cls(vocab=builder.vocab, meta=meta, postings_arrays=encoded, doc_lens_N=doc_lens,
+               dense_terms_D=dense_terms, dense_DxN=dense_DxN,
                dense_max_D=dense_DxN.max(axis=1, initial=-np.inf))
 
   # ---- persistence ----
 
+  def dense_range_max(self, r: int) -> np.ndarray:
+    """Dense row r's max over each range of pruning.DENSE_RANGE docs (block-max bounds; cached)."""
+    if r not in self._range_max:
+      row = self.dense_DxN[r]
+      self._range_max[r] = np.maximum.reduceat(row, np.arange(0, len(row), pruning.DENSE_RANGE))
+    return self._range_max[r]
+
   @property
   def term_max_V(self) -> np.ndarray:
-    """Each term's largest sparse impact, the MaxScore bounds (saved; computed for older indexes)."""
-    if self._term_max_V is None:
-      self._term_max_V = pruning.term_max(self.indptr_V1, self.weights_P)
-    return self._term_max_V
+    """Each term's largest sparse impact: the MaxScore bounds."""
+    return self.postings.term_max_V
 
-  def _save_postings(self, out_dir: str):
-    for name in self._ARRAYS:
-      np.save(os.path.join(out_dir, f"{name}.npy"), np.asarray(getattr(self, name)))
+  def _all_arrays(self) -> dict:
+    return {**self.postings.arrays(), **{name: getattr(self, name) for name in self._ARRAYS}}
+
+  def _save_postings(self, out_dir: str, postings_saved: bool = False):
+    arrays = self._all_arrays()
+    for name in self._ARRAYS if postings_saved else arrays:
+      np.save(os.path.join(out_dir, f"{name}.npy"), np.asarray(arrays[name]))
     with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
       json.dump(list(self.vocab), f, ensure_ascii=False)  # dict order is term-id order
-    np.save(os.path.join(out_dir, "term_max_V.npy"), self.term_max_V)
     with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
       json.dump({**self.meta, "has_store": self.store is not None}, f, indent=1)
 
@@ -268,19 +288,20 @@ class BM25Index:
     with open(meta_path, encoding="utf-8") as f:
       meta = json.load(f)
     if meta.get("format") != FORMAT:
-      raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    missing = [n for n in cls._ARRAYS if not os.path.exists(os.path.join(index_dir, f"{n}.npy"))]
+      raise ValueError(f"{meta_path}: index format {meta.get('format')!r}, this code reads "
+                       f"{FORMAT!r}; rebuild the index with tools/build_index.py --corpus CORPUS "
+                       f"--out {index_dir} (the demo index: python tools/fetch_assets.py)")
+    names = block_postings.ARRAYS + cls._ARRAYS
+    missing = [n for n in names if not os.path.exists(os.path.join(index_dir, f"{n}.npy"))]
     if missing:
       raise FileNotFoundError(f"{index_dir}: index arrays {missing} missing; rebuild the index")
     arrays = {name: np.load(os.path.join(index_dir, f"{name}.npy"), mmap_mode="r" if mmap else None)
-              for name in cls._ARRAYS}
+              for name in names}
     with open(os.path.join(index_dir, "vocab.json"), encoding="utf-8") as f:
       vocab = {term: i for i, term in enumerate(json.load(f))}
-    store = corpus.DocStore.load(index_dir, mmap) if meta.pop("has_store") else None
-    max_path = os.path.join(index_dir, "term_max_V.npy")  # absent in indexes saved before pruning
-    term_max_V = (np.load(max_path, mmap_mode="r" if mmap else None)
-                  if os.path.exists(max_path) else None)
-    return cls(vocab=vocab, meta=meta, store=store, term_max_V=term_max_V, **arrays)
+    store = PassageStore.load(index_dir, mmap) if meta.pop("has_store") else None
+    postings_arrays = {name: arrays.pop(name) for name in block_postings.ARRAYS}
+    return cls(vocab=vocab, meta=meta, store=store, postings_arrays=postings_arrays, **arrays)
 
   # ---- scoring ----
   # Term-at-a-time: a query's postings slices (terms in ascending id order) are concatenated and
@@ -308,9 +329,8 @@ class BM25Index:
     docs, weights = [np.zeros(0, np.int32)], [np.zeros(0)]
     for t, count in terms:
       if t not in self._dense_row:
-        lo, hi = int(self.indptr_V1[t]), int(self.indptr_V1[t + 1])
-        w = self.weights_P[lo:hi]
-        docs.append(self.docs_P[lo:hi])
+        d, w = self.postings.term(t)
+        docs.append(d)
         # Repeated query terms count once per repeat (rank_bm25 loops over the query with repeats).
         weights.append(w if count == 1 else w * np.float64(count))
     return np.concatenate(docs), np.concatenate(weights)

@@ -100,17 +100,43 @@ def test_pruning_reads_fewer_docs_than_postings(wiki_docs, monkeypatch):
   assert 0 < sum(scored) < 0.25 * postings  # docs scored exactly vs postings an exhaustive pass adds
 
 
-def test_term_max_saved_loaded_and_recomputed(tmp_path):
+def test_term_max_saved_and_loaded(tmp_path):
   rows = list(corpus.read_corpus(os.path.join(TESTDATA, "wiki_sample.jsonl")))
   index = retriever.BM25Index.build(rows, store_dir=str(tmp_path / "i"))
   saved = index.term_max_V
   assert isinstance(saved.base, np.memmap)  # loaded from the index dir, memory-mapped
-  fresh = pruning.term_max(index.indptr_V1, index.weights_P)
+  fresh = np.array([index.postings.term(t)[1].max(initial=0) for t in range(len(saved))])
   np.testing.assert_array_equal(saved, fresh)
   df_V = np.diff(index.indptr_V1)
   assert (fresh[df_V > 0] > 0).all() and (fresh[df_V == 0] == 0).all()
-  os.remove(tmp_path / "i" / "term_max_V.npy")  # an index saved before pruning existed
-  old = retriever.BM25Index.load(str(tmp_path / "i"))
-  q = _questions()[:20]
-  assert old.search(q, 5) == index.search(q, 5) == index.search(q, 5, prune=False)
-  np.testing.assert_array_equal(old.term_max_V, fresh)
+
+
+def test_block_max_bounds_skip_lookups_and_keep_results(zipf_docs, monkeypatch):
+  docs, queries = zipf_docs
+  index = retriever.BM25Index.from_tokenized(docs)
+  parsed = index._term_counts(queries)
+  monkeypatch.setattr(pruning, "FALLBACK_FRACTION", 1)
+  looked, real = [], pruning._lookup
+  monkeypatch.setattr(pruning, "_lookup",
+                      lambda idx, t, d: looked.append(len(d)) or real(idx, t, d))
+  runs = {}
+  for block_max in (False, True):  # global bounds only, then per-block bounds
+    monkeypatch.setattr(pruning, "BLOCK_MAX", block_max)
+    looked.clear()
+    top = [pruning.search_one(index, index.term_max_V, t, 10) for t in parsed if t]
+    runs[block_max] = ([None if r is None else (r[0].tolist(), r[1].tolist()) for r in top],
+                       sum(looked))
+  assert runs[True][0] == runs[False][0] and sum(r is not None for r in runs[True][0]) > 30
+  assert runs[True][1] < 0.98 * runs[False][1]  # fewer candidate lookups in the common terms
+
+
+def test_common_words_with_the_largest_bounds_are_non_essential(zipf_docs, monkeypatch):
+  # okapi's idf floor plus tf saturation gives the df > N/2 words some of the largest bounds; the
+  # non-essential set is chosen by postings per unit of bound, so those words are looked up at the
+  # candidates instead of forcing an exhaustive pass (the smallest-bounds-first split pruned 64).
+  docs, queries = zipf_docs
+  index = retriever.BM25Index.from_tokenized(docs)
+  monkeypatch.setattr(pruning, "FALLBACK_FRACTION", 1)
+  parsed = [t for t in index._term_counts(queries) if t]
+  pruned = sum(pruning.search_one(index, index.term_max_V, t, 10) is not None for t in parsed)
+  assert pruned >= 0.75 * len(parsed)

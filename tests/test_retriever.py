@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from rank_bm25 import BM25Okapi
 
-from llds_jax import corpus, postings, retriever
+from llds_jax import block_postings, corpus, postings, retriever
 
 TESTDATA = os.path.join(os.path.dirname(__file__), "testdata")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,7 +154,7 @@ def test_save_load_identical(wiki, tmp_path):
   index.save(str(tmp_path))
   for mmap in (True, False):
     loaded = retriever.BM25Index.load(str(tmp_path), mmap=mmap)
-    assert isinstance(loaded.weights_P.base, np.memmap) == mmap  # a view of the mapped file
+    assert isinstance(loaded.postings.codes_P.base, np.memmap) == mmap  # a view of the mapped file
     assert loaded.search(questions, k=5) == index.search(questions, k=5)
     assert loaded.retrieve_text(questions, k=3) == index.retrieve_text(questions, k=3)
     np.testing.assert_array_equal(loaded.get_scores(["k2", "the"]), index.get_scores(["k2", "the"]))
@@ -164,11 +164,13 @@ def test_save_load_identical(wiki, tmp_path):
 def test_streaming_build_equals_in_memory(wiki, tmp_path, monkeypatch):
   rows, index, _, questions = wiki
   monkeypatch.setattr(postings, "FLUSH_TOKENS", 997)  # many spilled chunks and weight blocks
+  monkeypatch.setattr(block_postings, "CHUNK", 1009)  # many encoding chunks
   streamed = retriever.BM25Index.build(iter(rows), store_dir=str(tmp_path / "idx"))
-  assert isinstance(streamed.store._blobs["contents"], np.memmap)
+  assert isinstance(streamed.store._blob, np.memmap)
   assert not [f for f in os.listdir(tmp_path / "idx") if f.startswith("_build")]  # spills removed
-  for name in retriever.BM25Index._ARRAYS:
-    np.testing.assert_array_equal(getattr(streamed, name), getattr(index, name))
+  want = index._all_arrays()
+  for name, value in streamed._all_arrays().items():
+    np.testing.assert_array_equal(value, want[name])
   assert streamed.search(questions, k=5) == index.search(questions, k=5)
   docs = streamed.retrieve(["height of K2"], k=1)[0]
   assert (docs[0].id, docs[0].contents) == rows[docs[0].index]

@@ -167,8 +167,25 @@ def write_parquet(leaves: list[dict], split: str, path: str):
   print(f"wrote   {path} ({len(rows)} rows)")
 
 
+def index_is_current(index_dir: str) -> bool:
+  """A finished index in the format this code reads (an older one is rebuilt, not trusted)."""
+  meta = os.path.join(index_dir, "meta.json")
+  if not os.path.exists(meta):
+    return False
+  with open(meta, encoding="utf-8") as f:
+    return json.load(f).get("format") == retriever.FORMAT
+
+
+def build_wiki_index(corpus_path: str, index_dir: str):
+  shutil.rmtree(index_dir, ignore_errors=True)
+  index = retriever.BM25Index.build(corpus.read_corpus(corpus_path), store_dir=index_dir)
+  print(f"wrote   {index_dir} ({index.num_docs} docs, {index.meta['num_terms']} terms)")
+
+
 def fetch_data(paths: dict, work: str, root: str):
   names = ("wiki_corpus", "wiki_index", "fanoutqa_train", "fanoutqa_test", "fanoutqa_answerable")
+  if os.path.exists(paths["wiki_corpus"]) and not index_is_current(paths["wiki_index"]):
+    build_wiki_index(paths["wiki_corpus"], paths["wiki_index"])  # e.g. saved in an older format
   try:
     assets.asset_paths(root, require=names)
     for n in names:
@@ -186,11 +203,10 @@ def fetch_data(paths: dict, work: str, root: str):
   with open(attribution, "w", encoding="utf-8") as f:
     f.write(ATTRIBUTION.format(package=OVOS, changes="lead-section summaries reformatted as "
                                "Search-R1 corpus rows"))
-  if os.path.exists(os.path.join(index_dir, "meta.json")):
+  if index_is_current(index_dir):
     print(f"ok      {index_dir}")
   else:
-    index = retriever.BM25Index.build(corpus.read_corpus(corpus_path), store_dir=index_dir)
-    print(f"wrote   {index_dir} ({index.num_docs} docs, {index.meta['num_terms']} terms)")
+    build_wiki_index(corpus_path, index_dir)
 
   with open(os.path.join(fanout_data, "fanout-final-dev.json"), encoding="utf-8") as f:
     leaves = fanout_leaves(json.load(f), summaries)
