@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from llds_jax import block_postings, data, passage_store, retriever
+from llds_jax import block_postings, corpus, passage_store, retriever
 from tests import tool_loader
 
 TESTDATA = os.path.join(os.path.dirname(__file__), "testdata")
@@ -71,7 +71,7 @@ def test_postings_take_under_70_percent_of_the_old_format():
 
 
 def test_old_format_fails_loud_with_rebuild_message(tmp_path):
-  rows = list(data.read_corpus(os.path.join(TESTDATA, "wiki_sample.jsonl")))[:20]
+  rows = list(corpus.read_corpus(os.path.join(TESTDATA, "wiki_sample.jsonl")))[:20]
   retriever.BM25Index.build(rows, store_dir=str(tmp_path))
   meta_path = tmp_path / "meta.json"
   meta = json.loads(meta_path.read_text())
@@ -88,7 +88,7 @@ def test_old_format_fails_loud_with_rebuild_message(tmp_path):
 @pytest.mark.parametrize("to_disk", [True, False])
 def test_passage_store_round_trip(tmp_path, monkeypatch, to_disk):
   monkeypatch.setattr(passage_store, "BLOCK_BYTES", 300)  # many blocks
-  rows = list(data.read_corpus(os.path.join(TESTDATA, "wiki_sample.jsonl")))[:60]
+  rows = list(corpus.read_corpus(os.path.join(TESTDATA, "wiki_sample.jsonl")))[:60]
   rows += [("", ""), ("ü-€", '"Zürich"\n— naïve 漢字'), ("last", "x" * 5000)]
   writer = passage_store.PassageStoreWriter(str(tmp_path) if to_disk else None)
   for doc_id, contents in rows:
