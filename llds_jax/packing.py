@@ -60,7 +60,7 @@ def first_fit(lengths_N: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarr
   return seq_N, off_N, len(free_Q)
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
@@ -92,7 +92,7 @@ def pack_rows(batch: dict, rows: np.ndarray, seq_len: int, num_seqs: int | None 
     raise ValueError(f"packing: row {int(rows[empty[0]])} has no prompt token (its first "
                      "response token would be predicted from the previous segment)")
   seq_N, off_N, used = first_fit(p_N + r_N, seq_len)
-  q = _round_up(max(used, 1), seq_multiple) if num_seqs is None else num_seqs
+  q = round_up(max(used, 1), seq_multiple) if num_seqs is None else num_seqs
   if used > q:
     raise ValueError(f"packing: {used} sequences needed, only {q} allowed")
   ids_QxS = np.zeros((q, seq_len), np.int32)
@@ -141,15 +141,19 @@ def minibatch_layout(batch: dict, rows: np.ndarray, seq_len: int, micro_seqs: in
   return out
 
 
-def stack_micro(layouts: list[list[dict]], num_rows: int, row_multiple: int) -> list[dict]:
+def stack_micro(layouts: list[list[dict]], num_rows: int, row_multiple: int,
+                micro: int = 0) -> list[dict]:
   """Pads every minibatch's micro-batches to one shape (A micro-batches × M row slots × K).
 
-  A and M are the largest over the minibatches, bucketed (`sampler.bucket`) so few shapes
-  compile; empty micro-batches and row slots are padding: their `rows` entry is `num_rows`
-  (out of range, so the device gather fills it with zeros: no loss tokens).
+  A (`micro`, or 0: the most of any minibatch) and M are bucketed (`sampler.bucket`) so few
+  shapes compile; empty micro-batches and row slots are padding: their `rows` entry is
+  `num_rows` (out of range, so the device gather fills it with zeros: no loss tokens).
   """
-  a = few_shapes(max(len(mb) for mb in layouts))
-  m = _round_up(few_shapes(max(len(u["rows"]) for mb in layouts for u in mb)), row_multiple)
+  most = max(len(mb) for mb in layouts)
+  if micro and micro < most:
+    raise ValueError(f"packing: a minibatch needs {most} micro-batches, only {micro} allowed")
+  a = micro or few_shapes(most)
+  m = round_up(few_shapes(max(len(u["rows"]) for mb in layouts for u in mb)), row_multiple)
   k = max(u["keep"].shape[1] for mb in layouts for u in mb)
   out = []
   for mb in layouts:
