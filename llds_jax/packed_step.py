@@ -199,6 +199,33 @@ def micro_size(used_I: list[int], most: int, row_shards: int) -> tuple[int, int]
   return best[1], best[0]
 
 
+def phase_layout(batch: dict, sc: StepConfig, row_shards: int, *, minibatch: int,
+                 ppo_epochs: int = 1, shuffle_seed: int | None = None) -> dict:
+  """Host side of a packed update phase: the log-prob pass's sequences (`logprob`, with its
+  `block` size) and every minibatch step's stacked micro-batches (`steps`, in step order).
+
+  `batch` holds all rows' input_ids / attn_mask / loss_mask (padded). Minibatches are contiguous
+  row blocks, or a permutation per epoch with `shuffle_seed`, as in `train_step.update_phase`.
+  """
+  n = batch["input_ids"].shape[0]
+  if n % minibatch:
+    raise ValueError(f"rollout rows {n} not divisible by rl.minibatch_size={minibatch}")
+  # A batch that needs fewer sequences than a block (or a micro-batch) gets a smaller one:
+  # short rollouts would otherwise pay for pack_len × logprob_rows slots of padding.
+  block = block_size(sequences_used(batch, np.arange(n), sc.pack_len), sc.logprob_rows,
+                     row_shards)
+  lp = packing.pack_rows(batch, np.arange(n), sc.pack_len, seq_multiple=block)
+  steps = [(e, i) for e in range(ppo_epochs) for i in range(n // minibatch)]
+  orders = {e: (np.arange(n) if shuffle_seed is None
+                else np.random.default_rng((shuffle_seed, e)).permutation(n))
+            for e in range(ppo_epochs)}
+  mb_rows = [orders[e][i * minibatch:(i + 1) * minibatch] for e, i in steps]
+  qm, a = micro_size([sequences_used(batch, r, sc.pack_len) for r in mb_rows],
+                     sc.pack_micro_seqs, row_shards)
+  layouts = [packing.minibatch_layout(batch, r, sc.pack_len, qm) for r in mb_rows]
+  return dict(logprob=lp, block=block, steps=packing.stack_micro(layouts, n, row_shards, micro=a))
+
+
 def packed_update_phase(updater, state: TrainState, batch: dict, ref_params, *, minibatch: int,
                         ppo_epochs: int = 1, shuffle_seed: int | None = None, progress=None):
   """`train_step.update_phase` on packed rows: same minibatch rows, same steps, no padding."""
@@ -209,14 +236,9 @@ def packed_update_phase(updater, state: TrainState, batch: dict, ref_params, *, 
   # A minibatch's rows may live on other hosts: every process packs all rows (the same layout
   # everywhere) and places its own slice of the sequences.
   batch = {k: hosts.gather_rows(batch[k]) for k in ("input_ids", "attn_mask", "loss_mask")}
-  n = batch["input_ids"].shape[0]
-  if n % minibatch:
-    raise ValueError(f"rollout rows {n} not divisible by rl.minibatch_size={minibatch}")
-  # A batch that needs fewer sequences than a block (or a micro-batch) gets a smaller one:
-  # short rollouts would otherwise pay for pack_len × logprob_rows slots of padding.
-  block = block_size(sequences_used(batch, np.arange(n), sc.pack_len), sc.logprob_rows,
-                     row_shards)
-  lp = packing.pack_rows(batch, np.arange(n), sc.pack_len, seq_multiple=block)
+  lay = phase_layout(batch, sc, row_shards, minibatch=minibatch, ppo_epochs=ppo_epochs,
+                     shuffle_seed=shuffle_seed)
+  lp, block = lay["logprob"], lay["block"]
   seqs = _place({k: lp[k] for k in SEQ_KEYS}, progs.seq_shardings, axis=0)
   gather = _place({"g": lp["gather"]}, {"g": progs.row_shardings}, axis=0)["g"]
   placed["old_logp"] = progs.logprobs(state.params, seqs, gather, block)
@@ -226,20 +248,27 @@ def packed_update_phase(updater, state: TrainState, batch: dict, ref_params, *, 
     placed["ref_logp"] = jnp.zeros_like(placed["old_logp"])
   batch_stats = updater.lld_stats(placed["old_logp"], placed["adv"], placed["loss_mask"],
                                   placed["ref_logp"])
-  steps = [(e, i) for e in range(ppo_epochs) for i in range(n // minibatch)]
-  orders = {e: (np.arange(n) if shuffle_seed is None
-                else np.random.default_rng((shuffle_seed, e)).permutation(n))
-            for e in range(ppo_epochs)}
-  mb_rows = [orders[e][i * minibatch:(i + 1) * minibatch] for e, i in steps]
-  qm, a = micro_size([sequences_used(batch, r, sc.pack_len) for r in mb_rows],
-                     sc.pack_micro_seqs, row_shards)
-  layouts = [packing.minibatch_layout(batch, r, sc.pack_len, qm) for r in mb_rows]
-  stacked = packing.stack_micro(layouts, n, row_shards, micro=a)
   metrics = []
-  for st in (progress(stacked) if progress else stacked):
+  for st in (progress(lay["steps"]) if progress else lay["steps"]):
     mb = progs.select_rows(placed, jnp.asarray(st["rows"]))
     mb.update(_place({k: st[k] for k in SEQ_KEYS + ("gather",)}, progs.step_shardings, axis=1))
     state, m = progs.step(state, mb)
     metrics.append(m)
   return updater.advance(state), metrics, batch_stats
 
+
+def abstract_inputs(updater, lay: dict) -> dict:
+  """ShapeDtypeStructs of the packed programs' inputs for a `phase_layout` (tools/dry_run.py):
+  `seqs`, `gather` and `block` of the log-prob pass, `minibatch` of one step (all steps of a
+  phase share its shape)."""
+  progs, st = updater.packed, lay["steps"][0]
+  sds = lambda x, dt, sh: jax.ShapeDtypeStruct(x.shape, dt, sharding=sh)  # noqa: E731
+  lp = lay["logprob"]
+  a, m, r = st["gather"].shape
+  rows_sh = {k: jax.ShapeDtypeStruct((a, m) if k == "adv" else (a, m, r), jnp.float32,
+                                     sharding=progs.step_shardings[k])
+             for k in ROW_KEYS}
+  return dict(seqs={k: sds(lp[k], jnp.int32, progs.seq_shardings[k]) for k in SEQ_KEYS},
+              gather=sds(lp["gather"], jnp.int32, progs.row_shardings), block=lay["block"],
+              minibatch=rows_sh | {k: sds(st[k], jnp.int32, progs.step_shardings[k])
+                                   for k in SEQ_KEYS + ("gather",)})

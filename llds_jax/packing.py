@@ -181,3 +181,30 @@ def non_pad_fraction(attn_NxL: np.ndarray, seq_len: int | None = None) -> float:
     return tokens / max(attn_NxL.size, 1)
   _, _, used = first_fit(attn_NxL.sum(1), seq_len)
   return tokens / max(used * seq_len, 1)
+
+
+def recorded_rows(dist: dict, rows: int, prompt_width: int, response_width: int,
+                  seed: int = 0) -> dict:
+  """Padded host rows (input_ids all 0, attn_mask, loss_mask) of `rows` trajectories drawn from
+  a recorded length distribution (`bench/packing.py --record`), stretched to other widths.
+
+  For sizing packed programs of a longer context than the recording's (tools/dry_run.py): prompt
+  lengths scale so the recording's longest prompt fills `prompt_width`, response and loss-token
+  counts so its `max_context` minus that prompt fills `response_width`. Loss tokens sit at the
+  head (reasoning + search call) and tail (answer) of a response; the observations between
+  them are masked, as Search-R1 masks them.
+  """
+  p_all, r_all = np.asarray(dist["prompt_len"]), np.asarray(dist["response_len"])
+  pick = np.random.default_rng(seed).integers(len(p_all), size=rows)
+  p_scale = prompt_width / max(int(p_all.max()), 1)
+  r_scale = response_width / max(int(dist["max_context"]) - int(p_all.max()), 1)
+  p_N = np.clip(np.round(p_all[pick] * p_scale), 1, prompt_width).astype(np.int64)
+  r_N = np.clip(np.round(r_all[pick] * r_scale), 1, response_width).astype(np.int64)
+  l_N = np.minimum(np.round(np.asarray(dist["loss_tokens"])[pick] * r_scale), r_N).astype(np.int64)
+  t_R = np.arange(response_width)[None]
+  head_N, tail_N = -(-l_N // 2), l_N // 2
+  loss_NxR = (t_R < head_N[:, None]) | ((t_R >= (r_N - tail_N)[:, None]) & (t_R < r_N[:, None]))
+  t_L = np.arange(prompt_width + response_width)[None]
+  attn_NxL = (t_L >= (prompt_width - p_N)[:, None]) & (t_L < (prompt_width + r_N)[:, None])
+  return dict(input_ids=np.zeros(attn_NxL.shape, np.int32), attn_mask=attn_NxL.astype(np.int32),
+              loss_mask=loss_NxR.astype(np.float32))
