@@ -6,7 +6,8 @@
 `--record` runs `rollout.rollout` with the LLD testbed's format-warmed-up policy (tools/
 lld_experiment.py builds it) on its RL questions, with the testbed config's rollout settings, and
 writes every row's prompt and response length to bench/packing_lengths.json. The bench samples
-`--rows` trajectories from that distribution (random token ids of those lengths), lays them out
+`--rows` trajectories from that distribution (random token ids of those lengths, the recorded
+number of loss tokens, observations masked), lays them out
 as the trainer does (`trainer.build_batch`), and times the whole update phase (old and reference
 log-prob passes + every minibatch step, `train_step.update_phase`) on a Qwen2-shaped model, once
 padded and once packed (`rl.pack`, sequences of `--pack_len`, default the recorded max_context,

@@ -268,6 +268,22 @@ def test_pack_config_switch_and_bad_fields(tmp_path):
       trainer.validate(bad)
 
 
+@pytest.mark.parametrize("name", ["pod_qwen3b_v4", "pod_qwen3b_v5e", "pod_qwen3b_v5p",
+                                  "pod_qwen7b_v4", "pod_qwen7b_v5e", "pod_qwen7b_v5p"])
+def test_pod_configs_pack_by_default(name):
+  """The pod configs run the packed update (bench/RESULTS.md, docs/scaling.md) with valid sizes."""
+  import importlib
+  import os
+  import sys
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from llds_jax import trainer
+  c = importlib.import_module(f"configs.{name}").get_config()
+  assert c.rl.pack
+  trainer._validate_packing(c, c.mesh.data * c.mesh.fsdp)
+  sc = trainer.step_config(c)
+  assert (sc.pack_len, sc.pack_micro_seqs) == (c.rollout.max_context, c.rl.micro_batch_size)
+
+
 def test_zero_variance_filter_drops_equal_groups_and_cuts_to_minibatches():
   from llds_jax.trainer import zero_variance_filter
   group_N = np.repeat(np.arange(4), 3)
