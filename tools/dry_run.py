@@ -10,6 +10,8 @@ mesh size, or --devices): the update step (`train_step.Updater`, one minibatch w
 micro-batch scan, GRPO + LLDS + KL + entropy, AdamW, donated state), the log-prob pass (old and
 reference log-probs of the whole rollout batch), and the sampler's prefill (`sampler.feed`, the
 first turn's prompt block) and decode loop (`sampler.decode`, at the last turn's full view).
+With `rl.pack` the update step and log-prob pass are the packed ones (`packed_step.py`), on the
+sequences one rollout batch drawn from `--lengths` packs into.
 
 For each program it prints XLA's per-device memory analysis, XLA's cost analysis (a while body
 counted once), and from the optimized HLO the trip-count-weighted matmul FLOPs and collectives
