@@ -6,7 +6,8 @@
 `--record` runs `rollout.rollout` with the LLD testbed's format-warmed-up policy (tools/
 lld_experiment.py builds it) on its RL questions, with the testbed config's rollout settings, and
 writes every row's prompt and response length to bench/packing_lengths.json. The bench samples
-`--rows` trajectories from that distribution (random token ids of those lengths), lays them out
+`--rows` trajectories from that distribution (random token ids of those lengths, the recorded
+number of loss tokens, observations masked), lays them out
 as the trainer does (`batch_layout.build_batch`), and times the whole update phase (old and reference
 log-prob passes + every minibatch step, `train_step.update_phase`) on a Qwen2-shaped model, once
 padded and once packed (`rl.pack`, sequences of `--pack_len`, default the recorded max_context,
@@ -70,12 +71,20 @@ def synthetic_batch(dist: dict, rows: int, vocab: int, seed: int = 0) -> dict:
   pick = rng.integers(len(dist["prompt_len"]), size=rows)
   p_N = np.asarray(dist["prompt_len"])[pick]
   r_N = np.asarray(dist["response_len"])[pick]
+  l_N = np.asarray(dist["loss_tokens"])[pick]
   R = int(r_N.max())
+  # Observation tokens are not loss tokens (Search-R1 masks them): the recorded count of loss
+  # tokens is split between the head (reasoning + search call) and the tail (the answer), the
+  # masked observations in between. The padded path's cost does not depend on it; the packed
+  # path computes logits only at loss tokens.
+  head_N, tail_N = -(-l_N // 2), l_N // 2
+  t_R = np.arange(R)[None]
+  loss_NxR = (t_R < head_N[:, None]) | ((t_R >= (r_N - tail_N)[:, None]) & (t_R < r_N[:, None]))
   ro = types.SimpleNamespace(
       prompt_len=p_N, response_len=r_N,
       prompt_ids=rng.integers(1, vocab, (rows, int(p_N.max()))),
       response_ids=rng.integers(1, vocab, (rows, R)),
-      loss_mask=(np.arange(R)[None] < r_N[:, None]).astype(np.float32))
+      loss_mask=loss_NxR.astype(np.float32))
   adv = rng.standard_normal(rows).astype(np.float32)
   return batch_layout.build_batch(ro, adv, np.ones((rows, R), np.float32),
                              max_len=dist["max_context"])

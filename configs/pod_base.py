@@ -59,6 +59,10 @@ def pod_config(model: str, chip: str, devices: int, *, data: int, fsdp: int, ten
   # Rows per block of the old/reference log-prob pass: divides the 2560 rollout rows and is a
   # multiple of data × fsdp (trainer.validate).
   c.rl.logprob_micro_batch_size = logprob_micro_batch
+  # Packed update (issue 18): rows share max_context-token sequences and logits are computed at
+  # loss tokens only; a micro-batch is micro_batch sequences (the padded micro-batch's token
+  # budget). bench/packing.py: 0.53–0.72× the padded update phase on recorded testbed lengths.
+  c.rl.pack = True
   c.rollout.cache_dtype = cache_dtype
   # "tensor": the rollout's bf16 weights whole on every fsdp shard (params/tensor bytes per chip)
   # so decode gathers no weights per token; "train": fsdp-sharded, gathered every token.

@@ -8,8 +8,9 @@ Mesh fsdp 64 (data 1 × fsdp 64 × tensor 1), micro-batch 64 (one row per chip),
 of 128 rows, full remat over a scan of the layers, bf16 KV cache, rollout weights whole on every
 chip (15.2 GB). Per chip, with the resident state beside each program, against the 85.5 GB
 budget: MEASURED max 73.8 GB (observation feed), ESTIMATED without the CPU's f32 upcasts max
-54.8 GB (prefill): FITS. PREDICTED step ≈ 144 s; fsdp 16 × tensor 4 also fits (max 44.0 GB
-measured) but predicts 187 s (tensor all-reduces). λ = 0.3 (the paper's 7B-Instruct value).
+54.8 GB (prefill): FITS. PREDICTED step ≈ 83 s with the packed update on the recorded testbed
+lengths (padded: 144 s); fsdp 16 × tensor 4 also fits (max 44.0 GB measured) but predicts 187 s
+padded (tensor all-reduces). λ = 0.3 (the paper's 7B-Instruct value).
 """
 
 import os

@@ -53,11 +53,13 @@ def _take(x_QxK, gather_NxR):
   return jnp.take(x_QxK.reshape(-1), gather_NxR, axis=0)
 
 
-def blocked_packed_logprobs(graphdef, params, seqs: dict, gather_NxR, *, sc: StepConfig):
-  """Response log-probs `N×R` (no entropy) of a packed rollout batch, `sc.logprob_rows` sequences
-  per block (the packed counterpart of `train_step.blocked_logprobs`)."""
+def blocked_packed_logprobs(graphdef, params, seqs: dict, gather_NxR, *, sc: StepConfig,
+                            block: int = 0):
+  """Response log-probs `N×R` (no entropy) of a packed rollout batch, `block` sequences per
+  block (0 = `sc.logprob_rows`; the packed counterpart of `train_step.blocked_logprobs`)."""
   q = seqs["input_ids"].shape[0]
-  rows = min(sc.logprob_rows, q) if sc.logprob_rows else q
+  block = block or sc.logprob_rows
+  rows = min(block, q) if block else q
   if q % rows:
     raise ValueError(f"{q} packed sequences do not split into log-prob blocks of {rows}")
   fn = lambda s: packed_logprobs(graphdef, params, s, sc=sc, with_entropy=False)[0]  # noqa: E731
@@ -133,9 +135,9 @@ class PackedPrograms:
         in_shardings=(updater.state_shardings, self.step_shardings),
         out_shardings=(updater.state_shardings, rep), donate_argnames=("s",)), mesh)
     self.logprobs = shd.OnMesh(jax.jit(
-        lambda p, s, g: blocked_packed_logprobs(graphdef, p, s, g, sc=sc),
+        lambda p, s, g, block: blocked_packed_logprobs(graphdef, p, s, g, sc=sc, block=block),
         in_shardings=(updater.param_shardings, self.seq_shardings, row(2)),
-        out_shardings=row(2)), mesh)
+        out_shardings=row(2), static_argnums=3), mesh)
 
     def select(placed, rows_AxM):
       # Padding slots index past the last row: mode="fill" gives them zeros (no loss tokens).
@@ -157,13 +159,71 @@ def _place(arrs: dict, shardings: dict, axis: int) -> dict:
   return out
 
 
-def _seqs_per_block(batch: dict, rows, seq_len: int, most: int, row_shards: int) -> int:
-  """Sequences per block: `most` (0 = no limit), or fewer when the rows need fewer (bucketed)."""
+def sequences_used(batch: dict, rows, seq_len: int) -> int:
+  """Packed sequences of `seq_len` that `rows` of a padded host batch need (`first_fit`)."""
   p_N, r_N = packing.row_extents(batch["attn_mask"][rows], batch["input_ids"].shape[1]
                                  - batch["loss_mask"].shape[1])
-  _, _, used = packing.first_fit(p_N + r_N, seq_len)
-  need = -(-packing.few_shapes(used) // row_shards) * row_shards
-  return min(most, need) if most else need
+  return packing.first_fit(p_N + r_N, seq_len)[2]
+
+
+def block_size(used: int, most: int, row_shards: int) -> int:
+  """Sequences per log-prob block for `used` sequences: at most `most` (0 = no limit).
+
+  The blocks are balanced (`used` split into ceil(used / most) blocks of equal size, bucketed
+  by `packing.few_shapes`), so a pass pays at most one bucket step of empty sequences: rounding
+  `used` up to whole blocks of `most` cost up to a whole block (21 sequences in blocks of 16
+  ran 32, now 24).
+  """
+  blocks = -(-used // most) if most else 1
+  size = packing.round_up(packing.few_shapes(-(-max(used, 1) // blocks)), row_shards)
+  return min(size, most) if most else size
+
+
+def micro_size(used_I: list[int], most: int, row_shards: int) -> tuple[int, int]:
+  """(sequences per micro-batch Qm, micro-batches per minibatch A) for minibatches needing
+  `used_I` sequences: the Qm ≤ `most` with the fewest sequences in all (`most` 0: A = 1).
+
+  All minibatches of a phase run one compiled step, A×Qm sequences each, A the most any needs
+  (bucketed). A minibatch needing 12 sequences with `most` 8 ran 2×8; 2×6 holds it with a
+  quarter fewer slots. Ties go to the larger Qm (fewer, bigger micro-batches).
+  """
+  if not most:
+    return packing.round_up(packing.few_shapes(max(used_I)), row_shards), 1
+  best = None
+  for qm in range(row_shards, most + 1, row_shards):
+    if qm != most and packing.few_shapes(qm) != qm:
+      continue  # only bucketed sizes (and `most`): few compiled shapes across steps
+    a = packing.few_shapes(max(-(-u // qm) for u in used_I))
+    if best is None or a * qm <= best[0] * best[1]:
+      best = (a, qm)
+  return best[1], best[0]
+
+
+def phase_layout(batch: dict, sc: StepConfig, row_shards: int, *, minibatch: int,
+                 ppo_epochs: int = 1, shuffle_seed: int | None = None) -> dict:
+  """Host side of a packed update phase: the log-prob pass's sequences (`logprob`, with its
+  `block` size) and every minibatch step's stacked micro-batches (`steps`, in step order).
+
+  `batch` holds all rows' input_ids / attn_mask / loss_mask (padded). Minibatches are contiguous
+  row blocks, or a permutation per epoch with `shuffle_seed`, as in `train_step.update_phase`.
+  """
+  n = batch["input_ids"].shape[0]
+  if n % minibatch:
+    raise ValueError(f"rollout rows {n} not divisible by rl.minibatch_size={minibatch}")
+  # A batch that needs fewer sequences than a block (or a micro-batch) gets a smaller one:
+  # short rollouts would otherwise pay for pack_len × logprob_rows slots of padding.
+  block = block_size(sequences_used(batch, np.arange(n), sc.pack_len), sc.logprob_rows,
+                     row_shards)
+  lp = packing.pack_rows(batch, np.arange(n), sc.pack_len, seq_multiple=block)
+  steps = [(e, i) for e in range(ppo_epochs) for i in range(n // minibatch)]
+  orders = {e: (np.arange(n) if shuffle_seed is None
+                else np.random.default_rng((shuffle_seed, e)).permutation(n))
+            for e in range(ppo_epochs)}
+  mb_rows = [orders[e][i * minibatch:(i + 1) * minibatch] for e, i in steps]
+  qm, a = micro_size([sequences_used(batch, r, sc.pack_len) for r in mb_rows],
+                     sc.pack_micro_seqs, row_shards)
+  layouts = [packing.minibatch_layout(batch, r, sc.pack_len, qm) for r in mb_rows]
+  return dict(logprob=lp, block=block, steps=packing.stack_micro(layouts, n, row_shards, micro=a))
 
 
 def packed_update_phase(updater, state: TrainState, batch: dict, ref_params, *, minibatch: int,
@@ -176,36 +236,39 @@ def packed_update_phase(updater, state: TrainState, batch: dict, ref_params, *, 
   # A minibatch's rows may live on other hosts: every process packs all rows (the same layout
   # everywhere) and places its own slice of the sequences.
   batch = {k: hosts.gather_rows(batch[k]) for k in ("input_ids", "attn_mask", "loss_mask")}
-  n = batch["input_ids"].shape[0]
-  if n % minibatch:
-    raise ValueError(f"rollout rows {n} not divisible by rl.minibatch_size={minibatch}")
-  # A batch that needs fewer sequences than a block (or a micro-batch) gets a smaller one:
-  # short rollouts would otherwise pay for pack_len × logprob_rows slots of padding.
-  lp = packing.pack_rows(batch, np.arange(n), sc.pack_len, seq_multiple=_seqs_per_block(
-      batch, np.arange(n), sc.pack_len, sc.logprob_rows, row_shards))
+  lay = phase_layout(batch, sc, row_shards, minibatch=minibatch, ppo_epochs=ppo_epochs,
+                     shuffle_seed=shuffle_seed)
+  lp, block = lay["logprob"], lay["block"]
   seqs = _place({k: lp[k] for k in SEQ_KEYS}, progs.seq_shardings, axis=0)
   gather = _place({"g": lp["gather"]}, {"g": progs.row_shardings}, axis=0)["g"]
-  placed["old_logp"] = progs.logprobs(state.params, seqs, gather)
+  placed["old_logp"] = progs.logprobs(state.params, seqs, gather, block)
   if sc.loss.kl_coef:
-    placed["ref_logp"] = progs.logprobs(ref_params, seqs, gather)
+    placed["ref_logp"] = progs.logprobs(ref_params, seqs, gather, block)
   else:
     placed["ref_logp"] = jnp.zeros_like(placed["old_logp"])
   batch_stats = updater.lld_stats(placed["old_logp"], placed["adv"], placed["loss_mask"],
                                   placed["ref_logp"])
-  steps = [(e, i) for e in range(ppo_epochs) for i in range(n // minibatch)]
-  orders = {e: (np.arange(n) if shuffle_seed is None
-                else np.random.default_rng((shuffle_seed, e)).permutation(n))
-            for e in range(ppo_epochs)}
-  mb_rows = [orders[e][i * minibatch:(i + 1) * minibatch] for e, i in steps]
-  qm = max(_seqs_per_block(batch, r, sc.pack_len, sc.pack_micro_seqs, row_shards)
-           for r in mb_rows)
-  layouts = [packing.minibatch_layout(batch, r, sc.pack_len, qm) for r in mb_rows]
-  stacked = packing.stack_micro(layouts, n, row_shards)
   metrics = []
-  for st in (progress(stacked) if progress else stacked):
+  for st in (progress(lay["steps"]) if progress else lay["steps"]):
     mb = progs.select_rows(placed, jnp.asarray(st["rows"]))
     mb.update(_place({k: st[k] for k in SEQ_KEYS + ("gather",)}, progs.step_shardings, axis=1))
     state, m = progs.step(state, mb)
     metrics.append(m)
   return updater.advance(state), metrics, batch_stats
 
+
+def abstract_inputs(updater, lay: dict) -> dict:
+  """ShapeDtypeStructs of the packed programs' inputs for a `phase_layout` (tools/dry_run.py):
+  `seqs`, `gather` and `block` of the log-prob pass, `minibatch` of one step (all steps of a
+  phase share its shape)."""
+  progs, st = updater.packed, lay["steps"][0]
+  sds = lambda x, dt, sh: jax.ShapeDtypeStruct(x.shape, dt, sharding=sh)  # noqa: E731
+  lp = lay["logprob"]
+  a, m, r = st["gather"].shape
+  rows_sh = {k: jax.ShapeDtypeStruct((a, m) if k == "adv" else (a, m, r), jnp.float32,
+                                     sharding=progs.step_shardings[k])
+             for k in ROW_KEYS}
+  return dict(seqs={k: sds(lp[k], jnp.int32, progs.seq_shardings[k]) for k in SEQ_KEYS},
+              gather=sds(lp["gather"], jnp.int32, progs.row_shardings), block=lay["block"],
+              minibatch=rows_sh | {k: sds(st[k], jnp.int32, progs.step_shardings[k])
+                                   for k in SEQ_KEYS + ("gather",)})

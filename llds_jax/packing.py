@@ -60,7 +60,7 @@ def first_fit(lengths_N: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarr
   return seq_N, off_N, len(free_Q)
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
@@ -92,7 +92,7 @@ def pack_rows(batch: dict, rows: np.ndarray, seq_len: int, num_seqs: int | None 
     raise ValueError(f"packing: row {int(rows[empty[0]])} has no prompt token (its first "
                      "response token would be predicted from the previous segment)")
   seq_N, off_N, used = first_fit(p_N + r_N, seq_len)
-  q = _round_up(max(used, 1), seq_multiple) if num_seqs is None else num_seqs
+  q = round_up(max(used, 1), seq_multiple) if num_seqs is None else num_seqs
   if used > q:
     raise ValueError(f"packing: {used} sequences needed, only {q} allowed")
   ids_QxS = np.zeros((q, seq_len), np.int32)
@@ -141,15 +141,19 @@ def minibatch_layout(batch: dict, rows: np.ndarray, seq_len: int, micro_seqs: in
   return out
 
 
-def stack_micro(layouts: list[list[dict]], num_rows: int, row_multiple: int) -> list[dict]:
+def stack_micro(layouts: list[list[dict]], num_rows: int, row_multiple: int,
+                micro: int = 0) -> list[dict]:
   """Pads every minibatch's micro-batches to one shape (A micro-batches × M row slots × K).
 
-  A and M are the largest over the minibatches, bucketed (`sampler.bucket`) so few shapes
-  compile; empty micro-batches and row slots are padding: their `rows` entry is `num_rows`
-  (out of range, so the device gather fills it with zeros: no loss tokens).
+  A (`micro`, or 0: the most of any minibatch) and M are bucketed (`sampler.bucket`) so few
+  shapes compile; empty micro-batches and row slots are padding: their `rows` entry is
+  `num_rows` (out of range, so the device gather fills it with zeros: no loss tokens).
   """
-  a = few_shapes(max(len(mb) for mb in layouts))
-  m = _round_up(few_shapes(max(len(u["rows"]) for mb in layouts for u in mb)), row_multiple)
+  most = max(len(mb) for mb in layouts)
+  if micro and micro < most:
+    raise ValueError(f"packing: a minibatch needs {most} micro-batches, only {micro} allowed")
+  a = micro or few_shapes(most)
+  m = round_up(few_shapes(max(len(u["rows"]) for mb in layouts for u in mb)), row_multiple)
   k = max(u["keep"].shape[1] for mb in layouts for u in mb)
   out = []
   for mb in layouts:
@@ -177,3 +181,30 @@ def non_pad_fraction(attn_NxL: np.ndarray, seq_len: int | None = None) -> float:
     return tokens / max(attn_NxL.size, 1)
   _, _, used = first_fit(attn_NxL.sum(1), seq_len)
   return tokens / max(used * seq_len, 1)
+
+
+def recorded_rows(dist: dict, rows: int, prompt_width: int, response_width: int,
+                  seed: int = 0) -> dict:
+  """Padded host rows (input_ids all 0, attn_mask, loss_mask) of `rows` trajectories drawn from
+  a recorded length distribution (`bench/packing.py --record`), stretched to other widths.
+
+  For sizing packed programs of a longer context than the recording's (tools/dry_run.py): prompt
+  lengths scale so the recording's longest prompt fills `prompt_width`, response and loss-token
+  counts so its `max_context` minus that prompt fills `response_width`. Loss tokens sit at the
+  head (reasoning + search call) and tail (answer) of a response; the observations between
+  them are masked, as Search-R1 masks them.
+  """
+  p_all, r_all = np.asarray(dist["prompt_len"]), np.asarray(dist["response_len"])
+  pick = np.random.default_rng(seed).integers(len(p_all), size=rows)
+  p_scale = prompt_width / max(int(p_all.max()), 1)
+  r_scale = response_width / max(int(dist["max_context"]) - int(p_all.max()), 1)
+  p_N = np.clip(np.round(p_all[pick] * p_scale), 1, prompt_width).astype(np.int64)
+  r_N = np.clip(np.round(r_all[pick] * r_scale), 1, response_width).astype(np.int64)
+  l_N = np.minimum(np.round(np.asarray(dist["loss_tokens"])[pick] * r_scale), r_N).astype(np.int64)
+  t_R = np.arange(response_width)[None]
+  head_N, tail_N = -(-l_N // 2), l_N // 2
+  loss_NxR = (t_R < head_N[:, None]) | ((t_R >= (r_N - tail_N)[:, None]) & (t_R < r_N[:, None]))
+  t_L = np.arange(prompt_width + response_width)[None]
+  attn_NxL = (t_L >= (prompt_width - p_N)[:, None]) & (t_L < (prompt_width + r_N)[:, None])
+  return dict(input_ids=np.zeros(attn_NxL.shape, np.int32), attn_mask=attn_NxL.astype(np.int32),
+              loss_mask=loss_NxR.astype(np.float32))

@@ -90,6 +90,41 @@ def test_dry_run_memory_equals_the_real_compiled_step(tiny_run):
       x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state))
 
 
+def test_dry_run_packed_programs_from_recorded_lengths(tiny_run):
+  """With rl.pack the dry run lowers the packed step and log-prob pass on sequences sized by the
+  recorded lengths (stretched to P and R): fewer token slots than the padded batch."""
+  _, padded = tiny_run
+  c = _tiny_pod()
+  c.rl.pack = True
+  out = dry_run.run(c, devices=jax.devices()[:8], prompt_tokens=40, chip="v5p",
+                    programs=("train_step", "logprobs"), log=lambda _: None)
+  s, pk = out["shapes"], out["shapes"]["packed"]
+  a, qm, seq = pk["micro"]
+  assert seq == c.rollout.max_context and qm % 4 == 0  # pack_len; whole row shards
+  q = pk["logprob_seqs"][0]
+  assert q % pk["block"] == 0 and q * seq < s["rows"] * s["L"]  # fewer slots than padded
+  assert pk["tokens"] <= q * seq
+  for name in ("train_step", "logprobs"):
+    assert out["programs"][name]["dot_flops"] > 0
+    # Different programs from the padded ones (packed inputs, unembedding at loss tokens only).
+    assert out["programs"][name]["dot_flops"] != padded["programs"][name]["dot_flops"], name
+  assert "packed" in dry_run.report(out)
+
+
+def test_recorded_rows_stretch_the_recording():
+  from llds_jax import packing
+  dist = dict(max_context=100, prompt_len=[10, 20], response_len=[30, 80], loss_tokens=[30, 9])
+  rows = packing.recorded_rows(dist, 50, prompt_width=40, response_width=160, seed=1)
+  attn, loss = rows["attn_mask"], rows["loss_mask"]
+  assert attn.shape == (50, 200) and loss.shape == (50, 160)
+  p_N, r_N = packing.row_extents(attn, 40)
+  # Prompts × 40/20, responses and loss tokens × 160/(100 − 20).
+  assert set(zip(p_N.tolist(), r_N.tolist(), loss.sum(1).astype(int).tolist())) == {
+      (20, 60, 60), (40, 160, 18)}
+  for i in np.flatnonzero(r_N == 160):  # 9 head + 9 tail loss tokens, observations between
+    np.testing.assert_array_equal(np.flatnonzero(loss[i]), np.r_[0:9, 151:160])
+
+
 def _mesh8():
   return jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
 

@@ -99,6 +99,27 @@ def test_query_blocked_attention_keeps_segments():
   np.testing.assert_allclose(dense[0, 3], jnp.repeat(v[0, 3], 2, axis=0), atol=1e-6)
 
 
+def test_blocks_and_micro_batches_are_balanced():
+  """Sequences are split into balanced blocks / micro-batches, not rounded up to whole blocks of
+  the largest size (which made packing run as many slots as the padded path)."""
+  from llds_jax.packed_step import block_size, micro_size
+  assert block_size(21, 16, 1) == 12  # 2 blocks of 12 (24 sequences), not 2 × 16
+  assert block_size(57, 16, 1) == 16  # 4 blocks of 16
+  assert block_size(5, 16, 4) == 8  # one block, a multiple of the row shards
+  assert block_size(5, 0, 1) == 6  # no limit: one bucketed block
+  assert micro_size([12, 12, 11, 12], 8, 1) == (6, 2)  # 2 × 6 sequences, not 2 × 8
+  assert micro_size([12, 13], 8, 1) == (8, 2)  # 13 needs a bucket step: 2 × 8 is the fewest
+  assert micro_size([5, 3], 8, 4) == (8, 1)  # one micro-batch of 8 rather than 2 × 4
+  assert micro_size([9], 0, 1) == (12, 1)  # no limit: one micro-batch per minibatch
+  for used, most, shards in itertools.product(range(1, 40), (1, 2, 8, 16), (1, 2)):
+    if most % shards:
+      continue
+    b = block_size(used, most, shards)
+    assert b <= most and b % shards == 0 and packing.round_up(used, b) <= used + b
+    qm, a = micro_size([used, max(used // 2, 1)], most, shards)
+    assert qm <= most and qm % shards == 0 and a * qm >= used
+
+
 def _rows_of(batch, old, ref, stacked):
   """The device gather of `packed_update_phase`, on the host: row keys per micro-batch slot."""
   full = dict(batch, old_logp=old, ref_logp=ref)
@@ -245,6 +266,22 @@ def test_pack_config_switch_and_bad_fields(tmp_path):
     bad.rl[field] = value
     with pytest.raises(ValueError, match=f"rl.{field}"):
       trainer.validate(bad)
+
+
+@pytest.mark.parametrize("name", ["pod_qwen3b_v4", "pod_qwen3b_v5e", "pod_qwen3b_v5p",
+                                  "pod_qwen7b_v4", "pod_qwen7b_v5e", "pod_qwen7b_v5p"])
+def test_pod_configs_pack_by_default(name):
+  """The pod configs run the packed update (bench/RESULTS.md, docs/scaling.md) with valid sizes."""
+  import importlib
+  import os
+  import sys
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from llds_jax import trainer
+  c = importlib.import_module(f"configs.{name}").get_config()
+  assert c.rl.pack
+  trainer._validate_packing(c, c.mesh.data * c.mesh.fsdp)
+  sc = trainer.step_config(c)
+  assert (sc.pack_len, sc.pack_micro_seqs) == (c.rollout.max_context, c.rl.micro_batch_size)
 
 
 def test_zero_variance_filter_drops_equal_groups_and_cuts_to_minibatches():

@@ -10,6 +10,8 @@ mesh size, or --devices): the update step (`train_step.Updater`, one minibatch w
 micro-batch scan, GRPO + LLDS + KL + entropy, AdamW, donated state), the log-prob pass (old and
 reference log-probs of the whole rollout batch), and the sampler's prefill (`sampler.feed`, the
 first turn's prompt block) and decode loop (`sampler.decode`, at the last turn's full view).
+With `rl.pack` the update step and log-prob pass are the packed ones (`packed_step.py`), on the
+sequences one rollout batch drawn from `--lengths` packs into.
 
 For each program it prints XLA's per-device memory analysis, XLA's cost analysis (a while body
 counted once), and from the optimized HLO the trip-count-weighted matmul FLOPs and collectives
@@ -47,6 +49,9 @@ _PROMPT = flags.DEFINE_integer("prompt_tokens", 384, "Longest prompt of a rollou
                                "are ~200-300 tokens.")
 _DUMP = flags.DEFINE_string("dump_hlo", None, "Directory for each program's optimized HLO text "
                             "and XLA memory-usage report (per-buffer breakdown of its peak).")
+_LENGTHS = flags.DEFINE_string("lengths", os.path.join(ROOT, "bench", "packing_lengths.json"),
+                               "With rl.pack: recorded rollout lengths that size the packed "
+                               "programs, stretched to P and R (packing.recorded_rows).")
 _CHIP = flags.DEFINE_string("chip", None, "Chip kind for the prediction (default: "
                             "config.hardware.chip).")
 
@@ -83,7 +88,7 @@ import jax  # noqa: E402  (after XLA_FLAGS)
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from llds_jax import batch_layout, policy, roofline, rollout  # noqa: E402
+from llds_jax import batch_layout, packed_step, packing, policy, roofline, rollout  # noqa: E402
 from llds_jax import sampler as smp, sharding as shd  # noqa: E402
 from llds_jax.model import ModelConfig, Transformer  # noqa: E402
 from llds_jax.rollout import STOP_STRINGS  # noqa: E402
@@ -138,8 +143,9 @@ def device_bytes(tree) -> float:
   return float(total)
 
 
-def build(c, mesh, prompt_tokens: int = 384) -> dict:
-  """The abstract inputs of every program, sharded as the trainer shards them."""
+def build(c, mesh, prompt_tokens: int = 384, lengths: str | None = None) -> dict:
+  """The abstract inputs of every program, sharded as the trainer shards them; with `rl.pack`,
+  the packed programs' sized by a batch drawn from the `lengths` recording."""
   cfg = model_config(c)
   graphdef, abs_params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   up = Updater(graphdef, abs_params, opt=c.opt, step_cfg=step_config(c), mesh=mesh)
@@ -167,7 +173,19 @@ def build(c, mesh, prompt_tokens: int = 384) -> dict:
   scfg = smp.SampleConfig(c.rollout.temperature, c.rollout.top_p, c.rollout.top_k, tuple(eos))
   table = jax.ShapeDtypeStruct((len(STOP_STRINGS), max(map(len, STOP_STRINGS)), cfg.vocab_size),
                                jnp.int8, sharding=shd.replicated(mesh))
+  packed = None
+  if up.sc.pack_len:
+    with open(lengths or _LENGTHS.default) as f:
+      rows = packing.recorded_rows(json.load(f), s["rows"], s["P"], s["R"])
+    lay = packed_step.phase_layout(rows, up.sc, mesh.shape["data"] * mesh.shape["fsdp"],
+                                   minibatch=mb, ppo_epochs=c.rl.ppo_epochs)
+    packed = packed_step.abstract_inputs(up, lay)
+    s["packed"] = dict(logprob_seqs=lay["logprob"]["input_ids"].shape, block=lay["block"],
+                       micro=lay["steps"][0]["input_ids"].shape,
+                       non_pad=packing.non_pad_fraction(rows["attn_mask"]),
+                       tokens=int(rows["attn_mask"].sum()))
   return dict(cfg=cfg, graphdef=graphdef, updater=up, params=params, state=state, shapes=s,
+              packed=packed,
               sampler_params=policy.rollout_weights(c, abs_params, mesh),
               minibatch=batch(mb), rollout_batch=batch(s["rows"]), sampler_state=samp,
               scfg=scfg, table=table, prompt=rows_of((B, s["P"]), jnp.int32),
@@ -178,6 +196,11 @@ def build(c, mesh, prompt_tokens: int = 384) -> dict:
 def lower(name: str, b: dict):
   """The jax `Lowered` of one program, called exactly as the trainer / rollout call it."""
   up, s = b["updater"], b["shapes"]
+  pk = b["packed"]
+  if name == "train_step" and pk:
+    return up.packed.step.lower(b["state"], pk["minibatch"])
+  if name == "logprobs" and pk:
+    return up.packed.logprobs.lower(b["params"], pk["seqs"], pk["gather"], pk["block"])
   if name == "train_step":
     return up.step.lower(b["state"], b["minibatch"])
   if name == "logprobs":
@@ -233,11 +256,11 @@ def compile_with_report(lowered):
 
 
 def run(c, *, devices=None, programs=PROGRAMS, prompt_tokens: int = 384, chip: str | None = None,
-        log=print, dump_hlo: str | None = None) -> dict:
+        log=print, dump_hlo: str | None = None, lengths: str | None = None) -> dict:
   """Compile `programs` for config `c` on `devices` (default: all); measured + predicted dict."""
   devices = list(jax.devices() if devices is None else devices)
   mesh = shd.make_mesh(dict(c.mesh), devices[:device_count(c, len(devices))])
-  b = build(c, mesh, prompt_tokens)
+  b = build(c, mesh, prompt_tokens, lengths)
   out = dict(mesh=dict(mesh.shape), devices=mesh.size, shapes=b["shapes"], programs={},
              model=dict(params=sum(math.prod(x.shape) for x in jax.tree.leaves(b["params"])),
                         **{k: getattr(b["cfg"], k) for k in ("num_layers", "hidden_size",
@@ -336,7 +359,8 @@ def report(out: dict) -> str:
   s = out["shapes"]
   lines = [f"mesh {out['mesh']} ({out['devices']} devices) · {out['model']['params'] / 1e9:.2f}B "
            f"params · rollout rows {s['rows']} (sampler {s['sampler_rows']}) · P+R = {s['P']}+"
-           f"{s['R']} = {s['L']} · cache {s['cap']} slots · turn views {s['views']}",
+           f"{s['R']} = {s['L']} · cache {s['cap']} slots · turn views {s['views']}"
+           + (f" · packed {s['packed']}" if "packed" in s else ""),
            "", "MEASURED by XLA (CPU compiler, per device; GB = 1e9 bytes; FLOPs per call)",
            f"{'program':<11}{'args':>9}{'out':>9}{'alias':>9}{'temp':>9}{'peak':>9}"
            f"{'upcast':>9}{'xlaTFLOP':>10}{'hloTFLOP':>10}{'xlaGBacc':>10}{'compile_s':>10}"]
@@ -382,7 +406,7 @@ def main(argv):
   if _DUMP.value:
     os.makedirs(_DUMP.value, exist_ok=True)
   out = run(c, programs=_PROGRAMS.value, prompt_tokens=_PROMPT.value, chip=_CHIP.value,
-            dump_hlo=_DUMP.value)
+            dump_hlo=_DUMP.value, lengths=_LENGTHS.value)
   out["config"] = json.loads(c.to_json_best_effort())
   print(report(out))
   if _JSON.value:
