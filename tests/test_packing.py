@@ -276,11 +276,11 @@ def test_pod_configs_pack_by_default(name):
   import os
   import sys
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from llds_jax import trainer
+  from llds_jax import train_step, trainer
   c = importlib.import_module(f"configs.{name}").get_config()
   assert c.rl.pack
   trainer._validate_packing(c, c.mesh.data * c.mesh.fsdp)
-  sc = trainer.step_config(c)
+  sc = train_step.step_config(c)
   assert (sc.pack_len, sc.pack_micro_seqs) == (c.rollout.max_context, c.rl.micro_batch_size)
 
 
