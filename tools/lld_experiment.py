@@ -418,7 +418,7 @@ def parse_args(argv=None):
   a = p.parse_args(argv)
   if a.smoke:
     a.steps, a.people, a.vocab, a.hidden, a.layers = min(a.steps or 2, 2), 40, 512, 32, 2
-    a.warmup_steps, a.batch = 4, 8
+    a.warmup_steps, a.batch, a.warm_worlds = 4, 8, min(a.warm_worlds, 2)
   try:
     a.seeds = [int(s) for s in a.seeds.split(",")]
   except ValueError:
