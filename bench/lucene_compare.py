@@ -118,6 +118,7 @@ def lucene_search(python: str, env: dict, index: str, queries: list[str], tmp: s
            os.path.join(tmp, "search.log"), env)
   with open(hfile, encoding="utf-8") as f:
     out = json.load(f)
+  # write_passages gives row i the id str(i), so a Lucene id is our document index.
   return len(queries) / out["cpu_s"], [[(int(d), s) for d, s in h] for h in out["hits"]]
 
 
