@@ -18,6 +18,10 @@ rate compared; on those queries the top-10 score lists of llds_jax must equal ra
 bm25s (method "robertson", single thread) scores are (k1+1)× smaller and floor df > N/2 terms at 0
 instead of rank_bm25's epsilon, so only its speed and how often its top-10 lists agree are reported.
 Appends a dated table to bench/RESULTS.md.
+
+  python bench/retriever.py --lucene 200000 [--lucene_python /tmp/lucene_venv/bin/python]
+
+`--lucene` compares with Pyserini (Lucene) on the `--scaling` passages: bench/lucene_compare.py.
 """
 
 import argparse
@@ -39,6 +43,9 @@ from rank_bm25 import BM25Okapi
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llds_jax import assets, corpus, retriever, search_pool  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lucene_compare  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 try:
   import bm25s  # pylint: disable=g-import-not-at-top
@@ -84,12 +91,16 @@ def pool_rates(index_dir: str, index, questions) -> dict:
   return out
 
 
+def fanoutqa_questions() -> list[str]:
+  paths = assets.asset_paths(require=("fanoutqa_train", "fanoutqa_test"))
+  return [r["question"] for split in ("fanoutqa_train", "fanoutqa_test")
+          for r in pq.read_table(paths[split], columns=["question"]).to_pylist()]
+
+
 def wiki_corpus():
-  paths = assets.asset_paths(require=("wiki_corpus", "fanoutqa_train", "fanoutqa_test"))
+  paths = assets.asset_paths(require=("wiki_corpus",))
   docs = [retriever.tokenize(c) for _, c in corpus.read_corpus(paths["wiki_corpus"])]
-  questions = [r["question"] for split in ("fanoutqa_train", "fanoutqa_test")
-               for r in pq.read_table(paths[split], columns=["question"]).to_pylist()]
-  return docs, [retriever.tokenize(q) for q in questions]
+  return docs, [retriever.tokenize(q) for q in fanoutqa_questions()]
 
 
 def synthetic_corpus(n_docs: int, seed: int = 0):
@@ -261,13 +272,23 @@ def scaling(sizes: list[int], pool: bool = False):
   print("\n".join(lines))
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--synthetic_docs", type=int, default=200_000)
   parser.add_argument("--rank_bm25_queries", type=int, default=40)
   parser.add_argument("--scaling", default=None, help="comma-separated passage counts")
   parser.add_argument("--pool", action="store_true", help="with --scaling: search pool rates")
-  args = parser.parse_args()
+  parser.add_argument("--lucene", default=None,
+                      help="comma-separated passage counts: ours vs Pyserini (bench/lucene_compare.py)")
+  parser.add_argument("--lucene_python", default=None,
+                      help="interpreter with Pyserini for --lucene (default: $LLDS_LUCENE_PYTHON)")
+  args = parser.parse_args(argv)
+  if args.lucene:
+    lucene_python = lucene_compare.lucene_python(args.lucene_python)  # fails before any work
+    lucene_compare.main([int(n) for n in args.lucene.split(",")], lucene_python, fanoutqa_questions(),
+                        write_passages, machine, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                              "RESULTS.md"))
+    return
   if args.scaling:
     scaling([int(n) for n in args.scaling.split(",")], pool=args.pool)
     return
