@@ -114,13 +114,13 @@ class Recorder:
     return out
 
 
-def run(mode: str, batch: dict, graphdef, params, sc: StepConfig, mesh, minibatch: int,
+def run(mode: str, batch: dict, graphdef, params, step_cfg: StepConfig, mesh, minibatch: int,
         repeats: int) -> tuple[float, float, float]:
   """(median update-phase seconds, peak program bytes, non-pad fraction of every token slot
   the phase's programs were fed) of one path."""
   opt = ml_collections.ConfigDict(dict(lr=1e-6, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
                                        weight_decay=0.01, grad_clip=1.0))
-  up = Updater(graphdef, jax.eval_shape(lambda: params), opt=opt, step_cfg=sc, mesh=mesh)
+  up = Updater(graphdef, jax.eval_shape(lambda: params), opt=opt, step_cfg=step_cfg, mesh=mesh)
   progs = [up.packed] if mode == "packed" else [up]
   recs = []
   for p in progs:
@@ -178,14 +178,14 @@ def main():
                     chunk_size=128, logprob_rows=args.logprob_rows)
   pack_len = args.pack_len or dist["max_context"]
   # The same token budget per micro-batch: `micro` rows of max_context, in sequences of pack_len.
-  packed_sc = dataclasses.replace(base, pack_len=pack_len, pack_micro_seqs=max(
+  packed_cfg = dataclasses.replace(base, pack_len=pack_len, pack_micro_seqs=max(
       1, args.micro * dist["max_context"] // pack_len))
   print(f"non-pad fraction of the whole batch: padded "
         f"{packing.non_pad_fraction(batch['attn_mask']):.3f}, packed into {pack_len}-token sequences "
         f"{packing.non_pad_fraction(batch['attn_mask'], pack_len):.3f}")
   out, frac = {}, {}
-  for mode, sc in (("padded", base), ("packed", packed_sc)):
-    out[mode] = run(mode, batch, graphdef, params, sc, mesh, args.minibatch, args.repeats)
+  for mode, step_cfg in (("padded", base), ("packed", packed_cfg)):
+    out[mode] = run(mode, batch, graphdef, params, step_cfg, mesh, args.minibatch, args.repeats)
     frac[mode] = out[mode][2]
     print(f"{mode}: update phase {out[mode][0]:.2f} s, non-pad fraction of the slots its "
           f"programs ran on {frac[mode]:.3f}, "

@@ -31,7 +31,8 @@ SEQ_KEYS = packing.SEQ_KEYS  # Q×S tokens, positions, segment ids; Q×K loss po
 ROW_KEYS = ("loss_mask", "adv", "old_logp", "ref_logp", "answer_weight")  # gathered per row slot
 
 
-def packed_logprobs(graphdef, params, seqs: dict, *, sc: StepConfig, with_entropy: bool = True):
+def packed_logprobs(graphdef, params, seqs: dict, *, step_cfg: StepConfig,
+                    with_entropy: bool = True):
   """(logp_QxK, entropy_QxK) at each sequence's `keep` positions: log p of the token after
   each, from that position's hidden state.
 
@@ -45,7 +46,7 @@ def packed_logprobs(graphdef, params, seqs: dict, *, sc: StepConfig, with_entrop
   tgt_QxS = jnp.concatenate([ids_QxS[:, 1:], jnp.zeros_like(ids_QxS[:, :1])], axis=1)
   h_QxKxD = jnp.take_along_axis(h_QxSxD, keep_QxK[:, :, None], axis=1)
   return token_logprobs(h_QxKxD, model.unembed(), jnp.take_along_axis(tgt_QxS, keep_QxK, axis=1),
-                        chunk_size=sc.chunk_size, temperature=sc.temperature,
+                        chunk_size=step_cfg.chunk_size, temperature=step_cfg.temperature,
                         with_entropy=with_entropy)
 
 
@@ -53,16 +54,17 @@ def _take(x_QxK, gather_NxR):
   return jnp.take(x_QxK.reshape(-1), gather_NxR, axis=0)
 
 
-def blocked_packed_logprobs(graphdef, params, seqs: dict, gather_NxR, *, sc: StepConfig,
+def blocked_packed_logprobs(graphdef, params, seqs: dict, gather_NxR, *, step_cfg: StepConfig,
                             block: int = 0):
   """Response log-probs `N×R` (no entropy) of a packed rollout batch, `block` sequences per
-  block (0 = `sc.logprob_rows`; the packed counterpart of `train_step.blocked_logprobs`)."""
+  block (0 = `step_cfg.logprob_rows`; the packed counterpart of `train_step.blocked_logprobs`)."""
   q = seqs["input_ids"].shape[0]
-  block = block or sc.logprob_rows
+  block = block or step_cfg.logprob_rows
   rows = min(block, q) if block else q
   if q % rows:
     raise ValueError(f"{q} packed sequences do not split into log-prob blocks of {rows}")
-  fn = lambda s: packed_logprobs(graphdef, params, s, sc=sc, with_entropy=False)[0]  # noqa: E731
+  fn = lambda s: packed_logprobs(graphdef, params, s, step_cfg=step_cfg,  # noqa: E731
+                                 with_entropy=False)[0]
   if rows == q:
     logp_QxK = fn(seqs)
   else:
@@ -99,17 +101,18 @@ def micro_objective(logp_QxK, ent_QxK, micro: dict, cfg: losses.LossConfig):
   return total, metrics
 
 
-def _packed_micro_loss(params, graphdef, micro: dict, sc: StepConfig):
-  logp_QxK, ent_QxK = packed_logprobs(graphdef, params, micro, sc=sc)
-  return micro_objective(logp_QxK, ent_QxK, micro, sc.loss)
+def _packed_micro_loss(params, graphdef, micro: dict, step_cfg: StepConfig):
+  logp_QxK, ent_QxK = packed_logprobs(graphdef, params, micro, step_cfg=step_cfg)
+  return micro_objective(logp_QxK, ent_QxK, micro, step_cfg.loss)
 
 
-def packed_minibatch_grads(params, batch: dict, *, graphdef, sc: StepConfig, grad_shardings=None):
+def packed_minibatch_grads(params, batch: dict, *, graphdef, step_cfg: StepConfig,
+                           grad_shardings=None):
   """(float32 grads, metrics) of one packed minibatch: Σ over its A token-budget micro-batches."""
   micros = {k: shd.constrain(batch[k], (None, "batch", *([None] * (batch[k].ndim - 2))))
             for k in SEQ_KEYS + ("gather",) + ROW_KEYS}
   micros["scales"] = micro_scales(batch["loss_mask"], batch["adv"])
-  return accumulate_micro(params, micros, lambda p, m: _packed_micro_loss(p, graphdef, m, sc),
+  return accumulate_micro(params, micros, lambda p, m: _packed_micro_loss(p, graphdef, m, step_cfg),
                           divisor=1, grad_shardings=grad_shardings)
 
 
@@ -117,7 +120,7 @@ class PackedPrograms:
   """The jitted packed passes of an `Updater` (same params, mesh and step config)."""
 
   def __init__(self, updater):
-    mesh, sc, graphdef = updater.mesh, updater.sc, updater.graphdef
+    mesh, step_cfg, graphdef = updater.mesh, updater.step_cfg, updater.graphdef
     rep = shd.replicated(mesh)
     row = lambda nd: shd.batch_sharding(mesh, nd)  # noqa: E731
     # Micro-batch stacks: A whole, sequences / row slots over the row shards.
@@ -129,13 +132,14 @@ class PackedPrograms:
     self.step_shardings["adv"] = stack(2)
     self.step = shd.OnMesh(jax.jit(
         lambda s, b: train_step(s, b, graphdef=graphdef, tx=updater.tx,
-                                schedule=updater.schedule, sc=sc,
+                                schedule=updater.schedule, step_cfg=step_cfg,
                                 grad_shardings=updater.param_shardings,
                                 grads_fn=packed_minibatch_grads),
         in_shardings=(updater.state_shardings, self.step_shardings),
         out_shardings=(updater.state_shardings, rep), donate_argnames=("s",)), mesh)
     self.logprobs = shd.OnMesh(jax.jit(
-        lambda p, s, g, block: blocked_packed_logprobs(graphdef, p, s, g, sc=sc, block=block),
+        lambda p, s, g, block: blocked_packed_logprobs(graphdef, p, s, g, step_cfg=step_cfg,
+                                                       block=block),
         in_shardings=(updater.param_shardings, self.seq_shardings, row(2)),
         out_shardings=row(2), static_argnums=3), mesh)
 
@@ -199,7 +203,7 @@ def micro_size(used_I: list[int], most: int, row_shards: int) -> tuple[int, int]
   return best[1], best[0]
 
 
-def phase_layout(batch: dict, sc: StepConfig, row_shards: int, *, minibatch: int,
+def phase_layout(batch: dict, step_cfg: StepConfig, row_shards: int, *, minibatch: int,
                  ppo_epochs: int = 1, shuffle_seed: int | None = None) -> dict:
   """Host side of a packed update phase: the log-prob pass's sequences (`logprob`, with its
   `block` size) and every minibatch step's stacked micro-batches (`steps`, in step order).
@@ -212,37 +216,37 @@ def phase_layout(batch: dict, sc: StepConfig, row_shards: int, *, minibatch: int
     raise ValueError(f"rollout rows {n} not divisible by rl.minibatch_size={minibatch}")
   # A batch that needs fewer sequences than a block (or a micro-batch) gets a smaller one:
   # short rollouts would otherwise pay for pack_len × logprob_rows slots of padding.
-  block = block_size(sequences_used(batch, np.arange(n), sc.pack_len), sc.logprob_rows,
+  block = block_size(sequences_used(batch, np.arange(n), step_cfg.pack_len), step_cfg.logprob_rows,
                      row_shards)
-  lp = packing.pack_rows(batch, np.arange(n), sc.pack_len, seq_multiple=block)
+  lp = packing.pack_rows(batch, np.arange(n), step_cfg.pack_len, seq_multiple=block)
   steps = [(e, i) for e in range(ppo_epochs) for i in range(n // minibatch)]
   orders = {e: (np.arange(n) if shuffle_seed is None
                 else np.random.default_rng((shuffle_seed, e)).permutation(n))
             for e in range(ppo_epochs)}
   mb_rows = [orders[e][i * minibatch:(i + 1) * minibatch] for e, i in steps]
-  qm, a = micro_size([sequences_used(batch, r, sc.pack_len) for r in mb_rows],
-                     sc.pack_micro_seqs, row_shards)
-  layouts = [packing.minibatch_layout(batch, r, sc.pack_len, qm) for r in mb_rows]
+  qm, a = micro_size([sequences_used(batch, r, step_cfg.pack_len) for r in mb_rows],
+                     step_cfg.pack_micro_seqs, row_shards)
+  layouts = [packing.minibatch_layout(batch, r, step_cfg.pack_len, qm) for r in mb_rows]
   return dict(logprob=lp, block=block, steps=packing.stack_micro(layouts, n, row_shards, micro=a))
 
 
 def packed_update_phase(updater, state: TrainState, batch: dict, ref_params, *, minibatch: int,
                         ppo_epochs: int = 1, shuffle_seed: int | None = None, progress=None):
   """`train_step.update_phase` on packed rows: same minibatch rows, same steps, no padding."""
-  sc, progs = updater.sc, updater.packed
+  step_cfg, progs = updater.step_cfg, updater.packed
   row_shards = updater.mesh.shape["data"] * updater.mesh.shape["fsdp"]
   placed = place_batch({k: batch[k] for k in ("loss_mask", "adv", "answer_weight")},
                        updater.batch_shardings)
   # A minibatch's rows may live on other hosts: every process packs all rows (the same layout
   # everywhere) and places its own slice of the sequences.
   batch = {k: hosts.gather_rows(batch[k]) for k in ("input_ids", "attn_mask", "loss_mask")}
-  lay = phase_layout(batch, sc, row_shards, minibatch=minibatch, ppo_epochs=ppo_epochs,
+  lay = phase_layout(batch, step_cfg, row_shards, minibatch=minibatch, ppo_epochs=ppo_epochs,
                      shuffle_seed=shuffle_seed)
   lp, block = lay["logprob"], lay["block"]
   seqs = _place({k: lp[k] for k in SEQ_KEYS}, progs.seq_shardings, axis=0)
   gather = _place({"g": lp["gather"]}, {"g": progs.row_shardings}, axis=0)["g"]
   placed["old_logp"] = progs.logprobs(state.params, seqs, gather, block)
-  if sc.loss.kl_coef:
+  if step_cfg.loss.kl_coef:
     placed["ref_logp"] = progs.logprobs(ref_params, seqs, gather, block)
   else:
     placed["ref_logp"] = jnp.zeros_like(placed["old_logp"])

@@ -63,11 +63,11 @@ def test_segments_never_see_their_neighbours():
   mesh, model = _model()
   graphdef, params = nnx.split(model)
   batch = fake_batch(1)
-  sc = StepConfig(loss=losses.LossConfig(), num_micro=1, chunk_size=4)
+  step_cfg = StepConfig(loss=losses.LossConfig(), num_micro=1, chunk_size=4)
   pad_NxR, _ = response_logprobs(graphdef, params, batch, resp_len=R, chunk_size=4)
   pk = packing.pack_rows(batch, np.arange(N), S)
   seqs = {k: jnp.asarray(pk[k]) for k in packing.SEQ_KEYS}
-  logp_QxK, _ = packed_logprobs(graphdef, params, seqs, sc=sc)
+  logp_QxK, _ = packed_logprobs(graphdef, params, seqs, step_cfg=step_cfg)
   mask_NxR = batch["loss_mask"] > 0
   got_NxR = np.asarray(logp_QxK).reshape(-1)[pk["gather"]]
   np.testing.assert_allclose(np.where(mask_NxR, got_NxR, 0), np.where(mask_NxR, pad_NxR, 0),
@@ -75,7 +75,8 @@ def test_segments_never_see_their_neighbours():
   # Scramble every token of segment 1 in each sequence: rows in other segments keep their values.
   ids = np.where(pk["segment_ids"] == 1, (pk["input_ids"] * 7 + 3) % CFG.vocab_size,
                  pk["input_ids"])
-  logp2_QxK, _ = packed_logprobs(graphdef, params, dict(seqs, input_ids=jnp.asarray(ids)), sc=sc)
+  logp2_QxK, _ = packed_logprobs(graphdef, params, dict(seqs, input_ids=jnp.asarray(ids)),
+                                 step_cfg=step_cfg)
   got2_NxR = np.asarray(logp2_QxK).reshape(-1)[pk["gather"]]
   other_N = pk["row_segment"] > 1
   assert other_N.any()
@@ -202,8 +203,8 @@ def test_packed_model_gradients_equal_padded(mesh_shape, kw):
   mesh, model = _model(mesh_shape)
   graphdef, params = nnx.split(model)
   rs = mesh.shape["data"] * mesh.shape["fsdp"]
-  sc = StepConfig(loss=losses.LossConfig(**kw, llds_lambda=0.5), num_micro=1, chunk_size=4,
-                  pack_len=S, pack_micro_seqs=2 * rs)
+  step_cfg = StepConfig(loss=losses.LossConfig(**kw, llds_lambda=0.5), num_micro=1, chunk_size=4,
+                        pack_len=S, pack_micro_seqs=2 * rs)
   batch, _, _, _, _ = _loss_inputs(1)
   lp_NxR, _ = response_logprobs(graphdef, params, batch, resp_len=R, chunk_size=4)
   rng = np.random.RandomState(5)
@@ -214,9 +215,11 @@ def test_packed_model_gradients_equal_padded(mesh_shape, kw):
   pad.update(old_logp=old, ref_logp=ref)
   mb, _ = _packed_minibatch(batch, old, ref, micro_seqs=2 * rs, row_multiple=rs)
   with jax.set_mesh(mesh):
-    want_g, want_m = jax.jit(lambda p, b: minibatch_grads(p, b, graphdef=graphdef, sc=sc))(
+    want_g, want_m = jax.jit(
+        lambda p, b: minibatch_grads(p, b, graphdef=graphdef, step_cfg=step_cfg))(
         params, pad)
-    got_g, got_m = jax.jit(lambda p, b: packed_minibatch_grads(p, b, graphdef=graphdef, sc=sc))(
+    got_g, got_m = jax.jit(
+        lambda p, b: packed_minibatch_grads(p, b, graphdef=graphdef, step_cfg=step_cfg))(
         params, mb)
   for k in ("loss/total", "loss/pg", "loss/llds", "loss/kl", "entropy"):
     np.testing.assert_allclose(got_m[k], want_m[k], rtol=1e-5, atol=1e-6, err_msg=k)
@@ -232,7 +235,7 @@ def test_packed_update_phase_matches_padded():
     up, state, ref = _updater(SINGLE, num_micro=1, llds_lambda=0.0, kl_coef=0.1)
     if pack:  # the same model and optimizer, packed
       up = Updater(up.graphdef, jax.eval_shape(lambda: ref), opt=_opt(), mesh=up.mesh,
-                   step_cfg=dataclasses.replace(up.sc, pack_len=S, pack_micro_seqs=1))
+                   step_cfg=dataclasses.replace(up.step_cfg, pack_len=S, pack_micro_seqs=1))
     state, m, _ = update_phase(up, state, fake_batch(2), ref, minibatch=4)
     results.append((jax.tree.map(np.asarray, state.params), [float(x["loss/total"]) for x in m]))
   np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-5)
@@ -257,8 +260,9 @@ def test_pack_config_switch_and_bad_fields(tmp_path):
   c = _tiny_config(tmp_path)
   assert train_step.step_config(c).pack_len == 0  # the padded path unless asked
   c.rl.pack = True
-  sc = train_step.step_config(c)
-  assert (sc.pack_len, sc.pack_micro_seqs) == (c.rollout.max_context, c.rl.micro_batch_size)
+  step_cfg = train_step.step_config(c)
+  assert (step_cfg.pack_len, step_cfg.pack_micro_seqs) == (c.rollout.max_context,
+                                                         c.rl.micro_batch_size)
   trainer.validate(c)
   for field, value in (("pack_len", c.rollout.max_context - 1), ("pack_micro_seqs", 6)):
     bad = _tiny_config(tmp_path)
@@ -280,8 +284,9 @@ def test_pod_configs_pack_by_default(name):
   c = importlib.import_module(f"configs.{name}").get_config()
   assert c.rl.pack
   trainer._validate_packing(c, c.mesh.data * c.mesh.fsdp)
-  sc = train_step.step_config(c)
-  assert (sc.pack_len, sc.pack_micro_seqs) == (c.rollout.max_context, c.rl.micro_batch_size)
+  step_cfg = train_step.step_config(c)
+  assert (step_cfg.pack_len, step_cfg.pack_micro_seqs) == (c.rollout.max_context,
+                                                         c.rl.micro_batch_size)
 
 
 def test_zero_variance_filter_drops_equal_groups_and_cuts_to_minibatches():

@@ -174,10 +174,10 @@ def build(c, mesh, prompt_tokens: int = 384, lengths: str | None = None) -> dict
   table = jax.ShapeDtypeStruct((len(STOP_STRINGS), max(map(len, STOP_STRINGS)), cfg.vocab_size),
                                jnp.int8, sharding=shd.replicated(mesh))
   packed = None
-  if up.sc.pack_len:
+  if up.step_cfg.pack_len:
     with open(lengths or _LENGTHS.default) as f:
       rows = packing.recorded_rows(json.load(f), s["rows"], s["P"], s["R"])
-    lay = packed_step.phase_layout(rows, up.sc, mesh.shape["data"] * mesh.shape["fsdp"],
+    lay = packed_step.phase_layout(rows, up.step_cfg, mesh.shape["data"] * mesh.shape["fsdp"],
                                    minibatch=mb, ppo_epochs=c.rl.ppo_epochs)
     packed = packed_step.abstract_inputs(up, lay)
     s["packed"] = dict(logprob_seqs=lay["logprob"]["input_ids"].shape, block=lay["block"],
