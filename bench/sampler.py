@@ -96,12 +96,12 @@ def rollout_prefill(batch: int) -> dict:
   obs_end = enc(rollout.information_block("x"))[-1]
   model = scripted_model(len(tok), [[prompts[0][-1]] + search, [obs_end] + search])
   # The tiny tokenizer spends ~2.4 tokens per word (Qwen ~1.3): 1000 here ≈ Search-R1's 500.
-  cfg = rollout.RolloutConfig(max_turns=3, max_turn_tokens=500, max_obs_tokens=1000)
-  rollout.rollout(model, tok, index, prompts, group_size=batch // len(prompts), cfg=cfg,
-                  progress=False)  # compile
+  rollout_cfg = rollout.RolloutConfig(max_turns=3, max_turn_tokens=500, max_obs_tokens=1000)
+  rollout.rollout(model, tok, index, prompts, group_size=batch // len(prompts),
+                  rollout_cfg=rollout_cfg, progress=False)  # compile
   t0 = time.perf_counter()
-  out = rollout.rollout(model, tok, index, prompts, group_size=batch // len(prompts), cfg=cfg,
-                        progress=False)
+  out = rollout.rollout(model, tok, index, prompts, group_size=batch // len(prompts),
+                        rollout_cfg=rollout_cfg, progress=False)
   wall = time.perf_counter() - t0
   st = out.stats
   total = int((out.prompt_len + out.response_len).sum())

@@ -45,7 +45,7 @@ def evaluate(model, tokenizer, retriever, examples: Sequence[data.Example], *,
     # question so it divides over the processes, and the repeats' records are dropped.
     mine = hosts.split(chunk + chunk[-1:] * (-len(chunk) % jax.process_count()))
     prompts = [data.encode_prompt(ex.messages, tokenizer) for ex in mine]
-    ro = rollout(model, tokenizer, retriever, prompts, group_size=1, cfg=rollout_cfg,
+    ro = rollout(model, tokenizer, retriever, prompts, group_size=1, rollout_cfg=rollout_cfg,
                  seed=seed + start, mesh=mesh, progress=progress)
     local = []
     for i, ex in enumerate(mine):

@@ -212,7 +212,7 @@ def _roll_out(run: _Run, state, batch: list, step: int):
                      f"config.rollout.max_prompt_tokens={c.rollout.max_prompt_tokens}")
   # The compute-dtype copy of the weights lives only for the rollout, not during the update.
   return rollout(run.sampling_model(state), run.tokenizer, run.retriever, prompts,
-                 group_size=c.rollout.group_size, cfg=run.rollout_cfg,
+                 group_size=c.rollout.group_size, rollout_cfg=run.rollout_cfg,
                  seed=c.seed * 1_000_003 + step, mesh=run.mesh, progress=run.show)
 
 
