@@ -1,13 +1,14 @@
 """The update phase on packed rows: old/ref log-prob passes and minibatch steps without padding.
 
-Dims: N rollout rows, R response tokens, Q packed sequences of S tokens, K loss-token positions
-per sequence, A micro-batches of Qm sequences, M row slots per micro-batch, D embed.
+Dims (llds_jax/__init__.py): B rollout rows, R response tokens, A micro-batches, D embed; from
+packing.py: Bp packed sequences of Lp tokens (a micro-batch holds Bpm of them), Tk loss-token
+positions kept per sequence, Bm row slots per micro-batch.
 
-Layouts come from `packing.py`. The model runs on the packed `Q×S` grid (segment ids keep rows
-apart) and the unembedding only on its loss-token positions (`Q×K`); the per-token log-probs
-and entropies are gathered back to a row grid (`N×R`, or `M×R`
+Layouts come from `packing.py`. The model runs on the packed `Bp×Lp` grid (segment ids keep rows
+apart) and the unembedding only on its loss-token positions (`Bp×Tk`); the per-token log-probs
+and entropies are gathered back to a row grid (`B×R`, or `Bm×R`
 per micro-batch) and the unchanged `losses.policy_loss` runs there. A minibatch holds the same
-rows as the padded path's minibatch; its micro-batches are token budgets (Qm sequences), so
+rows as the padded path's minibatch; its micro-batches are token budgets (Bpm sequences), so
 their row counts differ, and `micro_scales` weights each micro-batch's means by its share of the
 minibatch's denominators. Summed, they give the minibatch loss and gradient of the padded path
 with one micro-batch (`num_micro = 1`) exactly, whatever the micro-batch split: unlike the
@@ -27,36 +28,38 @@ from llds_jax.logprobs import token_logprobs
 from llds_jax.train_step import (StepConfig, TrainState, accumulate_micro, place_batch,
                                  train_step)
 
-SEQ_KEYS = packing.SEQ_KEYS  # Q×S tokens, positions, segment ids; Q×K loss positions
+SEQ_KEYS = packing.SEQ_KEYS  # Bp×Lp tokens, positions, segment ids; Bp×Tk loss positions
 ROW_KEYS = ("loss_mask", "adv", "old_logp", "ref_logp", "answer_weight")  # gathered per row slot
 
 
 def packed_logprobs(graphdef, params, seqs: dict, *, step_cfg: StepConfig,
                     with_entropy: bool = True):
-  """(logp_QxK, entropy_QxK) at each sequence's `keep` positions: log p of the token after
+  """(logp_BpxTk, entropy_BpxTk) at each sequence's `keep` positions: log p of the token after
   each, from that position's hidden state.
 
   Only positions that predict a loss token get logits: prompts, observations and padding cost
-  the transformer but not the `D×V` unembedding (the padded path computes it on all of `N×R`).
+  the transformer but not the `D×V` unembedding (the padded path computes it on all of `B×R`).
   The gather runs along each sequence, so it stays local to the sequence's shard.
   """
   model = nnx.merge(graphdef, params)
-  ids_QxS, seg_QxS, keep_QxK = seqs["input_ids"], seqs["segment_ids"], seqs["keep"]
-  h_QxSxD, _ = model.hidden(ids_QxS, seqs["positions"], seg_QxS > 0, segment_ids_BxT=seg_QxS)
-  tgt_QxS = jnp.concatenate([ids_QxS[:, 1:], jnp.zeros_like(ids_QxS[:, :1])], axis=1)
-  h_QxKxD = jnp.take_along_axis(h_QxSxD, keep_QxK[:, :, None], axis=1)
-  return token_logprobs(h_QxKxD, model.unembed(), jnp.take_along_axis(tgt_QxS, keep_QxK, axis=1),
+  ids_BpxLp, seg_BpxLp, keep_BpxTk = seqs["input_ids"], seqs["segment_ids"], seqs["keep"]
+  h_BpxLpxD, _ = model.hidden(ids_BpxLp, seqs["positions"], seg_BpxLp > 0,
+                              segment_ids_BxT=seg_BpxLp)
+  tgt_BpxLp = jnp.concatenate([ids_BpxLp[:, 1:], jnp.zeros_like(ids_BpxLp[:, :1])], axis=1)
+  h_BpxTkxD = jnp.take_along_axis(h_BpxLpxD, keep_BpxTk[:, :, None], axis=1)
+  tgt_BpxTk = jnp.take_along_axis(tgt_BpxLp, keep_BpxTk, axis=1)
+  return token_logprobs(h_BpxTkxD, model.unembed(), tgt_BpxTk,
                         chunk_size=step_cfg.chunk_size, temperature=step_cfg.temperature,
                         with_entropy=with_entropy)
 
 
-def _take(x_QxK, gather_NxR):
-  return jnp.take(x_QxK.reshape(-1), gather_NxR, axis=0)
+def _take(x_BpxTk, gather_BxR):
+  return jnp.take(x_BpxTk.reshape(-1), gather_BxR, axis=0)
 
 
-def blocked_packed_logprobs(graphdef, params, seqs: dict, gather_NxR, *, step_cfg: StepConfig,
+def blocked_packed_logprobs(graphdef, params, seqs: dict, gather_BxR, *, step_cfg: StepConfig,
                             block: int = 0):
-  """Response log-probs `N×R` (no entropy) of a packed rollout batch, `block` sequences per
+  """Response log-probs `B×R` (no entropy) of a packed rollout batch, `block` sequences per
   block (0 = `step_cfg.logprob_rows`; the packed counterpart of `train_step.blocked_logprobs`)."""
   q = seqs["input_ids"].shape[0]
   block = block or step_cfg.logprob_rows
@@ -66,44 +69,44 @@ def blocked_packed_logprobs(graphdef, params, seqs: dict, gather_NxR, *, step_cf
   fn = lambda s: packed_logprobs(graphdef, params, s, step_cfg=step_cfg,  # noqa: E731
                                  with_entropy=False)[0]
   if rows == q:
-    logp_QxK = fn(seqs)
+    logp_BpxTk = fn(seqs)
   else:
     blocks = {k: shd.constrain(v.reshape(q // rows, rows, -1), (None, "batch", None))
               for k, v in seqs.items()}
-    logp_QxK = jax.lax.map(fn, blocks).reshape(q, -1)
-  return shd.constrain(_take(logp_QxK, gather_NxR), ("batch", None))
+    logp_BpxTk = jax.lax.map(fn, blocks).reshape(q, -1)
+  return shd.constrain(_take(logp_BpxTk, gather_BxR), ("batch", None))
 
 
-def micro_scales(mask_AxMxR, adv_AxM) -> dict[str, jax.Array]:
+def micro_scales(mask_AxBmxR, adv_AxBm) -> dict[str, jax.Array]:
   """Each micro-batch's share of the minibatch's loss denominators (`policy_loss(scales=...)`).
 
   "token": loss tokens; "seq": rows with loss tokens (seq-mean-token-mean); "resp": preserving
   (Â ≥ 0) rows with loss tokens (LLDS norm "response"). Each is count_a / max(Σ_a count_a, 1).
   """
-  m_AxMxR = mask_AxMxR.astype(jnp.float32)
-  n_AxM = jnp.sum(m_AxMxR, axis=2)
-  has_AxM = (n_AxM > 0).astype(jnp.float32)
-  pres_AxM = has_AxM * (adv_AxM >= 0)
-  share = lambda c_AxM: jnp.sum(c_AxM, 1) / jnp.maximum(jnp.sum(c_AxM), 1.0)  # noqa: E731
-  return {"token": share(n_AxM), "seq": share(has_AxM), "resp": share(pres_AxM)}
+  m_AxBmxR = mask_AxBmxR.astype(jnp.float32)
+  n_AxBm = jnp.sum(m_AxBmxR, axis=2)
+  has_AxBm = (n_AxBm > 0).astype(jnp.float32)
+  pres_AxBm = has_AxBm * (adv_AxBm >= 0)
+  share = lambda c_AxBm: jnp.sum(c_AxBm, 1) / jnp.maximum(jnp.sum(c_AxBm), 1.0)  # noqa: E731
+  return {"token": share(n_AxBm), "seq": share(has_AxBm), "resp": share(pres_AxBm)}
 
 
-def micro_objective(logp_QxK, ent_QxK, micro: dict, cfg: losses.LossConfig):
+def micro_objective(logp_BpxTk, ent_BpxTk, micro: dict, cfg: losses.LossConfig):
   """One micro-batch's share of the minibatch loss, from its packed per-token log-probs."""
-  logp_MxR, ent_MxR = _take(logp_QxK, micro["gather"]), _take(ent_QxK, micro["gather"])
+  logp_BmxR, ent_BmxR = _take(logp_BpxTk, micro["gather"]), _take(ent_BpxTk, micro["gather"])
   scales = micro["scales"]
   ref = micro["ref_logp"] if cfg.kl_coef else None
   total, metrics = losses.policy_loss(
-      logp_MxR, micro["old_logp"], micro["adv"], micro["loss_mask"], cfg, ref_logp_BxT=ref,
-      entropy_BxT=ent_MxR, answer_weight_BxT=micro["answer_weight"], scales=scales)
-  metrics["entropy"] = losses.masked_mean(jax.lax.stop_gradient(ent_MxR),
+      logp_BmxR, micro["old_logp"], micro["adv"], micro["loss_mask"], cfg, ref_logp_BxT=ref,
+      entropy_BxT=ent_BmxR, answer_weight_BxT=micro["answer_weight"], scales=scales)
+  metrics["entropy"] = losses.masked_mean(jax.lax.stop_gradient(ent_BmxR),
                                           micro["loss_mask"]) * scales["token"]
   return total, metrics
 
 
 def _packed_micro_loss(params, graphdef, micro: dict, step_cfg: StepConfig):
-  logp_QxK, ent_QxK = packed_logprobs(graphdef, params, micro, step_cfg=step_cfg)
-  return micro_objective(logp_QxK, ent_QxK, micro, step_cfg.loss)
+  logp_BpxTk, ent_BpxTk = packed_logprobs(graphdef, params, micro, step_cfg=step_cfg)
+  return micro_objective(logp_BpxTk, ent_BpxTk, micro, step_cfg.loss)
 
 
 def packed_minibatch_grads(params, batch: dict, *, graphdef, step_cfg: StepConfig,
@@ -143,9 +146,9 @@ class PackedPrograms:
         in_shardings=(updater.param_shardings, self.seq_shardings, row(2)),
         out_shardings=row(2), static_argnums=3), mesh)
 
-    def select(placed, rows_AxM):
+    def select(placed, rows_AxBm):
       # Padding slots index past the last row: mode="fill" gives them zeros (no loss tokens).
-      return {k: jnp.take(placed[k], rows_AxM, axis=0, mode="fill", fill_value=0)
+      return {k: jnp.take(placed[k], rows_AxBm, axis=0, mode="fill", fill_value=0)
               for k in ROW_KEYS}
 
     self.select_rows = jax.jit(select, out_shardings={k: self.step_shardings[k]
@@ -165,9 +168,9 @@ def _place(arrs: dict, shardings: dict, axis: int) -> dict:
 
 def sequences_used(batch: dict, rows, seq_len: int) -> int:
   """Packed sequences of `seq_len` that `rows` of a padded host batch need (`first_fit`)."""
-  p_N, r_N = packing.row_extents(batch["attn_mask"][rows], batch["input_ids"].shape[1]
+  p_B, r_B = packing.row_extents(batch["attn_mask"][rows], batch["input_ids"].shape[1]
                                  - batch["loss_mask"].shape[1])
-  return packing.first_fit(p_N + r_N, seq_len)[2]
+  return packing.first_fit(p_B + r_B, seq_len)[2]
 
 
 def block_size(used: int, most: int, row_shards: int) -> int:
@@ -184,12 +187,12 @@ def block_size(used: int, most: int, row_shards: int) -> int:
 
 
 def micro_size(used_I: list[int], most: int, row_shards: int) -> tuple[int, int]:
-  """(sequences per micro-batch Qm, micro-batches per minibatch A) for minibatches needing
-  `used_I` sequences: the Qm ≤ `most` with the fewest sequences in all (`most` 0: A = 1).
+  """(sequences per micro-batch Bpm, micro-batches per minibatch A) for minibatches needing
+  `used_I` sequences: the Bpm ≤ `most` with the fewest sequences in all (`most` 0: A = 1).
 
-  All minibatches of a phase run one compiled step, A×Qm sequences each, A the most any needs
+  All minibatches of a phase run one compiled step, A×Bpm sequences each, A the most any needs
   (bucketed). A minibatch needing 12 sequences with `most` 8 ran 2×8; 2×6 holds it with a
-  quarter fewer slots. Ties go to the larger Qm (fewer, bigger micro-batches).
+  quarter fewer slots. Ties go to the larger Bpm (fewer, bigger micro-batches).
   """
   if not most:
     return packing.round_up(packing.few_shapes(max(used_I)), row_shards), 1

@@ -13,7 +13,7 @@ from llds_jax.train_step import StepConfig, Updater, update_phase
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, rope_theta=1e4)
-P, R, N = 6, 10, 8
+P, R, B = 6, 10, 8  # prompt and response tokens, rows
 
 
 def _opt(lr=1e-3, warmup=0, eps=1e-8):
@@ -21,7 +21,7 @@ def _opt(lr=1e-3, warmup=0, eps=1e-8):
                                         weight_decay=0.01, grad_clip=1.0))
 
 
-def fake_batch(seed=0, n=N):
+def fake_batch(seed=0, n=B):
   """Left-padded prompts, responses with two actions separated by an observation, padding."""
   rng = np.random.RandomState(seed)
   ids = rng.randint(1, CFG.vocab_size, (n, P + R))
