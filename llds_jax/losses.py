@@ -22,7 +22,7 @@ from jax import lax
 
 _sg = lax.stop_gradient
 
-# The allowed values of the loss knobs; `trainer.validate` checks `config.rl` against these.
+# The allowed values of the loss knobs; `config_check.validate` checks `config.rl` against these.
 LOSSES = ("grpo", "gspo")
 GATES = ("action", "response", "token")
 NORMS = ("token", "response")

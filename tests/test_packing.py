@@ -256,20 +256,20 @@ def _tiny_config(tmp_path):
 
 
 def test_pack_config_switch_and_bad_fields(tmp_path):
-  from llds_jax import train_step, trainer
+  from llds_jax import config_check, train_step
   c = _tiny_config(tmp_path)
   assert train_step.step_config(c).pack_len == 0  # the padded path unless asked
   c.rl.pack = True
   step_cfg = train_step.step_config(c)
   assert (step_cfg.pack_len, step_cfg.pack_micro_seqs) == (c.rollout.max_context,
                                                          c.rl.micro_batch_size)
-  trainer.validate(c)
+  config_check.validate(c)
   for field, value in (("pack_len", c.rollout.max_context - 1), ("pack_micro_seqs", 6)):
     bad = _tiny_config(tmp_path)
     bad.rl.pack = True
     bad.rl[field] = value
     with pytest.raises(ValueError, match=f"rl.{field}"):
-      trainer.validate(bad)
+      config_check.validate(bad)
 
 
 @pytest.mark.parametrize("name", ["pod_qwen3b_v4", "pod_qwen3b_v5e", "pod_qwen3b_v5p",
@@ -280,10 +280,10 @@ def test_pod_configs_pack_by_default(name):
   import os
   import sys
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from llds_jax import train_step, trainer
+  from llds_jax import config_check, train_step
   c = importlib.import_module(f"configs.{name}").get_config()
   assert c.rl.pack
-  trainer._validate_packing(c, c.mesh.data * c.mesh.fsdp)
+  config_check.validate_packing(c, c.mesh.data * c.mesh.fsdp)
   step_cfg = train_step.step_config(c)
   assert (step_cfg.pack_len, step_cfg.pack_micro_seqs) == (c.rollout.max_context,
                                                          c.rl.micro_batch_size)
