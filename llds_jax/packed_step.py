@@ -91,13 +91,13 @@ def micro_scales(mask_AxBmxR, adv_AxBm) -> dict[str, jax.Array]:
   return {"token": share(n_AxBm), "seq": share(has_AxBm), "resp": share(pres_AxBm)}
 
 
-def micro_objective(logp_BpxTk, ent_BpxTk, micro: dict, cfg: losses.LossConfig):
+def micro_objective(logp_BpxTk, ent_BpxTk, micro: dict, loss_cfg: losses.LossConfig):
   """One micro-batch's share of the minibatch loss, from its packed per-token log-probs."""
   logp_BmxR, ent_BmxR = _take(logp_BpxTk, micro["gather"]), _take(ent_BpxTk, micro["gather"])
   scales = micro["scales"]
-  ref = micro["ref_logp"] if cfg.kl_coef else None
+  ref = micro["ref_logp"] if loss_cfg.kl_coef else None
   total, metrics = losses.policy_loss(
-      logp_BmxR, micro["old_logp"], micro["adv"], micro["loss_mask"], cfg, ref_logp_BxT=ref,
+      logp_BmxR, micro["old_logp"], micro["adv"], micro["loss_mask"], loss_cfg, ref_logp_BxT=ref,
       entropy_BxT=ent_BmxR, answer_weight_BxT=micro["answer_weight"], scales=scales)
   metrics["entropy"] = losses.masked_mean(jax.lax.stop_gradient(ent_BmxR),
                                           micro["loss_mask"]) * scales["token"]

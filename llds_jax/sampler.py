@@ -292,8 +292,8 @@ def sample(model: Transformer, prompt_ids: Sequence[Sequence[int]], *, max_new_t
     table = stops.cached_stop_table(tokenizer, tuple(stop_strings), cfg.vocab_size)
   else:
     table = np.zeros((0, 1, cfg.vocab_size), np.int8)
-  scfg = SampleConfig(float(temperature), float(top_p), int(top_k),
-                      tuple(int(t) for t in stop_token_ids))
+  sample_cfg = SampleConfig(float(temperature), float(top_p), int(top_k),
+                            tuple(int(t) for t in stop_token_ids))
   rows, width = hosts.agree_max(hosts.padded_rows(len(prompts), mesh),
                                 bucket(max(map(len, prompts))))
   tokens_BxT = np.zeros((rows, width), np.int32)
@@ -307,8 +307,8 @@ def sample(model: Transformer, prompt_ids: Sequence[Sequence[int]], *, max_new_t
   table_QxMxV = hosts.put_replicated(table, mesh)
   put = functools.partial(hosts.put_rows, mesh=mesh)
   state = feed(graphdef, params, state, put(tokens_BxT), put(len_B), put(limit_B), table_QxMxV,
-               scfg)
-  state = decode(graphdef, params, state, table_QxMxV, scfg)
+               sample_cfg)
+  state = decode(graphdef, params, state, table_QxMxV, sample_cfg)
   toks, logps, num, stop = map(hosts.local_rows,
                                (state.tokens_BxTs, state.logp_BxTs, state.num_B, state.stop_B))
   n = range(len(prompts))

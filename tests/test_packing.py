@@ -160,7 +160,7 @@ VARIANTS = [dict(loss=loss, agg=agg, llds_gate=gate, llds_norm=norm)
 def test_packed_objective_equals_padded(kw):
   """Every loss × gate × norm (with LLDS-MA weights, KL and entropy on): value and gradient
   with respect to the per-token log-probs and entropies, packed into 3 uneven micro-batches."""
-  cfg = losses.LossConfig(**kw, kl_kind="k3", kl_coef=0.1, entropy_coef=0.01)
+  loss_cfg = losses.LossConfig(**kw, kl_kind="k3", kl_coef=0.1, entropy_coef=0.01)
   batch, logp_BxR, old_BxR, ref_BxR, ent_BxR = _loss_inputs()
   mb, st = _packed_minibatch(batch, old_BxR, ref_BxR, micro_seqs=1)
   a = mb["input_ids"].shape[0]
@@ -168,7 +168,7 @@ def test_packed_objective_equals_padded(kw):
   valid_BxR = batch["loss_mask"] > 0  # the positions whose log-probs the losses read
 
   def padded(lp, ent):
-    return losses.policy_loss(lp, old_BxR, batch["adv"], batch["loss_mask"], cfg,
+    return losses.policy_loss(lp, old_BxR, batch["adv"], batch["loss_mask"], loss_cfg,
                               ref_logp_BxT=ref_BxR, entropy_BxT=ent,
                               answer_weight_BxT=batch["answer_weight"])[0]
 
@@ -182,7 +182,7 @@ def test_packed_objective_equals_padded(kw):
           x[rows][valid_BxR[rows]]).reshape(mb["keep"][u].shape)
       micro = {k: mb[k][u] for k in ("gather",) + ROW_KEYS}
       micro["scales"] = {k: v[u] for k, v in scales.items()}
-      total += micro_objective(grid(lp), grid(ent), micro, cfg)[0]
+      total += micro_objective(grid(lp), grid(ent), micro, loss_cfg)[0]
     return total
 
   want, want_g = jax.value_and_grad(padded, argnums=(0, 1))(logp_BxR, ent_BxR)
