@@ -34,7 +34,7 @@ import torch
 import transformers
 
 from llds_jax import data, hf_io, rollout, sampler
-from llds_jax import retriever as bm25
+from llds_jax import retriever
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -86,7 +86,7 @@ def rollout_prefill(batch: int) -> dict:
   tok.add_tokens(["<search>", "</search>", "<answer>", "</answer>"])  # one token each: scriptable
   with open(ROOT / "tests" / "testdata" / "wiki_sample.jsonl", encoding="utf-8") as f:
     docs = [(row["id"], row["contents"]) for row in map(json.loads, f) if row]
-  index = bm25.BM25Index.build(docs)
+  index = retriever.BM25Index.build(docs)
   questions = [f"Which {w} is mentioned in the article?" for w in
                ("composer", "city", "war", "river", "album", "team", "poet", "law")]
   prompts = [data.encode_prompt([{"role": "user", "content": data.make_prompt(q)}], tok)
