@@ -53,8 +53,8 @@ def record(testbed: str, prompts: int, path: str) -> None:
   examples = data.load_examples(c.data.train)[:prompts]
   ro = rollout.rollout(model, tok, search_pool.load_retriever(c.retriever.index),
                        [data.encode_prompt(ex.messages, tok) for ex in examples],
-                       group_size=c.rollout.group_size, cfg=rollout.rollout_config(c), seed=0,
-                       mesh=mesh)
+                       group_size=c.rollout.group_size, rollout_cfg=rollout.rollout_config(c),
+                       seed=0, mesh=mesh)
   out = {"source": f"LLD testbed warmed-up policy ({testbed}), {prompts} prompts x "
                    f"{c.rollout.group_size}, configs/lld_testbed.py rollout settings",
          "max_context": c.rollout.max_context, "prompt_len": ro.prompt_len.tolist(),
@@ -69,22 +69,22 @@ def synthetic_batch(dist: dict, rows: int, vocab: int, seed: int = 0) -> dict:
   """`rows` trajectories with (prompt, response) lengths drawn from the recorded distribution."""
   rng = np.random.default_rng(seed)
   pick = rng.integers(len(dist["prompt_len"]), size=rows)
-  p_N = np.asarray(dist["prompt_len"])[pick]
-  r_N = np.asarray(dist["response_len"])[pick]
-  l_N = np.asarray(dist["loss_tokens"])[pick]
-  R = int(r_N.max())
+  p_B = np.asarray(dist["prompt_len"])[pick]
+  r_B = np.asarray(dist["response_len"])[pick]
+  l_B = np.asarray(dist["loss_tokens"])[pick]
+  R = int(r_B.max())
   # Observation tokens are not loss tokens (Search-R1 masks them): the recorded count of loss
   # tokens is split between the head (reasoning + search call) and the tail (the answer), the
   # masked observations in between. The padded path's cost does not depend on it; the packed
   # path computes logits only at loss tokens.
-  head_N, tail_N = -(-l_N // 2), l_N // 2
+  head_B, tail_B = -(-l_B // 2), l_B // 2
   t_R = np.arange(R)[None]
-  loss_NxR = (t_R < head_N[:, None]) | ((t_R >= (r_N - tail_N)[:, None]) & (t_R < r_N[:, None]))
+  loss_BxR = (t_R < head_B[:, None]) | ((t_R >= (r_B - tail_B)[:, None]) & (t_R < r_B[:, None]))
   ro = types.SimpleNamespace(
-      prompt_len=p_N, response_len=r_N,
-      prompt_ids=rng.integers(1, vocab, (rows, int(p_N.max()))),
+      prompt_len=p_B, response_len=r_B,
+      prompt_ids=rng.integers(1, vocab, (rows, int(p_B.max()))),
       response_ids=rng.integers(1, vocab, (rows, R)),
-      loss_mask=loss_NxR.astype(np.float32))
+      loss_mask=loss_BxR.astype(np.float32))
   adv = rng.standard_normal(rows).astype(np.float32)
   return batch_layout.build_batch(ro, adv, np.ones((rows, R), np.float32),
                              max_len=dist["max_context"])
@@ -114,13 +114,13 @@ class Recorder:
     return out
 
 
-def run(mode: str, batch: dict, graphdef, params, sc: StepConfig, mesh, minibatch: int,
+def run(mode: str, batch: dict, graphdef, params, step_cfg: StepConfig, mesh, minibatch: int,
         repeats: int) -> tuple[float, float, float]:
   """(median update-phase seconds, peak program bytes, non-pad fraction of every token slot
   the phase's programs were fed) of one path."""
   opt = ml_collections.ConfigDict(dict(lr=1e-6, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
                                        weight_decay=0.01, grad_clip=1.0))
-  up = Updater(graphdef, jax.eval_shape(lambda: params), opt=opt, step_cfg=sc, mesh=mesh)
+  up = Updater(graphdef, jax.eval_shape(lambda: params), opt=opt, step_cfg=step_cfg, mesh=mesh)
   progs = [up.packed] if mode == "packed" else [up]
   recs = []
   for p in progs:
@@ -178,14 +178,14 @@ def main():
                     chunk_size=128, logprob_rows=args.logprob_rows)
   pack_len = args.pack_len or dist["max_context"]
   # The same token budget per micro-batch: `micro` rows of max_context, in sequences of pack_len.
-  packed_sc = dataclasses.replace(base, pack_len=pack_len, pack_micro_seqs=max(
+  packed_cfg = dataclasses.replace(base, pack_len=pack_len, pack_micro_seqs=max(
       1, args.micro * dist["max_context"] // pack_len))
   print(f"non-pad fraction of the whole batch: padded "
         f"{packing.non_pad_fraction(batch['attn_mask']):.3f}, packed into {pack_len}-token sequences "
         f"{packing.non_pad_fraction(batch['attn_mask'], pack_len):.3f}")
   out, frac = {}, {}
-  for mode, sc in (("padded", base), ("packed", packed_sc)):
-    out[mode] = run(mode, batch, graphdef, params, sc, mesh, args.minibatch, args.repeats)
+  for mode, step_cfg in (("padded", base), ("packed", packed_cfg)):
+    out[mode] = run(mode, batch, graphdef, params, step_cfg, mesh, args.minibatch, args.repeats)
     frac[mode] = out[mode][2]
     print(f"{mode}: update phase {out[mode][0]:.2f} s, non-pad fraction of the slots its "
           f"programs ran on {frac[mode]:.3f}, "

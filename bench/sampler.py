@@ -34,7 +34,7 @@ import torch
 import transformers
 
 from llds_jax import data, hf_io, rollout, sampler
-from llds_jax import retriever as bm25
+from llds_jax import retriever
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -86,7 +86,7 @@ def rollout_prefill(batch: int) -> dict:
   tok.add_tokens(["<search>", "</search>", "<answer>", "</answer>"])  # one token each: scriptable
   with open(ROOT / "tests" / "testdata" / "wiki_sample.jsonl", encoding="utf-8") as f:
     docs = [(row["id"], row["contents"]) for row in map(json.loads, f) if row]
-  index = bm25.BM25Index.build(docs)
+  index = retriever.BM25Index.build(docs)
   questions = [f"Which {w} is mentioned in the article?" for w in
                ("composer", "city", "war", "river", "album", "team", "poet", "law")]
   prompts = [data.encode_prompt([{"role": "user", "content": data.make_prompt(q)}], tok)
@@ -96,12 +96,12 @@ def rollout_prefill(batch: int) -> dict:
   obs_end = enc(rollout.information_block("x"))[-1]
   model = scripted_model(len(tok), [[prompts[0][-1]] + search, [obs_end] + search])
   # The tiny tokenizer spends ~2.4 tokens per word (Qwen ~1.3): 1000 here ≈ Search-R1's 500.
-  cfg = rollout.RolloutConfig(max_turns=3, max_turn_tokens=500, max_obs_tokens=1000)
-  rollout.rollout(model, tok, index, prompts, group_size=batch // len(prompts), cfg=cfg,
-                  progress=False)  # compile
+  rollout_cfg = rollout.RolloutConfig(max_turns=3, max_turn_tokens=500, max_obs_tokens=1000)
+  rollout.rollout(model, tok, index, prompts, group_size=batch // len(prompts),
+                  rollout_cfg=rollout_cfg, progress=False)  # compile
   t0 = time.perf_counter()
-  out = rollout.rollout(model, tok, index, prompts, group_size=batch // len(prompts), cfg=cfg,
-                        progress=False)
+  out = rollout.rollout(model, tok, index, prompts, group_size=batch // len(prompts),
+                        rollout_cfg=rollout_cfg, progress=False)
   wall = time.perf_counter() - t0
   st = out.stats
   total = int((out.prompt_len + out.response_len).sum())

@@ -49,8 +49,8 @@ def main():
   graphdef, params = nnx.split(sharding.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh))
   opt = ml_collections.ConfigDict(dict(lr=1e-6, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
                                        weight_decay=0.01, grad_clip=1.0))
-  sc = StepConfig(loss=losses.LossConfig(), num_micro=1, chunk_size=128)
-  up = Updater(graphdef, jax.eval_shape(lambda: params), opt=opt, step_cfg=sc, mesh=mesh)
+  step_cfg = StepConfig(loss=losses.LossConfig(), num_micro=1, chunk_size=128)
+  up = Updater(graphdef, jax.eval_shape(lambda: params), opt=opt, step_cfg=step_cfg, mesh=mesh)
   state = up.init_state(params)
   n, P, R = args.rows, args.prompt, args.resp
   rng = np.random.RandomState(0)

@@ -55,9 +55,9 @@ def pod_config(model: str, chip: str, devices: int, *, data: int, fsdp: int, ten
   c.mesh = ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
   if data * fsdp * tensor != devices:
     raise ValueError(f"pod config: mesh {data}×{fsdp}×{tensor} != hardware.devices={devices}")
-  c.rl.micro_batch_size = micro_batch  # a multiple of data × fsdp (trainer.validate)
+  c.rl.micro_batch_size = micro_batch  # a multiple of data × fsdp (config_check.validate)
   # Rows per block of the old/reference log-prob pass: divides the 2560 rollout rows and is a
-  # multiple of data × fsdp (trainer.validate).
+  # multiple of data × fsdp (config_check.validate).
   c.rl.logprob_micro_batch_size = logprob_micro_batch
   # Packed update (issue 18): rows share max_context-token sequences and logits are computed at
   # loss tokens only; a micro-batch is micro_batch sequences (the padded micro-batch's token

@@ -18,9 +18,8 @@ the ones it uses and may add a letter of its own only if the legend does not hav
   Sh  row shards of the mesh (data × fsdp)
   Q   stop strings (stops.py, sampler.py), M their automaton states
   N   documents of the retrieval corpus (retriever.py)
-
-The packed update (packing.py, packed_step.py) still names rollout rows N and packed sequences
-Q × S; it is due to follow this legend.
+  Bp  packed sequences of Lp tokens (packing.py, packed_step.py: several rows per sequence), Tk
+      loss-token positions kept per sequence; a micro-batch holds Bpm sequences and Bm row slots
 
 Config names: `c` is the run config (the ml_collections ConfigDict of configs/*.py), `cfg` a
 model's `ModelConfig`; the frozen per-part configs built from `c` are `rollout_cfg`

@@ -32,13 +32,13 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully-maske
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
   """Inverse RoPE frequencies [Dh/2], including Llama-3 / linear scaling."""
   inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
-  sc = dict(cfg.rope_scaling or {})
-  kind = sc.get("rope_type", "default")
+  scaling = dict(cfg.rope_scaling or {})
+  kind = scaling.get("rope_type", "default")
   if kind == "linear":
-    return inv / sc["factor"]
+    return inv / scaling["factor"]
   if kind == "llama3":
-    factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
-    old_len = sc["original_max_position_embeddings"]
+    factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv
     # Long wavelengths are interpolated by `factor`, short ones kept, the band between blended.
     scaled = jnp.where(wavelen > old_len / lo, inv / factor, inv)

@@ -45,7 +45,7 @@ def evaluate(model, tokenizer, retriever, examples: Sequence[data.Example], *,
     # question so it divides over the processes, and the repeats' records are dropped.
     mine = hosts.split(chunk + chunk[-1:] * (-len(chunk) % jax.process_count()))
     prompts = [data.encode_prompt(ex.messages, tokenizer) for ex in mine]
-    ro = rollout(model, tokenizer, retriever, prompts, group_size=1, cfg=rollout_cfg,
+    ro = rollout(model, tokenizer, retriever, prompts, group_size=1, rollout_cfg=rollout_cfg,
                  seed=seed + start, mesh=mesh, progress=progress)
     local = []
     for i, ex in enumerate(mine):
@@ -109,7 +109,8 @@ def take_per_source(examples: Sequence[data.Example], limit: int) -> list[data.E
   return out
 
 
-def eval_rollout_config(cfg: RolloutConfig, *, max_turns: int,
+def eval_rollout_config(rollout_cfg: RolloutConfig, *, max_turns: int,
                         greedy: bool = True) -> RolloutConfig:
   """The paper's evaluation: same rollout, `max_turns` (4), greedy unless sampling is asked for."""
-  return dataclasses.replace(cfg, max_turns=max_turns, **({"temperature": 0.0} if greedy else {}))
+  greedy_kw = {"temperature": 0.0} if greedy else {}
+  return dataclasses.replace(rollout_cfg, max_turns=max_turns, **greedy_kw)

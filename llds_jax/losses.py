@@ -22,7 +22,7 @@ from jax import lax
 
 _sg = lax.stop_gradient
 
-# The allowed values of the loss knobs; `trainer.validate` checks `config.rl` against these.
+# The allowed values of the loss knobs; `config_check.validate` checks `config.rl` against these.
 LOSSES = ("grpo", "gspo")
 GATES = ("action", "response", "token")
 NORMS = ("token", "response")
@@ -320,13 +320,13 @@ def lld_stats(old_logp_BxT, adv_B, mask_BxT, ref_logp_BxT=None) -> dict[str, jax
   return out
 
 
-def policy_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, cfg: LossConfig, *, ref_logp_BxT=None,
-                entropy_BxT=None, answer_weight_BxT=None,
+def policy_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, loss_cfg: LossConfig, *,
+                ref_logp_BxT=None, entropy_BxT=None, answer_weight_BxT=None,
                 scales: dict | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Eq. 6 as the official actor computes it, for one micro-batch; returns (total, metrics).
 
-  total = pg − entropy_coef·H + kl_coef·KL + λ·L_LLDS. pg is aggregated per `cfg.agg`; entropy
-  and KL are token means (official). Metrics (flat, `/`-namespaced scalars): loss/pg,
+  total = pg − entropy_coef·H + kl_coef·KL + λ·L_LLDS. pg is aggregated per `loss_cfg.agg`;
+  entropy and KL are token means (official). Metrics (flat, `/`-namespaced scalars): loss/pg,
   loss/entropy and loss/kl unscaled (0 when their input is None), loss/llds *including* λ (like
   `actor/loss_noreduce`), llds/unscaled, loss/total, pg/clipfrac, pg/approx_kl, llds_stats and
   lld_stats. The caller divides by the number of micro-batches when accumulating.
@@ -338,31 +338,31 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, cfg: LossConfig, *, ref
   "resp" (preserving rows with tokens: LLDS norm "response"). The llds/* and lld/* diagnostics
   are only weighted by "resp" / "token" (approximately the minibatch value).
   """
-  clip = dict(clip_low=cfg.clip_low, clip_high=cfg.clip_high)
-  if cfg.loss == "grpo":
+  clip = dict(clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high)
+  if loss_cfg.loss == "grpo":
     pg_BxT, clipfrac, approx_kl = ppo_clip_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT,
-                                                ratio_clamp=cfg.ratio_clamp, **clip)
-    agg = cfg.agg or "token-mean"
-  elif cfg.loss == "gspo":
+                                                ratio_clamp=loss_cfg.ratio_clamp, **clip)
+    agg = loss_cfg.agg or "token-mean"
+  elif loss_cfg.loss == "gspo":
     pg_BxT, clipfrac, approx_kl = gspo_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, **clip)
-    agg = cfg.agg or "seq-mean-token-mean"
+    agg = loss_cfg.agg or "seq-mean-token-mean"
   else:
-    raise ValueError(f"policy loss {cfg.loss!r} not in {LOSSES}")
-  sc = (lambda x, _: x) if scales is None else (lambda x, kind: x * scales[kind])  # noqa: E731
+    raise ValueError(f"policy loss {loss_cfg.loss!r} not in {LOSSES}")
+  scale = (lambda x, _: x) if scales is None else (lambda x, kind: x * scales[kind])  # noqa: E731
   zero = jnp.float32(0.0)
-  pg = sc(aggregate(pg_BxT, mask_BxT, agg), "token" if agg == "token-mean" else "seq")
-  ent = zero if entropy_BxT is None else sc(entropy_bonus(entropy_BxT, mask_BxT), "token")
-  kl = zero if ref_logp_BxT is None else sc(masked_mean(
-      kl_penalty(logp_BxT, ref_logp_BxT, cfg.kl_kind), mask_BxT), "token")
-  llds = sc(llds_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, gate=cfg.llds_gate,
-                      answer_weight_BxT=answer_weight_BxT, norm=cfg.llds_norm),
-            "token" if cfg.llds_norm == "token" else "resp")
-  total = pg - cfg.entropy_coef * ent + cfg.kl_coef * kl + cfg.llds_lambda * llds
+  pg = scale(aggregate(pg_BxT, mask_BxT, agg), "token" if agg == "token-mean" else "seq")
+  ent = zero if entropy_BxT is None else scale(entropy_bonus(entropy_BxT, mask_BxT), "token")
+  kl = zero if ref_logp_BxT is None else scale(masked_mean(
+      kl_penalty(logp_BxT, ref_logp_BxT, loss_cfg.kl_kind), mask_BxT), "token")
+  llds = scale(llds_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, gate=loss_cfg.llds_gate,
+                         answer_weight_BxT=answer_weight_BxT, norm=loss_cfg.llds_norm),
+               "token" if loss_cfg.llds_norm == "token" else "resp")
+  total = pg - loss_cfg.entropy_coef * ent + loss_cfg.kl_coef * kl + loss_cfg.llds_lambda * llds
   metrics = {"loss/total": total, "loss/pg": pg, "loss/entropy": ent, "loss/kl": kl,
-             "loss/llds": cfg.llds_lambda * llds, "llds/unscaled": llds,
-             "pg/clipfrac": sc(clipfrac, "token"), "pg/approx_kl": sc(approx_kl, "token")}
-  metrics.update({k: sc(v, "resp") for k, v in
+             "loss/llds": loss_cfg.llds_lambda * llds, "llds/unscaled": llds,
+             "pg/clipfrac": scale(clipfrac, "token"), "pg/approx_kl": scale(approx_kl, "token")}
+  metrics.update({k: scale(v, "resp") for k, v in
                   llds_stats(logp_BxT, old_logp_BxT, adv_B, mask_BxT).items()})
-  metrics.update({k: sc(v, "token") for k, v in
+  metrics.update({k: scale(v, "token") for k, v in
                   lld_stats(old_logp_BxT, adv_B, mask_BxT, ref_logp_BxT).items()})
   return total, {k: _sg(v) for k, v in metrics.items()}

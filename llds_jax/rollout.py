@@ -78,15 +78,17 @@ def rollout_config(c) -> RolloutConfig:
 
 # Sizing rules, shared with tools/dry_run.py (which compiles the programs these sizes give).
 
-def worst_case_tokens(cfg: RolloutConfig) -> int:
+def worst_case_tokens(rollout_cfg: RolloutConfig) -> int:
   """Response tokens of a row whose every turn runs to its limit and every search is fed."""
-  return (cfg.max_turns + 1) * cfg.max_turn_tokens + cfg.max_turns * cfg.max_obs_tokens
+  turns = rollout_cfg.max_turns
+  return (turns + 1) * rollout_cfg.max_turn_tokens + turns * rollout_cfg.max_obs_tokens
 
 
-def cache_capacity(cfg: RolloutConfig, longest_prompt: int) -> int:
+def cache_capacity(rollout_cfg: RolloutConfig, longest_prompt: int) -> int:
   """Tokens per row, also the KV cache slots; the prompt is bucketed, so a new longest prompt
   does not recompile the sampler each step."""
-  return min(cfg.max_context, smp.bucket(longest_prompt) + worst_case_tokens(cfg))
+  return min(rollout_cfg.max_context,
+             smp.bucket(longest_prompt) + worst_case_tokens(rollout_cfg))
 
 
 def turn_view(cap: int, need: int) -> int:
@@ -297,12 +299,12 @@ def _search(loop: _Loop, retriever, queries: list[str], searching: list[int], to
 
 
 def _insert_observations(loop: _Loop, rows: list[_Row], observations: dict[int, str],
-                         searching: list[int], tokenizer, cfg: RolloutConfig) -> None:
+                         searching: list[int], tokenizer, rollout_cfg: RolloutConfig) -> None:
   """Appends each observation to its row's response and next block (fed with the pending token);
   a row left without room to answer after it ends ("context")."""
   obs_rows = sorted(observations)
   obs_ids = encode_observations(tokenizer, [observations[b] for b in obs_rows],
-                                cfg.max_obs_tokens, cfg.obs_truncation)
+                                rollout_cfg.max_obs_tokens, rollout_cfg.obs_truncation)
   for b, ids in zip(obs_rows, obs_ids):
     row = rows[b]
     if row.total + len(ids) + 1 > loop.cap:  # no room to answer after this observation
@@ -360,7 +362,7 @@ def _collect(loop: _Loop, rows: list[_Row], longest: int, tokenizer, vocab_size:
 
 
 def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, group_size: int = 1,
-            cfg: RolloutConfig = RolloutConfig(), seed: int = 0, mesh=None,
+            rollout_cfg: RolloutConfig = RolloutConfig(), seed: int = 0, mesh=None,
             eos_ids: Sequence[int] | None = None, progress: bool = True) -> Rollout:
   """Search-R1 episodes for every prompt × `group_size`; `retriever.retrieve_text(queries, k)`."""
   prompt_rows = [[int(t) for t in p] for p in prompts for _ in range(group_size)]
@@ -368,24 +370,25 @@ def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, gr
     raise ValueError("rollout: need at least one prompt and no empty prompt")
   # Shapes (and whether a jitted call happens at all) are agreed over processes: see hosts.py.
   (longest,) = hosts.agree_max(max(map(len, prompt_rows)))
-  cap = cache_capacity(cfg, longest)
+  cap = cache_capacity(rollout_cfg, longest)
   if longest >= cap:
     raise ValueError(f"rollout: a prompt of {longest} tokens leaves no room under "
                      f"max_context={cap}")
-  sample_cfg = smp.SampleConfig(cfg.temperature, cfg.top_p, cfg.top_k,
-                          tuple(eos_ids) if eos_ids is not None else _eos_ids(model, tokenizer))
+  eos = tuple(eos_ids) if eos_ids is not None else _eos_ids(model, tokenizer)
+  sample_cfg = smp.SampleConfig(rollout_cfg.temperature, rollout_cfg.top_p, rollout_cfg.top_k, eos)
   table_QxMxV = hosts.put_replicated(
       stops.cached_stop_table(tokenizer, STOP_STRINGS, model.cfg.vocab_size), mesh)
   graphdef, params = nnx.split(model)
   (padded,) = hosts.agree_max(hosts.padded_rows(len(prompt_rows), mesh))
-  state = smp.init_state(model.cfg, padded, cap, cfg.max_turn_tokens, len(STOP_STRINGS), seed=seed,
-                         cache_dtype=cfg.cache_dtype, mesh=mesh)
+  state = smp.init_state(model.cfg, padded, cap, rollout_cfg.max_turn_tokens, len(STOP_STRINGS),
+                         seed=seed, cache_dtype=rollout_cfg.cache_dtype, mesh=mesh)
   loop = _Loop(graphdef, params, sample_cfg, table_QxMxV, cap, padded, mesh)
   rows = [_Row(prompt=p, block=list(p), total=len(p)) for p in prompt_rows]
 
-  bar = tqdm.tqdm(range(cfg.max_turns + 1), desc="rollout turns", disable=not progress, leave=False)
+  bar = tqdm.tqdm(range(rollout_cfg.max_turns + 1), desc="rollout turns", disable=not progress,
+                  leave=False)
   for turn in bar:
-    limit_B = _turn_limits(rows, loop, cfg.max_turn_tokens)
+    limit_B = _turn_limits(rows, loop, rollout_cfg.max_turn_tokens)
     live = np.flatnonzero([r.live for r in rows])
     sampled = _sample(loop, state, rows, live, limit_B, first=turn == 0)
     if sampled is None:
@@ -393,8 +396,9 @@ def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, gr
     bar.set_postfix(live=len(live))
     state, toks_BxTs, logp_BxTs, num_B, stop_B = sampled
     observations, searching, queries = _take_actions(
-        rows, live, toks_BxTs, logp_BxTs, num_B, stop_B, tokenizer, final=turn == cfg.max_turns)
-    _search(loop, retriever, queries, searching, cfg.topk, observations)
-    _insert_observations(loop, rows, observations, searching, tokenizer, cfg)
+        rows, live, toks_BxTs, logp_BxTs, num_B, stop_B, tokenizer,
+        final=turn == rollout_cfg.max_turns)
+    _search(loop, retriever, queries, searching, rollout_cfg.topk, observations)
+    _insert_observations(loop, rows, observations, searching, tokenizer, rollout_cfg)
   bar.close()
   return _collect(loop, rows, longest, tokenizer, model.cfg.vocab_size)

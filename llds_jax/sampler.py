@@ -151,21 +151,21 @@ def forward_block(model: Transformer, cache: KVCache, tokens_BxT, len_B, start_B
   return model.logits(h_BxD[:, None])[:, 0], cache
 
 
-def _sample(logits_BxV, key_B, pos_B, cfg: SampleConfig):
+def _sample(logits_BxV, key_B, pos_B, sample_cfg: SampleConfig):
   """Sampled ids and their temperature-1 log-probs."""
   logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
-  if cfg.temperature == 0:
+  if sample_cfg.temperature == 0:
     tok_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   else:
-    x_BxV = logits_BxV / cfg.temperature
-    if cfg.top_k:
-      kth_Bx1 = lax.top_k(x_BxV, cfg.top_k)[0][:, -1:]
+    x_BxV = logits_BxV / sample_cfg.temperature
+    if sample_cfg.top_k:
+      kth_Bx1 = lax.top_k(x_BxV, sample_cfg.top_k)[0][:, -1:]
       x_BxV = jnp.where(x_BxV < kth_Bx1, -jnp.inf, x_BxV)
-    if cfg.top_p < 1:
+    if sample_cfg.top_p < 1:
       desc_BxV = -jnp.sort(-x_BxV, axis=-1)
       p_BxV = jax.nn.softmax(desc_BxV, axis=-1)
       # Keep a token iff the mass strictly above it is < top_p (HF TopPLogitsWarper's rule).
-      keep_BxV = jnp.cumsum(p_BxV, axis=-1) - p_BxV < cfg.top_p
+      keep_BxV = jnp.cumsum(p_BxV, axis=-1) - p_BxV < sample_cfg.top_p
       cut_Bx1 = jnp.min(jnp.where(keep_BxV, desc_BxV, jnp.inf), axis=-1, keepdims=True)
       x_BxV = jnp.where(x_BxV < cut_Bx1, -jnp.inf, x_BxV)
     keys_B = jax.vmap(jax.random.fold_in)(key_B, pos_B)
@@ -173,7 +173,8 @@ def _sample(logits_BxV, key_B, pos_B, cfg: SampleConfig):
   return tok_B, logp_BxV[jnp.arange(tok_B.shape[0]), tok_B]
 
 
-def _record(state: SamplingState, tok_B, logp_B, active_B, table_QxMxV, cfg: SampleConfig):
+def _record(state: SamplingState, tok_B, logp_B, active_B, table_QxMxV,
+            sample_cfg: SampleConfig):
   """Append the sampled token of active rows and update their stop status."""
   B, Ts = state.tokens_BxTs.shape
   # A one-hot select rather than a scatter: it stays row-local, so the compiler keeps the buffers
@@ -181,8 +182,8 @@ def _record(state: SamplingState, tok_B, logp_B, active_B, table_QxMxV, cfg: Sam
   write_BxTs = active_B[:, None] & (jnp.arange(Ts)[None, :] == state.num_B[:, None])
   num_B = state.num_B + active_B
   is_eos_B = jnp.zeros((B,), bool)
-  if cfg.eos_ids:
-    is_eos_B = (tok_B[:, None] == jnp.asarray(cfg.eos_ids, jnp.int32)[None]).any(-1)
+  if sample_cfg.eos_ids:
+    is_eos_B = (tok_B[:, None] == jnp.asarray(sample_cfg.eos_ids, jnp.int32)[None]).any(-1)
   match_BxQ, hit_B = state.match_BxQ, jnp.zeros((B,), bool)
   if table_QxMxV.shape[0]:
     q_1xQ = jnp.arange(table_QxMxV.shape[0])[None]
@@ -221,9 +222,10 @@ def _widen(full: KVCache, part: KVCache) -> KVCache:
 # OnMesh without a mesh: each call traces under the mesh its arrays are sharded on (none on one
 # device), so the model keeps rows sharded in the rollout and in the dry run's `lower` alike.
 @shd.OnMesh
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "view"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "sample_cfg", "view"),
+                   donate_argnames=("state",))
 def feed(graphdef, params, state: SamplingState, tokens_BxT, len_B, limit_B, table_QxMxV,
-         cfg: SampleConfig, view: int | None = None) -> SamplingState:
+         sample_cfg: SampleConfig, view: int | None = None) -> SamplingState:
   """Append a block to the cache, open a segment of ≤ `limit_B` tokens, sample its first token.
 
   Rows with `len_B == 0` or `limit_B == 0` sample nothing in this segment. With `view`, only the
@@ -239,13 +241,14 @@ def feed(graphdef, params, state: SamplingState, tokens_BxT, len_B, limit_B, tab
       logp_BxTs=jnp.zeros_like(state.logp_BxTs), num_B=jnp.zeros_like(state.num_B), limit_B=limit_B,
       next_pos_B=next_pos_B, done_B=~active_B, stop_B=jnp.zeros_like(state.stop_B),
       match_BxQ=jnp.zeros_like(state.match_BxQ))
-  tok_B, logp_B = _sample(logits_BxV, state.key_B, next_pos_B, cfg)
-  return _record(state, tok_B, logp_B, active_B, table_QxMxV, cfg)
+  tok_B, logp_B = _sample(logits_BxV, state.key_B, next_pos_B, sample_cfg)
+  return _record(state, tok_B, logp_B, active_B, table_QxMxV, sample_cfg)
 
 
 @shd.OnMesh
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "view"), donate_argnames=("state",))
-def decode(graphdef, params, state: SamplingState, table_QxMxV, cfg: SampleConfig,
+@functools.partial(jax.jit, static_argnames=("graphdef", "sample_cfg", "view"),
+                   donate_argnames=("state",))
+def decode(graphdef, params, state: SamplingState, table_QxMxV, sample_cfg: SampleConfig,
            view: int | None = None) -> SamplingState:
   """Sample until every row of the segment has stopped (EOS, stop string or limit)."""
   model = nnx.merge(graphdef, params)
@@ -255,8 +258,8 @@ def decode(graphdef, params, state: SamplingState, table_QxMxV, cfg: SampleConfi
     logits_BxV, cache = forward_block(model, s.cache, s.last_B[:, None], active_B.astype(jnp.int32),
                                       s.next_pos_B)
     s = s.replace(cache=cache, next_pos_B=s.next_pos_B + active_B)
-    tok_B, logp_B = _sample(logits_BxV, s.key_B, s.next_pos_B, cfg)
-    return _record(s, tok_B, logp_B, active_B, table_QxMxV, cfg)
+    tok_B, logp_B = _sample(logits_BxV, s.key_B, s.next_pos_B, sample_cfg)
+    return _record(s, tok_B, logp_B, active_B, table_QxMxV, sample_cfg)
 
   out = lax.while_loop(lambda s: jnp.any(~s.done_B), step,
                        state.replace(cache=_narrow(state.cache, view)))
@@ -292,8 +295,8 @@ def sample(model: Transformer, prompt_ids: Sequence[Sequence[int]], *, max_new_t
     table = stops.cached_stop_table(tokenizer, tuple(stop_strings), cfg.vocab_size)
   else:
     table = np.zeros((0, 1, cfg.vocab_size), np.int8)
-  scfg = SampleConfig(float(temperature), float(top_p), int(top_k),
-                      tuple(int(t) for t in stop_token_ids))
+  sample_cfg = SampleConfig(float(temperature), float(top_p), int(top_k),
+                            tuple(int(t) for t in stop_token_ids))
   rows, width = hosts.agree_max(hosts.padded_rows(len(prompts), mesh),
                                 bucket(max(map(len, prompts))))
   tokens_BxT = np.zeros((rows, width), np.int32)
@@ -307,8 +310,8 @@ def sample(model: Transformer, prompt_ids: Sequence[Sequence[int]], *, max_new_t
   table_QxMxV = hosts.put_replicated(table, mesh)
   put = functools.partial(hosts.put_rows, mesh=mesh)
   state = feed(graphdef, params, state, put(tokens_BxT), put(len_B), put(limit_B), table_QxMxV,
-               scfg)
-  state = decode(graphdef, params, state, table_QxMxV, scfg)
+               sample_cfg)
+  state = decode(graphdef, params, state, table_QxMxV, sample_cfg)
   toks, logps, num, stop = map(hosts.local_rows,
                                (state.tokens_BxTs, state.logp_BxTs, state.num_B, state.stop_B))
   n = range(len(prompts))

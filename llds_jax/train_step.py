@@ -108,12 +108,12 @@ def step_config(c) -> StepConfig:
                     pack_micro_seqs=c.rl.pack_micro_seqs or c.rl.micro_batch_size)
 
 
-def _micro_loss(params, graphdef, micro: dict, sc: StepConfig):
+def _micro_loss(params, graphdef, micro: dict, step_cfg: StepConfig):
   logp, ent = response_logprobs(graphdef, params, micro, resp_len=micro["loss_mask"].shape[1],
-                                chunk_size=sc.chunk_size, temperature=sc.temperature)
-  ref = micro["ref_logp"] if sc.loss.kl_coef else None
+                                chunk_size=step_cfg.chunk_size, temperature=step_cfg.temperature)
+  ref = micro["ref_logp"] if step_cfg.loss.kl_coef else None
   total, metrics = losses.policy_loss(
-      logp, micro["old_logp"], micro["adv"], micro["loss_mask"], sc.loss, ref_logp_BxT=ref,
+      logp, micro["old_logp"], micro["adv"], micro["loss_mask"], step_cfg.loss, ref_logp_BxT=ref,
       entropy_BxT=ent, answer_weight_BxT=micro["answer_weight"])
   metrics["entropy"] = losses.masked_mean(jax.lax.stop_gradient(ent), micro["loss_mask"])
   return total, metrics
@@ -125,34 +125,34 @@ def _blocks(x, num: int):
   return shd.constrain(x, (None, "batch", *([None] * (x.ndim - 2))))
 
 
-def blocked_logprobs(graphdef, params, batch: dict, *, resp_len: int, sc: StepConfig):
-  """`response_logprobs` over blocks of `sc.logprob_rows` rows, one after another.
+def blocked_logprobs(graphdef, params, batch: dict, *, resp_len: int, step_cfg: StepConfig):
+  """`response_logprobs` over blocks of `step_cfg.logprob_rows` rows, one after another.
 
   The no-grad passes (old and reference policy) see the whole rollout batch (512 × 5 rows in the
   paper's setting); in one block their activations would dwarf the update's. Blocks bound that
   like the official `log_prob_micro_batch_size`.
   """
   n = batch["input_ids"].shape[0]
-  rows = sc.logprob_rows or n
+  rows = step_cfg.logprob_rows or n
   if n % rows:
     raise ValueError(f"{n} rollout rows do not split into log-prob blocks of {rows} rows")
   fn = lambda b: response_logprobs(graphdef, params, b, resp_len=resp_len,  # noqa: E731
-                                   chunk_size=sc.chunk_size, temperature=sc.temperature)
+                                   chunk_size=step_cfg.chunk_size, temperature=step_cfg.temperature)
   if rows == n:
     return fn(batch)
   out = jax.lax.map(fn, {k: _blocks(v, n // rows) for k, v in batch.items()})
   return jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), out)
 
 
-def minibatch_grads(params, batch: dict, *, graphdef, sc: StepConfig, grad_shardings=None):
-  """(float32 grads, metrics) of one minibatch, accumulated over `sc.num_micro` micro-batches.
+def minibatch_grads(params, batch: dict, *, graphdef, step_cfg: StepConfig, grad_shardings=None):
+  """(float32 grads, metrics) of one minibatch, accumulated over `step_cfg.num_micro` micro-batches.
 
   Each micro-batch loss is a token mean over its own loss tokens and the gradients are averaged
   over micro-batches, as the official actor does (`loss / grad_accum` then backward).
   """
-  A = sc.num_micro
+  A = step_cfg.num_micro
   micros = {k: _blocks(batch[k], A) for k in BATCH_KEYS}
-  return accumulate_micro(params, micros, lambda p, m: _micro_loss(p, graphdef, m, sc),
+  return accumulate_micro(params, micros, lambda p, m: _micro_loss(p, graphdef, m, step_cfg),
                           divisor=A, grad_shardings=grad_shardings)
 
 
@@ -207,12 +207,12 @@ def apply_grads(state: TrainState, grads, metrics: dict, *, tx,
   return state, metrics
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, sc: StepConfig,
+def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, step_cfg: StepConfig,
                grad_shardings=None, grads_fn=None) -> tuple[TrainState, dict]:
   """One optimizer update on a minibatch: `grads_fn` (default `minibatch_grads`, padded rows;
   `packed_step.packed_minibatch_grads` for packed ones), then `apply_grads`."""
-  grads, metrics = (grads_fn or minibatch_grads)(state.params, batch, graphdef=graphdef, sc=sc,
-                                                 grad_shardings=grad_shardings)
+  grads, metrics = (grads_fn or minibatch_grads)(state.params, batch, graphdef=graphdef,
+                                                 step_cfg=step_cfg, grad_shardings=grad_shardings)
   return apply_grads(state, grads, metrics, tx=tx, schedule=schedule)
 
 
@@ -220,7 +220,7 @@ class Updater:
   """Owns the jitted functions of one (model, mesh, config): init, log-probs, train step."""
 
   def __init__(self, graphdef, abstract_params, *, opt, step_cfg: StepConfig, mesh: Mesh):
-    self.graphdef, self.mesh, self.sc = graphdef, mesh, step_cfg
+    self.graphdef, self.mesh, self.step_cfg = graphdef, mesh, step_cfg
     self.tx, self.schedule = make_optimizer(opt), lr_schedule(opt)
     schedule = self.schedule
     self.param_shardings = shd.state_shardings(abstract_params, mesh)
@@ -238,12 +238,13 @@ class Updater:
     # the model pins its activations to row sharding only while a mesh is active (shd.constrain).
     self.step = shd.OnMesh(jax.jit(
         lambda s, b: train_step(s, b, graphdef=graphdef, tx=self.tx, schedule=schedule,
-                                sc=step_cfg, grad_shardings=self.param_shardings),
+                                step_cfg=step_cfg, grad_shardings=self.param_shardings),
         in_shardings=(self.state_shardings, self.batch_shardings),
         out_shardings=(self.state_shardings, rep), donate_argnames=("s",)), mesh)
     self.lp_keys = ("input_ids", "attn_mask", "positions")
     self.logprobs_program = shd.OnMesh(jax.jit(
-        lambda p, b, resp_len: blocked_logprobs(graphdef, p, b, resp_len=resp_len, sc=step_cfg),
+        lambda p, b, resp_len: blocked_logprobs(graphdef, p, b, resp_len=resp_len,
+                                                step_cfg=step_cfg),
         in_shardings=(self.param_shardings, {k: self.batch_shardings[k] for k in self.lp_keys}),
         out_shardings=(row(2), row(2)), static_argnums=2), mesh)
     kl = bool(step_cfg.loss.kl_coef)
@@ -285,9 +286,9 @@ def update_phase(updater: Updater, state: TrainState, batch: dict, ref_params, *
   Minibatches are contiguous row blocks (official: no shuffle) unless `shuffle_seed` is given.
   Returns the state with `step` advanced by one, the per-minibatch metrics and whole-batch LLD
   statistics (device scalars, for the caller to fetch when it needs them). With
-  `sc.pack_len` the rows are packed (`packed_step.packed_update_phase`).
+  `step_cfg.pack_len` the rows are packed (`packed_step.packed_update_phase`).
   """
-  if updater.sc.pack_len:
+  if updater.step_cfg.pack_len:
     from llds_jax.packed_step import packed_update_phase  # it builds on this module
     return packed_update_phase(updater, state, batch, ref_params, minibatch=minibatch,
                                ppo_epochs=ppo_epochs, shuffle_seed=shuffle_seed,
@@ -297,7 +298,7 @@ def update_phase(updater: Updater, state: TrainState, batch: dict, ref_params, *
   if n % minibatch:
     raise ValueError(f"rollout rows {n} not divisible by rl.minibatch_size={minibatch}")
   placed["old_logp"], _ = updater.logprobs(state.params, placed)
-  if updater.sc.loss.kl_coef:
+  if updater.step_cfg.loss.kl_coef:
     placed["ref_logp"], _ = updater.logprobs(ref_params, placed)
   else:
     placed["ref_logp"] = jnp.zeros_like(placed["old_logp"])

@@ -117,11 +117,11 @@ def test_recorded_rows_stretch_the_recording():
   rows = packing.recorded_rows(dist, 50, prompt_width=40, response_width=160, seed=1)
   attn, loss = rows["attn_mask"], rows["loss_mask"]
   assert attn.shape == (50, 200) and loss.shape == (50, 160)
-  p_N, r_N = packing.row_extents(attn, 40)
+  p_B, r_B = packing.row_extents(attn, 40)
   # Prompts × 40/20, responses and loss tokens × 160/(100 − 20).
-  assert set(zip(p_N.tolist(), r_N.tolist(), loss.sum(1).astype(int).tolist())) == {
+  assert set(zip(p_B.tolist(), r_B.tolist(), loss.sum(1).astype(int).tolist())) == {
       (20, 60, 60), (40, 160, 18)}
-  for i in np.flatnonzero(r_N == 160):  # 9 head + 9 tail loss tokens, observations between
+  for i in np.flatnonzero(r_B == 160):  # 9 head + 9 tail loss tokens, observations between
     np.testing.assert_array_equal(np.flatnonzero(loss[i]), np.r_[0:9, 151:160])
 
 

@@ -15,11 +15,11 @@ from llds_jax.packed_step import (ROW_KEYS, micro_objective, micro_scales, packe
                                   packed_minibatch_grads)
 from llds_jax.train_step import (StepConfig, Updater, minibatch_grads, response_logprobs,
                                  update_phase)
-from test_train_step import CFG, N, P, R, _opt, _updater, fake_batch
+from test_train_step import CFG, B, P, R, _opt, _updater, fake_batch
 
 SINGLE = {"data": 1, "fsdp": 1, "tensor": 1}
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}
-S = 24  # packed sequence length: 1-3 rows of up to P + R = 16 tokens each
+LP = 24  # packed sequence length (Lp): 1-3 rows of up to P + R = 16 tokens each
 
 
 def _model(mesh_shape=SINGLE):
@@ -29,17 +29,17 @@ def _model(mesh_shape=SINGLE):
 
 def test_first_fit_and_layout_round_trip():
   batch = fake_batch(3)
-  pk = packing.pack_rows(batch, np.arange(N), S)
-  p_N, r_N = packing.row_extents(batch["attn_mask"], P)
+  pk = packing.pack_rows(batch, np.arange(B), LP)
+  p_B, r_B = packing.row_extents(batch["attn_mask"], P)
   q, k = pk["keep"].shape
-  assert q < N  # several rows share a sequence
-  for i in range(N):
+  assert q < B  # several rows share a sequence
+  for i in range(B):
     seq, seg = pk["row_seq"][i], pk["row_segment"][i]
     where = np.flatnonzero(pk["segment_ids"][seq] == seg)
-    assert len(where) == p_N[i] + r_N[i] and np.all(np.diff(where) == 1)
+    assert len(where) == p_B[i] + r_B[i] and np.all(np.diff(where) == 1)
     np.testing.assert_array_equal(pk["positions"][seq, where], np.arange(len(where)))
     np.testing.assert_array_equal(pk["input_ids"][seq, where],
-                                  batch["input_ids"][i, P - p_N[i]:P + r_N[i]])
+                                  batch["input_ids"][i, P - p_B[i]:P + r_B[i]])
     # Each loss token's gathered position is the one before it in its row's segment.
     t = np.flatnonzero(batch["loss_mask"][i])
     g = pk["gather"][i, t]
@@ -48,14 +48,14 @@ def test_first_fit_and_layout_round_trip():
     np.testing.assert_array_equal(pk["input_ids"][seq, pos + 1], batch["input_ids"][i, P + t])
     assert np.all(pk["segment_ids"][seq, pos] == seg)
   assert (pk["segment_ids"] > 0).sum() == batch["attn_mask"].sum()  # every token exactly once
-  assert packing.non_pad_fraction(batch["attn_mask"], S) == (
+  assert packing.non_pad_fraction(batch["attn_mask"], LP) == (
       batch["attn_mask"].sum() / pk["input_ids"].size)
   assert packing.non_pad_fraction(batch["attn_mask"]) == batch["attn_mask"].mean()
 
 
 def test_row_longer_than_sequence_is_named():
   with pytest.raises(ValueError, match="row 0 has"):
-    packing.pack_rows(fake_batch(), np.arange(N), 4)
+    packing.pack_rows(fake_batch(), np.arange(B), 4)
 
 
 def test_segments_never_see_their_neighbours():
@@ -63,26 +63,27 @@ def test_segments_never_see_their_neighbours():
   mesh, model = _model()
   graphdef, params = nnx.split(model)
   batch = fake_batch(1)
-  sc = StepConfig(loss=losses.LossConfig(), num_micro=1, chunk_size=4)
-  pad_NxR, _ = response_logprobs(graphdef, params, batch, resp_len=R, chunk_size=4)
-  pk = packing.pack_rows(batch, np.arange(N), S)
+  step_cfg = StepConfig(loss=losses.LossConfig(), num_micro=1, chunk_size=4)
+  pad_BxR, _ = response_logprobs(graphdef, params, batch, resp_len=R, chunk_size=4)
+  pk = packing.pack_rows(batch, np.arange(B), LP)
   seqs = {k: jnp.asarray(pk[k]) for k in packing.SEQ_KEYS}
-  logp_QxK, _ = packed_logprobs(graphdef, params, seqs, sc=sc)
-  mask_NxR = batch["loss_mask"] > 0
-  got_NxR = np.asarray(logp_QxK).reshape(-1)[pk["gather"]]
-  np.testing.assert_allclose(np.where(mask_NxR, got_NxR, 0), np.where(mask_NxR, pad_NxR, 0),
+  logp_BpxTk, _ = packed_logprobs(graphdef, params, seqs, step_cfg=step_cfg)
+  mask_BxR = batch["loss_mask"] > 0
+  got_BxR = np.asarray(logp_BpxTk).reshape(-1)[pk["gather"]]
+  np.testing.assert_allclose(np.where(mask_BxR, got_BxR, 0), np.where(mask_BxR, pad_BxR, 0),
                              atol=1e-5)
   # Scramble every token of segment 1 in each sequence: rows in other segments keep their values.
   ids = np.where(pk["segment_ids"] == 1, (pk["input_ids"] * 7 + 3) % CFG.vocab_size,
                  pk["input_ids"])
-  logp2_QxK, _ = packed_logprobs(graphdef, params, dict(seqs, input_ids=jnp.asarray(ids)), sc=sc)
-  got2_NxR = np.asarray(logp2_QxK).reshape(-1)[pk["gather"]]
-  other_N = pk["row_segment"] > 1
-  assert other_N.any()
-  np.testing.assert_array_equal(np.where(mask_NxR, got2_NxR, 0)[other_N],
-                                np.where(mask_NxR, got_NxR, 0)[other_N])
-  assert not np.allclose(got2_NxR[~other_N][mask_NxR[~other_N]],
-                         got_NxR[~other_N][mask_NxR[~other_N]])
+  logp2_BpxTk, _ = packed_logprobs(graphdef, params, dict(seqs, input_ids=jnp.asarray(ids)),
+                                 step_cfg=step_cfg)
+  got2_BxR = np.asarray(logp2_BpxTk).reshape(-1)[pk["gather"]]
+  other_B = pk["row_segment"] > 1
+  assert other_B.any()
+  np.testing.assert_array_equal(np.where(mask_BxR, got2_BxR, 0)[other_B],
+                                np.where(mask_BxR, got_BxR, 0)[other_B])
+  assert not np.allclose(got2_BxR[~other_B][mask_BxR[~other_B]],
+                         got_BxR[~other_B][mask_BxR[~other_B]])
 
 
 def test_query_blocked_attention_keeps_segments():
@@ -132,8 +133,8 @@ def _rows_of(batch, old, ref, stacked):
 
 
 def _packed_minibatch(batch, old, ref, micro_seqs, row_multiple=1):
-  lay = packing.minibatch_layout(batch, np.arange(N), S, micro_seqs)
-  st = packing.stack_micro([lay], N, row_multiple)[0]
+  lay = packing.minibatch_layout(batch, np.arange(B), LP, micro_seqs)
+  st = packing.stack_micro([lay], B, row_multiple)[0]
   return {**{k: st[k] for k in packing.SEQ_KEYS + ("gather",)},
           **_rows_of(batch, old, ref, st)}, st
 
@@ -141,12 +142,12 @@ def _packed_minibatch(batch, old, ref, micro_seqs, row_multiple=1):
 def _loss_inputs(seed=0):
   batch = fake_batch(seed)
   rng = np.random.RandomState(seed + 10)
-  logp_NxR = -np.abs(rng.randn(N, R)).astype(np.float32)
-  old_NxR = (logp_NxR + 0.3 * rng.randn(N, R)).astype(np.float32)
-  ref_NxR = (logp_NxR + 0.3 * rng.randn(N, R)).astype(np.float32)
-  ent_NxR = np.abs(rng.randn(N, R)).astype(np.float32)
-  batch["answer_weight"] = np.where(rng.rand(N, R) < 0.3, 0.25, 1.0).astype(np.float32)
-  return batch, logp_NxR, old_NxR, ref_NxR, ent_NxR
+  logp_BxR = -np.abs(rng.randn(B, R)).astype(np.float32)
+  old_BxR = (logp_BxR + 0.3 * rng.randn(B, R)).astype(np.float32)
+  ref_BxR = (logp_BxR + 0.3 * rng.randn(B, R)).astype(np.float32)
+  ent_BxR = np.abs(rng.randn(B, R)).astype(np.float32)
+  batch["answer_weight"] = np.where(rng.rand(B, R) < 0.3, 0.25, 1.0).astype(np.float32)
+  return batch, logp_BxR, old_BxR, ref_BxR, ent_BxR
 
 
 VARIANTS = [dict(loss=loss, agg=agg, llds_gate=gate, llds_norm=norm)
@@ -159,37 +160,37 @@ VARIANTS = [dict(loss=loss, agg=agg, llds_gate=gate, llds_norm=norm)
 def test_packed_objective_equals_padded(kw):
   """Every loss × gate × norm (with LLDS-MA weights, KL and entropy on): value and gradient
   with respect to the per-token log-probs and entropies, packed into 3 uneven micro-batches."""
-  cfg = losses.LossConfig(**kw, kl_kind="k3", kl_coef=0.1, entropy_coef=0.01)
-  batch, logp_NxR, old_NxR, ref_NxR, ent_NxR = _loss_inputs()
-  mb, st = _packed_minibatch(batch, old_NxR, ref_NxR, micro_seqs=1)
+  loss_cfg = losses.LossConfig(**kw, kl_kind="k3", kl_coef=0.1, entropy_coef=0.01)
+  batch, logp_BxR, old_BxR, ref_BxR, ent_BxR = _loss_inputs()
+  mb, st = _packed_minibatch(batch, old_BxR, ref_BxR, micro_seqs=1)
   a = mb["input_ids"].shape[0]
   assert a >= 3
-  valid_NxR = batch["loss_mask"] > 0  # the positions whose log-probs the losses read
+  valid_BxR = batch["loss_mask"] > 0  # the positions whose log-probs the losses read
 
   def padded(lp, ent):
-    return losses.policy_loss(lp, old_NxR, batch["adv"], batch["loss_mask"], cfg,
-                              ref_logp_BxT=ref_NxR, entropy_BxT=ent,
+    return losses.policy_loss(lp, old_BxR, batch["adv"], batch["loss_mask"], loss_cfg,
+                              ref_logp_BxT=ref_BxR, entropy_BxT=ent,
                               answer_weight_BxT=batch["answer_weight"])[0]
 
   def packed(lp, ent):
     scales = micro_scales(jnp.asarray(mb["loss_mask"]), jnp.asarray(mb["adv"]))
     total = 0.0
     for u in range(a):
-      rows = st["rows"][u][st["rows"][u] < N]
-      idx = st["gather"][u][:len(rows)][valid_NxR[rows]]
+      rows = st["rows"][u][st["rows"][u] < B]
+      idx = st["gather"][u][:len(rows)][valid_BxR[rows]]
       grid = lambda x: jnp.zeros(mb["keep"][u].size).at[idx].set(  # noqa: E731
-          x[rows][valid_NxR[rows]]).reshape(mb["keep"][u].shape)
+          x[rows][valid_BxR[rows]]).reshape(mb["keep"][u].shape)
       micro = {k: mb[k][u] for k in ("gather",) + ROW_KEYS}
       micro["scales"] = {k: v[u] for k, v in scales.items()}
-      total += micro_objective(grid(lp), grid(ent), micro, cfg)[0]
+      total += micro_objective(grid(lp), grid(ent), micro, loss_cfg)[0]
     return total
 
-  want, want_g = jax.value_and_grad(padded, argnums=(0, 1))(logp_NxR, ent_NxR)
-  got, got_g = jax.value_and_grad(packed, argnums=(0, 1))(logp_NxR, ent_NxR)
+  want, want_g = jax.value_and_grad(padded, argnums=(0, 1))(logp_BxR, ent_BxR)
+  got, got_g = jax.value_and_grad(packed, argnums=(0, 1))(logp_BxR, ent_BxR)
   assert float(jnp.abs(want)) > 1e-3
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   for g, w in zip(got_g, want_g):
-    np.testing.assert_allclose(np.where(valid_NxR, g, 0), np.where(valid_NxR, w, 0), atol=1e-6)
+    np.testing.assert_allclose(np.where(valid_BxR, g, 0), np.where(valid_BxR, w, 0), atol=1e-6)
 
 
 @pytest.mark.parametrize("mesh_shape,kw", [
@@ -202,21 +203,23 @@ def test_packed_model_gradients_equal_padded(mesh_shape, kw):
   mesh, model = _model(mesh_shape)
   graphdef, params = nnx.split(model)
   rs = mesh.shape["data"] * mesh.shape["fsdp"]
-  sc = StepConfig(loss=losses.LossConfig(**kw, llds_lambda=0.5), num_micro=1, chunk_size=4,
-                  pack_len=S, pack_micro_seqs=2 * rs)
+  step_cfg = StepConfig(loss=losses.LossConfig(**kw, llds_lambda=0.5), num_micro=1, chunk_size=4,
+                        pack_len=LP, pack_micro_seqs=2 * rs)
   batch, _, _, _, _ = _loss_inputs(1)
-  lp_NxR, _ = response_logprobs(graphdef, params, batch, resp_len=R, chunk_size=4)
+  lp_BxR, _ = response_logprobs(graphdef, params, batch, resp_len=R, chunk_size=4)
   rng = np.random.RandomState(5)
-  old = np.asarray(lp_NxR) + 0.2 * rng.randn(N, R).astype(np.float32)
-  ref = np.asarray(lp_NxR) + 0.2 * rng.randn(N, R).astype(np.float32)
+  old = np.asarray(lp_BxR) + 0.2 * rng.randn(B, R).astype(np.float32)
+  ref = np.asarray(lp_BxR) + 0.2 * rng.randn(B, R).astype(np.float32)
   pad = {k: batch[k] for k in ("input_ids", "attn_mask", "positions", "loss_mask", "adv",
                                "answer_weight")}
   pad.update(old_logp=old, ref_logp=ref)
   mb, _ = _packed_minibatch(batch, old, ref, micro_seqs=2 * rs, row_multiple=rs)
   with jax.set_mesh(mesh):
-    want_g, want_m = jax.jit(lambda p, b: minibatch_grads(p, b, graphdef=graphdef, sc=sc))(
+    want_g, want_m = jax.jit(
+        lambda p, b: minibatch_grads(p, b, graphdef=graphdef, step_cfg=step_cfg))(
         params, pad)
-    got_g, got_m = jax.jit(lambda p, b: packed_minibatch_grads(p, b, graphdef=graphdef, sc=sc))(
+    got_g, got_m = jax.jit(
+        lambda p, b: packed_minibatch_grads(p, b, graphdef=graphdef, step_cfg=step_cfg))(
         params, mb)
   for k in ("loss/total", "loss/pg", "loss/llds", "loss/kl", "entropy"):
     np.testing.assert_allclose(got_m[k], want_m[k], rtol=1e-5, atol=1e-6, err_msg=k)
@@ -228,11 +231,11 @@ def test_packed_model_gradients_equal_padded(mesh_shape, kw):
 def test_packed_update_phase_matches_padded():
   """The whole phase (old + ref passes, 2 minibatch steps): same metrics and params as padded."""
   results = []
-  for pack in (0, S):
+  for pack in (0, LP):
     up, state, ref = _updater(SINGLE, num_micro=1, llds_lambda=0.0, kl_coef=0.1)
     if pack:  # the same model and optimizer, packed
       up = Updater(up.graphdef, jax.eval_shape(lambda: ref), opt=_opt(), mesh=up.mesh,
-                   step_cfg=dataclasses.replace(up.sc, pack_len=S, pack_micro_seqs=1))
+                   step_cfg=dataclasses.replace(up.step_cfg, pack_len=LP, pack_micro_seqs=1))
     state, m, _ = update_phase(up, state, fake_batch(2), ref, minibatch=4)
     results.append((jax.tree.map(np.asarray, state.params), [float(x["loss/total"]) for x in m]))
   np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-5)
@@ -253,19 +256,20 @@ def _tiny_config(tmp_path):
 
 
 def test_pack_config_switch_and_bad_fields(tmp_path):
-  from llds_jax import train_step, trainer
+  from llds_jax import config_check, train_step
   c = _tiny_config(tmp_path)
   assert train_step.step_config(c).pack_len == 0  # the padded path unless asked
   c.rl.pack = True
-  sc = train_step.step_config(c)
-  assert (sc.pack_len, sc.pack_micro_seqs) == (c.rollout.max_context, c.rl.micro_batch_size)
-  trainer.validate(c)
+  step_cfg = train_step.step_config(c)
+  assert (step_cfg.pack_len, step_cfg.pack_micro_seqs) == (c.rollout.max_context,
+                                                         c.rl.micro_batch_size)
+  config_check.validate(c)
   for field, value in (("pack_len", c.rollout.max_context - 1), ("pack_micro_seqs", 6)):
     bad = _tiny_config(tmp_path)
     bad.rl.pack = True
     bad.rl[field] = value
     with pytest.raises(ValueError, match=f"rl.{field}"):
-      trainer.validate(bad)
+      config_check.validate(bad)
 
 
 @pytest.mark.parametrize("name", ["pod_qwen3b_v4", "pod_qwen3b_v5e", "pod_qwen3b_v5p",
@@ -276,24 +280,25 @@ def test_pod_configs_pack_by_default(name):
   import os
   import sys
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from llds_jax import train_step, trainer
+  from llds_jax import config_check, train_step
   c = importlib.import_module(f"configs.{name}").get_config()
   assert c.rl.pack
-  trainer._validate_packing(c, c.mesh.data * c.mesh.fsdp)
-  sc = train_step.step_config(c)
-  assert (sc.pack_len, sc.pack_micro_seqs) == (c.rollout.max_context, c.rl.micro_batch_size)
+  config_check.validate_packing(c, c.mesh.data * c.mesh.fsdp)
+  step_cfg = train_step.step_config(c)
+  assert (step_cfg.pack_len, step_cfg.pack_micro_seqs) == (c.rollout.max_context,
+                                                         c.rl.micro_batch_size)
 
 
 def test_zero_variance_filter_drops_equal_groups_and_cuts_to_minibatches():
   from llds_jax.trainer import zero_variance_filter
-  group_N = np.repeat(np.arange(4), 3)
-  reward_N = np.array([1, 1, 1, 0, 1, 0, 0, 0, 0, 1, 0, 0], np.float32)
-  used, m = zero_variance_filter(reward_N, group_N, minibatch=2)
+  group_B = np.repeat(np.arange(4), 3)
+  reward_B = np.array([1, 1, 1, 0, 1, 0, 0, 0, 0, 1, 0, 0], np.float32)
+  used, m = zero_variance_filter(reward_B, group_B, minibatch=2)
   np.testing.assert_array_equal(used, [3, 4, 5, 9, 10, 11])  # groups 1 and 3
   assert m == {"filter/zero_variance_frac": 0.5, "filter/rows_used": 6.0}
-  used, m = zero_variance_filter(reward_N, group_N, minibatch=4)
+  used, m = zero_variance_filter(reward_B, group_B, minibatch=4)
   np.testing.assert_array_equal(used, [3, 4, 5, 9])  # whole minibatches only
-  used, _ = zero_variance_filter(np.zeros(12, np.float32), group_N, minibatch=2)
+  used, _ = zero_variance_filter(np.zeros(12, np.float32), group_B, minibatch=2)
   assert used.size == 0
 
 

@@ -155,18 +155,18 @@ def test_append_into_live_cache_equals_full_forward(rand_model):
   graphdef, params = nnx.split(model)
   prompts = _prompts([5, 9, 3], seed=1)
   obs = _prompts([6, 0, 2], seed=2)  # row 1 has finished: it appends nothing and samples nothing
-  scfg = sampler.SampleConfig()
+  sample_cfg = sampler.SampleConfig()
   state = sampler.init_state(cfg, 3, 48, 4, 0)
   put = jax.device_put
   state = sampler.feed(graphdef, params, state, put(_right_pad(prompts, 16)), put(_lens(prompts)),
-                       put(np.full(3, 4, np.int32)), put(NO_STOPS), scfg)
-  state = sampler.decode(graphdef, params, state, put(NO_STOPS), scfg)
+                       put(np.full(3, 4, np.int32)), put(NO_STOPS), sample_cfg)
+  state = sampler.decode(graphdef, params, state, put(NO_STOPS), sample_cfg)
   gen1, lp1 = (np.asarray(x) for x in (state.tokens_BxTs, state.logp_BxTs))
   blocks = [[int(gen1[b, -1])] + obs[b] if obs[b] else [] for b in range(3)]
   # The second segment reads and writes only the first 32 of the 48 slots (the rollout's `view`).
   state = sampler.feed(graphdef, params, state, put(_right_pad(blocks, 8)), put(_lens(blocks)),
-                       put(np.asarray([3, 0, 3], np.int32)), put(NO_STOPS), scfg, view=32)
-  state = sampler.decode(graphdef, params, state, put(NO_STOPS), scfg, view=32)
+                       put(np.asarray([3, 0, 3], np.int32)), put(NO_STOPS), sample_cfg, view=32)
+  state = sampler.decode(graphdef, params, state, put(NO_STOPS), sample_cfg, view=32)
   assert state.cache.slots == 48
   gen2, lp2, num2 = (np.asarray(x) for x in (state.tokens_BxTs, state.logp_BxTs, state.num_B))
   np.testing.assert_array_equal(num2, [3, 0, 3])

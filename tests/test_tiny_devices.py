@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from llds_jax import metrics as mlib
-from llds_jax import trainer
+from llds_jax import config_check, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +26,7 @@ def test_tiny_sizes_fit_any_row_shard_count(devices, tmp_path):
   c = _tiny()
   c.workdir = str(tmp_path)
   c.mesh.update(data=devices, fsdp=1, tensor=8 // devices)
-  trainer.validate(c)
+  config_check.validate(c)
 
 
 def test_tiny_config_trains_end_to_end_on_8_devices(tmp_path, caplog):

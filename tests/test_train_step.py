@@ -13,7 +13,7 @@ from llds_jax.train_step import StepConfig, Updater, update_phase
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, rope_theta=1e4)
-P, R, N = 6, 10, 8
+P, R, B = 6, 10, 8  # prompt and response tokens, rows
 
 
 def _opt(lr=1e-3, warmup=0, eps=1e-8):
@@ -21,7 +21,7 @@ def _opt(lr=1e-3, warmup=0, eps=1e-8):
                                         weight_decay=0.01, grad_clip=1.0))
 
 
-def fake_batch(seed=0, n=N):
+def fake_batch(seed=0, n=B):
   """Left-padded prompts, responses with two actions separated by an observation, padding."""
   rng = np.random.RandomState(seed)
   ids = rng.randint(1, CFG.vocab_size, (n, P + R))
@@ -44,9 +44,9 @@ def _updater(mesh_shape, lr=1e-3, num_micro=2, cfg=CFG, logprob_rows=0, eps=1e-8
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(list(mesh_shape.values())))])
   model = sharding.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
   graphdef, params = nnx.split(model)
-  sc = StepConfig(loss=losses.LossConfig(**loss_kw), num_micro=num_micro, chunk_size=4,
-                  logprob_rows=logprob_rows)
-  up = Updater(graphdef, jax.eval_shape(lambda: params), opt=_opt(lr, eps=eps), step_cfg=sc,
+  step_cfg = StepConfig(loss=losses.LossConfig(**loss_kw), num_micro=num_micro, chunk_size=4,
+                        logprob_rows=logprob_rows)
+  up = Updater(graphdef, jax.eval_shape(lambda: params), opt=_opt(lr, eps=eps), step_cfg=step_cfg,
                mesh=mesh)
   return up, up.init_state(params), params
 
@@ -128,9 +128,9 @@ def test_llds_zero_on_first_minibatch_positive_later():
 def test_warmup_starts_at_zero_lr():
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   graphdef, params = nnx.split(Transformer(CFG, rngs=nnx.Rngs(0)))
-  sc = StepConfig(loss=losses.LossConfig(), num_micro=1, chunk_size=4)
-  up = Updater(graphdef, jax.eval_shape(lambda: params), opt=_opt(1e-3, warmup=4), step_cfg=sc,
-               mesh=mesh)
+  step_cfg = StepConfig(loss=losses.LossConfig(), num_micro=1, chunk_size=4)
+  up = Updater(graphdef, jax.eval_shape(lambda: params), opt=_opt(1e-3, warmup=4),
+               step_cfg=step_cfg, mesh=mesh)
   state = up.init_state(params)
   state, m0, _ = update_phase(up, state, fake_batch(), params, minibatch=8)
   state, m1, _ = update_phase(up, state, fake_batch(1), params, minibatch=8)

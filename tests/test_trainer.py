@@ -142,7 +142,7 @@ def test_corrupt_newest_checkpoint_falls_back(uninterrupted, tmp_path):
     ("--config.rollout.obs_truncation=tags", "rollout.obs_truncation"),
 ])
 def test_bad_config_names_the_field(override, field, tmp_path):
-  from llds_jax import trainer
+  from llds_jax import config_check
   sys.path.insert(0, ROOT)
   from configs import tiny
   c = tiny.get_config()
@@ -157,7 +157,7 @@ def test_bad_config_names_the_field(override, field, tmp_path):
   else:
     c[key] = value == "True" if isinstance(c[key], bool) else type(c[key])(value)
   with pytest.raises((ValueError, FileNotFoundError), match=field):
-    trainer.validate(c)
+    config_check.validate(c)
 
 
 def test_lld_monitor_warns_on_sustained_fall_and_degeneration(caplog):

@@ -170,14 +170,14 @@ def build(c, mesh, prompt_tokens: int = 384, lengths: str | None = None) -> dict
   samp = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                       abs_samp, smp.state_shardings(abs_samp, mesh))
   eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, tuple) else (cfg.eos_token_id or 0,)
-  scfg = smp.SampleConfig(c.rollout.temperature, c.rollout.top_p, c.rollout.top_k, tuple(eos))
+  sample_cfg = smp.SampleConfig(c.rollout.temperature, c.rollout.top_p, c.rollout.top_k, tuple(eos))
   table = jax.ShapeDtypeStruct((len(STOP_STRINGS), max(map(len, STOP_STRINGS)), cfg.vocab_size),
                                jnp.int8, sharding=shd.replicated(mesh))
   packed = None
-  if up.sc.pack_len:
+  if up.step_cfg.pack_len:
     with open(lengths or _LENGTHS.default) as f:
       rows = packing.recorded_rows(json.load(f), s["rows"], s["P"], s["R"])
-    lay = packed_step.phase_layout(rows, up.sc, mesh.shape["data"] * mesh.shape["fsdp"],
+    lay = packed_step.phase_layout(rows, up.step_cfg, mesh.shape["data"] * mesh.shape["fsdp"],
                                    minibatch=mb, ppo_epochs=c.rl.ppo_epochs)
     packed = packed_step.abstract_inputs(up, lay)
     s["packed"] = dict(logprob_seqs=lay["logprob"]["input_ids"].shape, block=lay["block"],
@@ -188,7 +188,7 @@ def build(c, mesh, prompt_tokens: int = 384, lengths: str | None = None) -> dict
               packed=packed,
               sampler_params=policy.rollout_weights(c, abs_params, mesh),
               minibatch=batch(mb), rollout_batch=batch(s["rows"]), sampler_state=samp,
-              scfg=scfg, table=table, prompt=rows_of((B, s["P"]), jnp.int32),
+              sample_cfg=sample_cfg, table=table, prompt=rows_of((B, s["P"]), jnp.int32),
               obs=rows_of((B, s["obs_block"]), jnp.int32),
               len_B=rows_of((B,), jnp.int32))
 
@@ -208,13 +208,13 @@ def lower(name: str, b: dict):
     return up.logprobs_program.lower(b["params"], {k: rb[k] for k in up.lp_keys}, s["R"])
   if name == "prefill":
     return smp.feed.lower(b["graphdef"], b["sampler_params"], b["sampler_state"], b["prompt"],
-                          b["len_B"], b["len_B"], b["table"], b["scfg"], s["views"][0])
+                          b["len_B"], b["len_B"], b["table"], b["sample_cfg"], s["views"][0])
   if name == "observe":  # the largest later feed: an observation block at the last turn's view
     return smp.feed.lower(b["graphdef"], b["sampler_params"], b["sampler_state"], b["obs"],
-                          b["len_B"], b["len_B"], b["table"], b["scfg"], s["views"][-1])
+                          b["len_B"], b["len_B"], b["table"], b["sample_cfg"], s["views"][-1])
   if name == "decode":
     return smp.decode.lower(b["graphdef"], b["sampler_params"], b["sampler_state"], b["table"],
-                            b["scfg"], s["views"][-1])
+                            b["sample_cfg"], s["views"][-1])
   raise ValueError(f"--programs: unknown program {name!r}; expected one of {PROGRAMS}")
 
 

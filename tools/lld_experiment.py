@@ -158,7 +158,7 @@ def build_testbed(out: str, a) -> list[Question]:
   reading the observation; and it has searched for every person, RL ones included, without ever
   seeing world 0's answers to the RL questions.
   """
-  from llds_jax import retriever as rt, rollout as rl, sft
+  from llds_jax import retriever, rollout, sft
   attributes = tuple(a.attributes.split(","))
   facts = attributes + (("mentor", "city") if a.two_hop_frac else ())
   people, docs = make_world(a.seed, a.people, 0, facts)
@@ -176,7 +176,8 @@ def build_testbed(out: str, a) -> list[Question]:
     # world w's answers and hops: world 0's answers to the RL questions are never shown.
     write_parquet(make_questions(people_w, a.two_hop_frac, a.seed, attributes), "warmup",
                   os.path.join(shadow, "warmup.parquet"))
-  texts = [c for _, c in docs] + [rl.information_block(rt.format_observation([c])) for _, c in docs]
+  texts = [d for _, d in docs] + [rollout.information_block(retriever.format_observation([d]))
+                                  for _, d in docs]
   texts += [PROMPT.format(question=q.text) for q in qs] + [CHAT_TEMPLATE] * 20
   # Every name part, city, job and instrument often enough to become one token each: a copied
   # name or fact is then a few tokens, as words are for a real tokenizer.
@@ -210,7 +211,7 @@ def warm_up(out: str, a) -> dict:
   tok = AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
   if len(tok) > a.vocab:
     raise ValueError(f"tokenizer has {len(tok)} tokens, the model vocab is {a.vocab}")
-  rc = testbed_config(out, a)  # observations exactly as the RL rollouts will show them
+  c = testbed_config(out, a)  # observations exactly as the RL rollouts will show them
   trajs = []
   worlds = [out] + [os.path.join(out, f"shadow{w}") for w in range(1, a.warm_worlds)]
   for w, d in enumerate(worlds):
@@ -220,8 +221,8 @@ def warm_up(out: str, a) -> dict:
     trajs += sft.build_trajectories(
         tok, search_pool.load_retriever(os.path.join(d, "corpus.jsonl")), examples,
         plan=lambda ex: queries[ex.uid], direct_frac=a.direct_frac, seed=a.seed * 1000 + w,
-        topk=a.topk, max_obs_tokens=rc.rollout.max_obs_tokens,
-        obs_truncation=rc.rollout.obs_truncation, think=a.think)
+        topk=a.topk, max_obs_tokens=c.rollout.max_obs_tokens,
+        obs_truncation=c.rollout.obs_truncation, think=a.think)
   import jax
   mesh = shd.make_mesh(devices=jax.devices()[:a.warmup_devices or None])
   cfg = ModelConfig.from_hf(model_config(a, tok.eos_token_id), param_dtype="float32",
