@@ -12,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import lld_experiment as lx  # noqa: E402
+import lld_report  # noqa: E402
 from llds_jax import data, metrics as mlib, rewards, rollout, sft  # noqa: E402
 from llds_jax import search_pool, sharding as shd  # noqa: E402
 from llds_jax.model import ModelConfig, Transformer  # noqa: E402
@@ -117,7 +118,7 @@ def test_smoke_experiment_writes_both_arms_and_the_figure(tmp_path):
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert set(summary) == {"grpo", "llds_action"} and set(summary["grpo"]) == {"0"}
   for key in ("reward", "preserving_logp", "entropy", "grad_norm"):
-    assert summary["grpo"]["0"][key] == [r[lx.SERIES[key]] for r in recs["grpo"]], key
+    assert summary["grpo"]["0"][key] == [r[lld_report.SERIES[key]] for r in recs["grpo"]], key
   assert "| llds_action | 0 | 2 |" in (tmp_path / "summary.md").read_text()
   png = tmp_path / "lld_comparison.png"
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -129,16 +130,16 @@ def test_arc_reads_rise_peak_and_collapse():
   logp = [-0.1] * 25 + [-2.0] * 25
   s = dict(reward=reward, preserving_logp=logp, entropy=[0.1] * 45 + [5.0] * 5,
            grad_norm_max=[1.0] * 20 + [9.0] + [1.0] * 29)
-  out = lx.arc(s, k)
+  out = lld_report.arc(s, k)
   assert out["start"] == pytest.approx(0.2) and out["peak"] == pytest.approx(0.5)
   assert out["rise"] == pytest.approx(0.3) and out["final"] == pytest.approx(0.05)
   assert out["collapsed"] == 1.0 and out["peak_step"] == 20  # first window that reaches 0.5
   assert out["logp_start"] == pytest.approx(-0.1) and out["logp_final"] == pytest.approx(-2.0)
   assert out["entropy_max"] == 5.0 and out["grad_norm_max_step"] == 21
-  steady = lx.arc(dict(s, reward=[0.2] * 10 + [0.5] * 40), k)
+  steady = lld_report.arc(dict(s, reward=[0.2] * 10 + [0.5] * 40), k)
   assert steady["collapsed"] == 0.0 and steady["final"] == pytest.approx(0.5)
   # A collapse the policy partly recovers from still counts: the worst window after the peak.
-  dip = lx.arc(dict(s, reward=[0.2] * 10 + [0.6] * 10 + [0.0] * 15 + [0.4] * 15), k)
+  dip = lld_report.arc(dict(s, reward=[0.2] * 10 + [0.6] * 10 + [0.0] * 15 + [0.4] * 15), k)
   assert dip["final"] == pytest.approx(0.4) and dip["trough"] == pytest.approx(0.0)
   assert dip["collapsed"] == 1.0 and dip["trough_step"] == 30  # first all-zero window
   assert dip["logp_at_trough"] == pytest.approx(-1.05)  # steps 21-30
