@@ -143,3 +143,13 @@ def test_arc_reads_rise_peak_and_collapse():
   assert dip["final"] == pytest.approx(0.4) and dip["trough"] == pytest.approx(0.0)
   assert dip["collapsed"] == 1.0 and dip["trough_step"] == 30  # first all-zero window
   assert dip["logp_at_trough"] == pytest.approx(-1.05)  # steps 21-30
+
+
+def test_set_overrides_testbed_config_fields_and_refuses_unknown_ones():
+  a = lx.parse_args(["--set=rollout.max_turns=2", "--set=rl.llds_gate=token",
+                     "--set=opt.lr=5e-4"])
+  c = lx.testbed_config("/tmp/testbed", a)
+  assert (c.rollout.max_turns, c.rl.llds_gate, c.opt.lr) == (2, "token", 5e-4)
+  for bad in ("--set=rollout.nope=1", "--set=rollout.max_turns=abc", "--set=rollout"):
+    with pytest.raises(SystemExit):
+      lx.parse_args([bad])

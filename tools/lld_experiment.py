@@ -326,6 +326,10 @@ def parse_args(argv=None):
   unknown = set(a.arms.split(",")) - set(ARMS)
   if unknown:
     p.error(f"unknown arms {sorted(unknown)}; known: {list(ARMS)}")
+  try:  # a bad --set fails here, not after the testbed is built or inside a worker process
+    testbed_config(a.outdir, a)
+  except (ValueError, TypeError) as e:
+    p.error(str(e))
   return a
 
 
@@ -387,7 +391,7 @@ def main(argv=None) -> dict[str, dict[int, str]]:
              for arm, by_seed in runs.items()}
   with open(os.path.join(a.outdir, "summary.json"), "w") as f:
     json.dump(summary, f)
-  plot(runs, os.path.join(a.outdir, "lld_comparison.png"))
+  plot(summary, os.path.join(a.outdir, "lld_comparison.png"))
   table = summarize(summary)
   with open(os.path.join(a.outdir, "summary.md"), "w") as f:
     f.write(table + f"\n\nwall time of this call: {time.perf_counter() - t0:.0f} s\n")

@@ -1,7 +1,8 @@
 """The LLD testbed's report: per-step series, the mean ± min/max figure and the arc table.
 
-tools/lld_experiment.py runs the arms and calls these on their workdirs; they read only each
-arm's metrics.jsonl, so a finished run can be re-plotted or re-tabulated from its files alone.
+tools/lld_experiment.py runs the arms, reads each arm's metrics.jsonl once (`read_series`) into
+summary.json's dict, and draws the figure and the table from that dict, so a finished run can be
+re-plotted or re-tabulated from summary.json alone.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ def smooth(y: np.ndarray, k: int) -> np.ndarray:
   return (c[1:] - c[np.arange(1, len(y) + 1) - n]) / n
 
 
-PANELS = (("reward/mean", "reward (EM)"),
-          ("lld/preserving_logp", "log-lik. of preserving (Â≥0) responses\n(token mean, π_old)"),
+PANELS = (("reward", "reward (EM)"),
+          ("preserving_logp", "log-lik. of preserving (Â≥0) responses\n(token mean, π_old)"),
           ("entropy", "token entropy"), ("grad_norm_max", "grad norm (max over minibatches)"),
-          ("llds/active_frac", "LLDS gate active fraction"),
-          ("rollout/searches_per_traj", "valid searches / trajectory"))
+          ("llds_active_frac", "LLDS gate active fraction"),
+          ("searches", "valid searches / trajectory"))  # SERIES names
 # summary.json series (DESIGN.md contract first, then extras) -> metrics.jsonl key
 SERIES = {"reward": "reward/mean", "preserving_logp": "lld/preserving_logp", "entropy": "entropy",
           "grad_norm": "grad_norm", "grad_norm_max": "grad_norm_max",
@@ -43,32 +44,32 @@ def read_series(workdir: str) -> dict[str, list[float]]:
   return {name: [float(r.get(key, np.nan)) for r in recs] for name, key in SERIES.items()}
 
 
-def plot(runs: dict[str, dict[int, str]], path: str, window: int = 5):
-  """One panel per metric, one colour per arm: the mean over seeds of the `window`-step moving
-  average, with a band from the lowest to the highest seed (one seed: its raw series, faint)."""
+def plot(summary: dict[str, dict[str, dict[str, list[float]]]], path: str, window: int = 5):
+  """One panel per series, one colour per arm, from `summary` ({arm: {seed: read_series(…)}}):
+  the mean over seeds of the `window`-step moving average, with a band from the lowest to the
+  highest seed (one seed: its raw series, faint)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  from llds_jax import metrics as mlib
   fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), constrained_layout=True)
-  for arm, by_seed in runs.items():
+  for arm, by_seed in summary.items():
     color = COLORS.get(arm)
-    recs = [mlib.read_metrics(os.path.join(wd, "metrics.jsonl")) for wd in by_seed.values()]
-    n = min(len(r) for r in recs)
+    runs = list(by_seed.values())
+    n = min(len(series["reward"]) for series in runs)
     steps = np.arange(1, n + 1)
-    for ax, (key, title) in zip(axes.flat, PANELS):
-      y_SxT = np.array([[float(r[t].get(key, np.nan)) for t in range(n)] for r in recs])
+    for ax, (name, title) in zip(axes.flat, PANELS):
+      y_SxT = np.array([series[name][:n] for series in runs], np.float64)
       sm_SxT = np.stack([smooth(y, window) for y in y_SxT])
-      if len(recs) == 1:
+      if len(runs) == 1:
         ax.plot(steps, y_SxT[0], color=color, alpha=0.25, lw=0.8)
       else:
         ax.fill_between(steps, sm_SxT.min(0), sm_SxT.max(0), color=color, alpha=0.2, lw=0)
       ax.plot(steps, sm_SxT.mean(0), color=color, lw=1.6,
-              label=f"{arm} ({len(recs)} seed{'s' * (len(recs) > 1)})")
+              label=f"{arm} ({len(runs)} seed{'s' * (len(runs) > 1)})")
       ax.set_title(title, fontsize=9)
       ax.set_xlabel("step", fontsize=8)
-      if key.startswith("grad_norm"):
+      if name.startswith("grad_norm"):
         ax.set_yscale("log")
   axes.flat[0].legend(fontsize=8)
   fig.savefig(path, dpi=80)
