@@ -205,4 +205,3 @@ def warmup_from_config(c, model: nnx.Module, tokenizer, retriever,
       lr=c.model.format_warmup_lr, batch_size=c.model.format_warmup_batch, seed=c.seed,
       mesh=mesh, topk=c.retriever.topk, max_obs_tokens=c.rollout.max_obs_tokens,
       obs_truncation=c.rollout.obs_truncation, progress=progress)
-
