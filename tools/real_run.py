@@ -37,6 +37,8 @@ def config(a):
   c.seed = a.seed
   if a.steps:
     c.total_steps = a.steps
+  if a.lr:
+    c.opt.lr = a.lr
   if a.smoke:  # every stage at the smallest size that still searches and updates twice
     c.total_steps = 1
     c.model.format_warmup_steps, c.model.format_warmup_batch = 2, 8
@@ -85,6 +87,7 @@ def main(argv=None) -> dict:
   p.add_argument("--model", default="qwen05b", help="configs/real_model.py argument")
   p.add_argument("--outdir", required=True)
   p.add_argument("--steps", type=int, default=0, help="RL steps per arm (0 = the config's)")
+  p.add_argument("--lr", type=float, default=0.0, help="peak RL learning rate (0 = the config's)")
   p.add_argument("--eval_limit", type=int, default=100, help="held-out questions")
   p.add_argument("--eval_turns", type=int, default=4, help="search turns in evaluation")
   p.add_argument("--eval_batch", type=int, default=50)
@@ -132,11 +135,12 @@ def main(argv=None) -> dict:
       for k, v in ARMS[arm].items():
         ca.rl[k] = v
       recs = trainer.train(ca)
-      reward = [r["reward/mean"] for r in mlib.read_metrics(os.path.join(ca.workdir,
-                                                                         "metrics.jsonl"))]
+      rows = mlib.read_metrics(os.path.join(ca.workdir, "metrics.jsonl"))
+      reward = [r["reward/mean"] for r in rows]
       k = max(1, min(5, len(reward) // 2))
       return {"steps": len(recs), "reward_first": sum(reward[:k]) / k,
-              "reward_last": sum(reward[-k:]) / k, "reward": reward}
+              "reward_last": sum(reward[-k:]) / k, "reward": reward,
+              "step_seconds": [r.get("time/step_s") for r in rows]}
     stage(arm, train)
     stage(f"eval_{arm}", lambda arm=arm: evaluate(c, os.path.join(a.outdir, f"eval_{arm}"), a,
                                                   checkpoint=os.path.join(a.outdir, arm)))
