@@ -44,13 +44,16 @@ def response_width(P: int, R: int, longest: int, max_len: int | None) -> int:
 
 
 def build_batch(ro, adv_B: np.ndarray, answer_weight_BxR: np.ndarray,
-                max_len: int | None = None) -> dict:
+                max_len: int | None = None, floor: tuple[int, int] = (0, 0)) -> dict:
   """A rollout's rows in the update layout; P and R bucketed to bound recompiles.
 
-  P and R are agreed over processes: every host's rows go into one global array.
+  P and R are agreed over processes: every host's rows go into one global array. `floor` =
+  (P, R) of earlier batches: widths never shrink below it, so a rollout of shorter rows reuses
+  the compiled log-prob and update programs instead of compiling new ones (`widths`).
   """
   longest = max(int(ro.response_len.max()), 1)
   P, R, longest = hosts.agree_max(bucket(int(ro.prompt_len.max())), bucket(longest), longest)
+  P, R = max(P, floor[0]), max(R, floor[1])
   R = response_width(P, R, longest, max_len)
   rows = range(len(adv_B))
   out = row_layout([ro.prompt_ids[b, :ro.prompt_len[b]] for b in rows],
@@ -58,3 +61,9 @@ def build_batch(ro, adv_B: np.ndarray, answer_weight_BxR: np.ndarray,
   pad = lambda x: np.pad(x[:, :R], ((0, 0), (0, R - min(x.shape[1], R))))  # noqa: E731
   return dict(out, loss_mask=pad(ro.loss_mask).astype(np.float32), adv=adv_B.astype(np.float32),
               answer_weight=pad(answer_weight_BxR).astype(np.float32))
+
+
+def widths(batch: dict) -> tuple[int, int]:
+  """(P, R) of an update batch from `build_batch`."""
+  R = batch["loss_mask"].shape[1]
+  return batch["input_ids"].shape[1] - R, R

@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from llds_jax import checkpoint, config_check, data, evaluation, faults, hosts, losses, plots
 from llds_jax import metrics as mlib, policy, rewards, sft
 from llds_jax import sharding as shd
-from llds_jax.batch_layout import build_batch
+from llds_jax.batch_layout import build_batch, widths as batch_widths
 from llds_jax.rollout import RolloutConfig, rollout, rollout_config
 from llds_jax.search_pool import load_retriever
 from llds_jax.train_step import Updater, step_config, update_phase
@@ -144,11 +144,13 @@ def _score(c, ro, batch: list) -> dict:
               adv_B=adv_B)
 
 
-def _update_rows(c, ro, scored: dict) -> tuple[dict, float, dict]:
-  """(host batch, LLDS-MA β, filter/* metrics): the rows the update trains on."""
+def _update_rows(c, ro, scored: dict, floor: tuple[int, int]) -> tuple[dict, float, dict]:
+  """(host batch, LLDS-MA β, filter/* metrics): the rows the update trains on, no narrower
+  than `floor` (the widths of earlier steps, so shorter rows reuse compiled programs)."""
   beta = answer_beta(c, float(hosts.gather_rows(ro.valid_searches).mean()))
   answer_w = np.where(ro.answer_mask > 0, beta, 1.0)
-  host_batch = build_batch(ro, scored["adv_B"], answer_w, max_len=c.rollout.max_context)
+  host_batch = build_batch(ro, scored["adv_B"], answer_w, max_len=c.rollout.max_context,
+                           floor=floor)
   filtered = {}
   if c.rl.filter_zero_variance:
     used, filtered = zero_variance_filter(scored["reward_B"], scored["group_B"],
@@ -218,12 +220,17 @@ def train(c) -> list[dict]:
   ckpt = checkpoint.Checkpointer(os.path.join(c.workdir, "checkpoints"), keep=c.ckpt.keep,
                                  async_save=c.ckpt.async_save)
   start = 0
+  # The widest (P, R) update batch so far. A changed width compiles new log-prob and update
+  # programs (~35 s a step for a 24-layer model on one H200, bench/RESULTS.md), so widths only
+  # grow; the checkpoint keeps them, so a resumed run pads exactly as the uninterrupted one.
+  widths = (0, 0)
   if c.resume:
     restored = ckpt.restore_latest(
         checkpoint.abstract_like(state, run.updater.state_shardings), fingerprint)
     if restored is not None:
       start, state, meta = restored
       it.restore(meta["data"])
+      widths = tuple(meta.get("widths", widths))
       _log.info("resumed from step %d", start)
   # Written once the checkpoint is known to match, so a refused resume leaves the run's own.
   if jax.process_index() == 0:
@@ -244,7 +251,8 @@ def train(c) -> list[dict]:
     faults.point("rollout", step + 1)  # test-only crash injection (llds_jax/faults.py)
     t_roll = time.perf_counter() - t0
     scored = _score(c, ro, batch)
-    host_batch, beta, filtered = _update_rows(c, ro, scored)
+    host_batch, beta, filtered = _update_rows(c, ro, scored, widths)
+    widths = tuple(max(a, b) for a, b in zip(widths, batch_widths(host_batch)))
     state, m = _update(run, state, host_batch, step)
     faults.point("update", step + 1)
     m.update(filtered)
@@ -260,7 +268,8 @@ def train(c) -> list[dict]:
     # The checkpoint follows its step's record, so after a kill anywhere they agree: a restored
     # checkpoint's records are all on disk, and records past it are cut and redone on resume.
     if done % c.ckpt.every == 0 or done == c.total_steps:
-      ckpt.save(done, state, {"data": it.state(), "step": done, "fingerprint": fingerprint})
+      ckpt.save(done, state, {"data": it.state(), "step": done, "fingerprint": fingerprint,
+                              "widths": list(widths)})
     records.append(rec)
     bar.set_postfix(reward=f"{rec['reward/mean']:.3f}", llds=f"{rec['loss/llds']:.2e}")
   ckpt.close()

@@ -57,6 +57,11 @@ def test_tiny_run_writes_metrics_checkpoints_and_plots(uninterrupted):
   assert json.load(open(os.path.join(uninterrupted, "config.json")))["rl"]["llds_lambda"] == 0.2
   plots = sorted(os.listdir(os.path.join(uninterrupted, "plots")))
   assert {"overview.png", "reward.png", "lld.png", "losses.png"} <= set(plots), plots
+  # The update widths (P, R) only grow, and each checkpoint keeps them for an exact resume.
+  widths = [json.load(open(os.path.join(uninterrupted, "checkpoints", str(s), "meta",
+                                        "metadata")))["widths"] for s in (1, 2, 3)]
+  assert all(w[0] > 0 and w[1] > 0 for w in widths), widths
+  assert all(a <= b for w0, w1 in zip(widths, widths[1:]) for a, b in zip(w0, w1)), widths
 
 
 def _free_port():
@@ -195,7 +200,13 @@ def test_build_batch_layout_and_length_cap():
   # Buckets: P = 48, R = 384 uncapped (432 > 320); capped R = max(320 − 48, 300 → 320) = 320.
   assert free["input_ids"].shape == (2, 48 + 384)
   assert capped["input_ids"].shape == (2, 48 + 320) and capped["loss_mask"].shape == (2, 320)
-  for b in (free, capped):
+  # Earlier, wider batches set a floor: the widths stay (64, 512) and no new shape is compiled.
+  floored = batch_layout.build_batch(ro, adv, weight, floor=(64, 512))
+  assert batch_layout.widths(floored) == (64, 512)
+  # Capped: R = max(320 − 64, the 300-token response rounded up to 64) = 320.
+  assert batch_layout.widths(batch_layout.build_batch(ro, adv, weight, max_len=320,
+                                                      floor=(64, 512))) == (64, 320)
+  for b in (free, capped, floored):
     P = b["input_ids"].shape[1] - b["loss_mask"].shape[1]
     for i in range(2):
       np.testing.assert_array_equal(b["input_ids"][i, P - plen[i]:P], ro.prompt_ids[i, :plen[i]])

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# One command for one H100/H200-class GPU: Qwen2.5-Coder-0.5B-Instruct (pip-shipped GGUF) learns
-# Search-R1 search on FanOutQA + the Wikipedia-summaries BM25 index. Format warm-up, EM before
+# One command for one H100/H200-class GPU: Qwen2.5-Coder-0.5B-Instruct (pip-shipped GGUF) trains
+# on Search-R1 search on FanOutQA + the Wikipedia-summaries BM25 index. Format warm-up, EM before
 # and after, then a GRPO arm and a GRPO + LLDS arm from the same warm model, EM after each
 # (tools/real_run.py; configs/real_model.py holds the sizes). Writes $OUT/summary.{json,md}.
 #
 #   bash tools/accelerator_run.sh [OUT [real_run flags...]]   # OUT defaults to /tmp/llds_accel
-#   bash tools/accelerator_run.sh /tmp/a --steps=16 --eval_limit=64 --lr=1e-5
+#   bash tools/accelerator_run.sh /tmp/a --steps=16 --eval_limit=64 --eval_batch=64
 #
 # Needs: `pip install -e .` with a CUDA jax (`pip install -U "jax[cuda12]"`) and the assets of
 # tools/fetch_assets.py (PyPI wheels; run it once where PyPI is reachable, then point
-# LLDS_ASSETS at the copy). Budget: ≤ 8 minutes on one GPU (not yet measured: no device was
-# lent when this was written; docs/real-model.md).
+# LLDS_ASSETS at the copy). Measured once on one H200 (docs/real-model.md): a steady RL step
+# takes 4.5 s, but that run passed 8 minutes because every new batch width recompiled the update
+# (~35 s each); update widths now only grow, and sampler recompiles remain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-/tmp/llds_accel}"
