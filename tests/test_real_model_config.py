@@ -30,3 +30,23 @@ def test_real_model_config_sizes(model):
 def test_unknown_model_is_named():
   with pytest.raises(ValueError, match="configs/real_model.py:gpt2: unknown model"):
     real_model.get_config("gpt2")
+
+
+def test_accelerator_script_needs_only_its_own_model(tmp_path):
+  """tools/accelerator_run.sh checks the chosen model's assets (a GPU box need not carry the
+  other GGUF) and hands its extra flags to tools/real_run.py (here --help: nothing runs)."""
+  import subprocess
+  for name, rel in [("smollm_gguf", "models/smollm2-135m-instruct.q4_1.gguf"),
+                    ("wiki_index", "data/wiki_summaries/bm25_okapi/meta.json"),
+                    ("fanoutqa_train", "data/fanoutqa/train.parquet"),
+                    ("fanoutqa_test", "data/fanoutqa/test.parquet")]:
+    os.makedirs(os.path.dirname(tmp_path / rel), exist_ok=True)
+    (tmp_path / rel).write_text(name)
+  env = dict(os.environ, LLDS_ASSETS=str(tmp_path), PYTHON=sys.executable, JAX_PLATFORMS="cpu")
+  run = lambda model: subprocess.run(  # noqa: E731
+      ["bash", os.path.join(ROOT, "tools", "accelerator_run.sh"), str(tmp_path / "out"), "--help"],
+      env=dict(env, MODEL=model), capture_output=True, text=True, timeout=300)
+  ok = run("smollm")
+  assert ok.returncode == 0 and "--eval_limit" in ok.stdout, ok.stdout[-2000:] + ok.stderr[-2000:]
+  missing = run("qwen05b")
+  assert missing.returncode != 0 and "qwen_gguf" in missing.stderr, missing.stderr[-2000:]
