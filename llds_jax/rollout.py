@@ -115,6 +115,7 @@ class Rollout:
   finish_reason: np.ndarray  # str [B]: "answer" | "max_turns" | "context"
   response_text: list[str]  # decoded response, special tokens kept
   stats: dict[str, float]
+  capacity: int = 0  # KV cache slots per row the sampler ran with (`cache_capacity`)
 
 
 def encode_observations(tokenizer, texts: Sequence[str], max_tokens: int,
@@ -358,19 +359,24 @@ def _collect(loop: _Loop, rows: list[_Row], longest: int, tokenizer, vocab_size:
       invalid_actions=np.array([r.invalid for r in rows], np.int32),
       finish_reason=np.array([r.finish for r in rows]),
       response_text=[tokenizer.decode(r.response, skip_special_tokens=False) for r in rows],
-      stats=_stats(loop, rows, loss_mask))
+      stats=_stats(loop, rows, loss_mask), capacity=loop.cap)
 
 
 def rollout(model, tokenizer, retriever, prompts: Sequence[Sequence[int]], *, group_size: int = 1,
             rollout_cfg: RolloutConfig = RolloutConfig(), seed: int = 0, mesh=None,
-            eos_ids: Sequence[int] | None = None, progress: bool = True) -> Rollout:
-  """Search-R1 episodes for every prompt × `group_size`; `retriever.retrieve_text(queries, k)`."""
+            eos_ids: Sequence[int] | None = None, progress: bool = True,
+            min_capacity: int = 0) -> Rollout:
+  """Search-R1 episodes for every prompt × `group_size`; `retriever.retrieve_text(queries, k)`.
+
+  `min_capacity`: cache slots of earlier rollouts. The capacity shapes every sampler program, so
+  a batch of shorter prompts keeps the larger one rather than compiling them all again (at most
+  `max_context`)."""
   prompt_rows = [[int(t) for t in p] for p in prompts for _ in range(group_size)]
   if not prompt_rows or min(map(len, prompt_rows)) == 0:
     raise ValueError("rollout: need at least one prompt and no empty prompt")
   # Shapes (and whether a jitted call happens at all) are agreed over processes: see hosts.py.
   (longest,) = hosts.agree_max(max(map(len, prompt_rows)))
-  cap = cache_capacity(rollout_cfg, longest)
+  cap = max(cache_capacity(rollout_cfg, longest), min(min_capacity, rollout_cfg.max_context))
   if longest >= cap:
     raise ValueError(f"rollout: a prompt of {longest} tokens leaves no room under "
                      f"max_context={cap}")

@@ -118,8 +118,9 @@ def _build_run(c, mesh, examples: list, val: list) -> tuple[_Run, Any]:
   return run, state
 
 
-def _roll_out(run: _Run, state, batch: list, step: int):
-  """This process's prompts of the step, each `group_size` times, through the search rollout."""
+def _roll_out(run: _Run, state, batch: list, step: int, min_capacity: int):
+  """This process's prompts of the step, each `group_size` times, through the search rollout
+  (its KV cache no smaller than `min_capacity`, so earlier steps' sampler programs serve)."""
   c = run.c
   prompts = [data.encode_prompt(ex.messages, run.tokenizer) for ex in batch]
   too_long = [len(p) for p in prompts if len(p) > c.rollout.max_prompt_tokens]
@@ -129,7 +130,8 @@ def _roll_out(run: _Run, state, batch: list, step: int):
   # The compute-dtype copy of the weights lives only for the rollout, not during the update.
   return rollout(run.sampling_model(state), run.tokenizer, run.retriever, prompts,
                  group_size=c.rollout.group_size, rollout_cfg=run.rollout_cfg,
-                 seed=c.seed * 1_000_003 + step, mesh=run.mesh, progress=run.show)
+                 seed=c.seed * 1_000_003 + step, mesh=run.mesh, progress=run.show,
+                 min_capacity=min_capacity)
 
 
 def _score(c, ro, batch: list) -> dict:
@@ -220,17 +222,18 @@ def train(c) -> list[dict]:
   ckpt = checkpoint.Checkpointer(os.path.join(c.workdir, "checkpoints"), keep=c.ckpt.keep,
                                  async_save=c.ckpt.async_save)
   start = 0
-  # The widest (P, R) update batch so far. A changed width compiles new log-prob and update
-  # programs (~35 s a step for a 24-layer model on one H200, bench/RESULTS.md), so widths only
-  # grow; the checkpoint keeps them, so a resumed run pads exactly as the uninterrupted one.
-  widths = (0, 0)
+  # The widest (P, R) update batch and the largest rollout KV cache so far. A changed width
+  # compiles new log-prob and update programs (~35 s a step for a 24-layer model on one H200,
+  # bench/RESULTS.md), a changed cache every sampler program, so both only grow; the checkpoint
+  # keeps them, so a resumed run pads exactly as the uninterrupted one.
+  widths, capacity = (0, 0), 0
   if c.resume:
     restored = ckpt.restore_latest(
         checkpoint.abstract_like(state, run.updater.state_shardings), fingerprint)
     if restored is not None:
       start, state, meta = restored
       it.restore(meta["data"])
-      widths = tuple(meta.get("widths", widths))
+      widths, capacity = tuple(meta.get("widths", widths)), meta.get("capacity", capacity)
       _log.info("resumed from step %d", start)
   # Written once the checkpoint is known to match, so a refused resume leaves the run's own.
   if jax.process_index() == 0:
@@ -247,7 +250,8 @@ def train(c) -> list[dict]:
   for step in bar:
     t0 = time.perf_counter()
     batch = hosts.split(next(it))  # this process's prompts: a contiguous share
-    ro = _roll_out(run, state, batch, step)
+    ro = _roll_out(run, state, batch, step, capacity)
+    capacity = max(capacity, ro.capacity)
     faults.point("rollout", step + 1)  # test-only crash injection (llds_jax/faults.py)
     t_roll = time.perf_counter() - t0
     scored = _score(c, ro, batch)
@@ -269,7 +273,7 @@ def train(c) -> list[dict]:
     # checkpoint's records are all on disk, and records past it are cut and redone on resume.
     if done % c.ckpt.every == 0 or done == c.total_steps:
       ckpt.save(done, state, {"data": it.state(), "step": done, "fingerprint": fingerprint,
-                              "widths": list(widths)})
+                              "widths": list(widths), "capacity": capacity})
     records.append(rec)
     bar.set_postfix(reward=f"{rec['reward/mean']:.3f}", llds=f"{rec['loss/llds']:.2e}")
   ckpt.close()

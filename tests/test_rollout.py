@@ -264,3 +264,20 @@ def test_sampled_rollouts_are_seeded_rows_differ_and_logprobs_match(tok):
   assert (a.turns > 1).all()  # observations were appended into the cache mid-episode
   _check_logp_against_full_forward(model, a, 192)
   assert a.stats["time/rollout_model_s"] > 0 and a.stats["rollout/tokens"] == a.response_len.sum()
+
+
+def test_capacity_floor_from_earlier_rollouts(tok):
+  """`min_capacity` (the trainer passes the largest cache of earlier steps) sizes the KV cache,
+  at most `max_context`; the rows stay exact under the larger cache."""
+  cfg = rollout.RolloutConfig(max_turns=1, max_turn_tokens=8, max_obs_tokens=32, max_context=160,
+                              temperature=1.0)
+  model = init_model(tiny_cfg(len(tok)), seed=2)
+  prompt = _enc(tok, "Question: who wrote it?")
+  docs = FixedDocs('Doc 1(Title: "A") b\n')
+  own = rollout.cache_capacity(cfg, len(prompt))
+  assert own < 128  # this prompt alone needs a smaller cache than the floors below
+  for floor, want in ((0, own), (128, 128), (10_000, 160)):
+    out = rollout.rollout(model, tok, docs, [prompt], group_size=2, rollout_cfg=cfg, seed=0,
+                          progress=False, min_capacity=floor)
+    assert out.capacity == want
+    _check_logp_against_full_forward(model, out, 160)

@@ -57,11 +57,13 @@ def test_tiny_run_writes_metrics_checkpoints_and_plots(uninterrupted):
   assert json.load(open(os.path.join(uninterrupted, "config.json")))["rl"]["llds_lambda"] == 0.2
   plots = sorted(os.listdir(os.path.join(uninterrupted, "plots")))
   assert {"overview.png", "reward.png", "lld.png", "losses.png"} <= set(plots), plots
-  # The update widths (P, R) only grow, and each checkpoint keeps them for an exact resume.
-  widths = [json.load(open(os.path.join(uninterrupted, "checkpoints", str(s), "meta",
-                                        "metadata")))["widths"] for s in (1, 2, 3)]
-  assert all(w[0] > 0 and w[1] > 0 for w in widths), widths
-  assert all(a <= b for w0, w1 in zip(widths, widths[1:]) for a, b in zip(w0, w1)), widths
+  # The update widths (P, R) and the rollout's cache only grow, and each checkpoint keeps them
+  # for an exact resume.
+  metas = [json.load(open(os.path.join(uninterrupted, "checkpoints", str(s), "meta",
+                                       "metadata"))) for s in (1, 2, 3)]
+  shapes = [m["widths"] + [m["capacity"]] for m in metas]
+  assert all(min(s) > 0 for s in shapes), shapes
+  assert all(a <= b for s0, s1 in zip(shapes, shapes[1:]) for a, b in zip(s0, s1)), shapes
 
 
 def _free_port():

