@@ -140,3 +140,34 @@ def test_common_words_with_the_largest_bounds_are_non_essential(zipf_docs, monke
   parsed = [t for t in index._term_counts(queries) if t]
   pruned = sum(pruning.search_one(index, index.term_max_V, t, 10) is not None for t in parsed)
   assert pruned >= 0.75 * len(parsed)
+
+
+@pytest.mark.parametrize("n,j", [(5, 8), (80, 80), (1000, 80), (27_000, 80), (27_000, 10)])
+def test_best_positions_hold_the_best_values(n, j):
+  v = np.random.default_rng(n + j).random(n)
+  got = pruning.best_positions(v, j)
+  assert np.all(np.diff(got) > 0) and len(got) <= max(4 * j, min(n, j))
+  want = np.argsort(-v)[:j]  # distinct values: the best j are unambiguous
+  assert set(want.tolist()) <= set(got.tolist())
+
+
+def test_sparse_queries_past_the_candidate_limit_are_pruned_not_dense(zipf_docs, monkeypatch):
+  # A query of sparse terms only whose postings reach N/FALLBACK_FRACTION used to take the O(N)
+  # dense pass (the candidate path gives up there); it is now answered by MaxScore.
+  docs, queries = zipf_docs
+  index = retriever.BM25Index.from_tokenized(docs, variant="lucene")
+  monkeypatch.setattr(pruning, "MIN_WORK_SPARSE", 0)
+  monkeypatch.setattr(pruning, "FALLBACK_FRACTION", 1)  # a tiny corpus: let MaxScore answer
+  rng = np.random.default_rng(3)
+  queries = [[f"w{i}" for i in rng.integers(3, 200, size=rng.integers(2, 7))] for _ in range(60)]
+  parsed = index._term_counts(queries)
+  sparse_big = [q for q, terms in zip(queries, parsed) if terms
+                and not any(t in index._dense_row for t, _ in terms)
+                and pruning.exhaustive_work(index, terms) * retriever._DENSE_FRACTION >= index.num_docs]
+  assert len(sparse_big) >= 10
+  want = _exhaustive(index, sparse_big, 10)
+  dense_rows = []
+  real = index._dense
+  monkeypatch.setattr(index, "_dense", lambda qs: dense_rows.append(len(qs)) or real(qs))
+  assert index.search(sparse_big, 10) == want
+  assert sum(dense_rows) <= 0.2 * len(sparse_big)
