@@ -116,6 +116,7 @@ def test_block_max_bounds_skip_lookups_and_keep_results(zipf_docs, monkeypatch):
   index = retriever.BM25Index.from_tokenized(docs)
   parsed = index._term_counts(queries)
   monkeypatch.setattr(pruning, "FALLBACK_FRACTION", 1)
+  monkeypatch.setattr(pruning, "CACHED_DF", 1 << 30)  # every sparse term gets block bounds
   looked, real = [], pruning._lookup
   monkeypatch.setattr(pruning, "_lookup",
                       lambda idx, t, d: looked.append(len(d)) or real(idx, t, d))
@@ -171,3 +172,25 @@ def test_sparse_queries_past_the_candidate_limit_are_pruned_not_dense(zipf_docs,
   monkeypatch.setattr(index, "_dense", lambda qs: dense_rows.append(len(qs)) or real(qs))
   assert index.search(sparse_big, 10) == want
   assert sum(dense_rows) <= 0.2 * len(sparse_big)
+
+
+def test_terms_looked_up_by_gather_keep_their_global_bound(zipf_docs, monkeypatch):
+  # Dense rows and cached common terms are looked up as cheaply as their block bounds are read, so
+  # no block bounds are computed for them; results stay exact.
+  docs, queries = zipf_docs
+  index = retriever.BM25Index.from_tokenized(docs)
+  monkeypatch.setattr(pruning, "FALLBACK_FRACTION", 1)
+  monkeypatch.setattr(pruning, "CACHED_DF", 300)
+  bounded, real = [], pruning._block_bounds
+  monkeypatch.setattr(pruning, "_block_bounds",
+                      lambda idx, key, d: bounded.append(key) or real(idx, key, d))
+  parsed = [t for t in index._term_counts(queries) if t]
+  want = _exhaustive(index, queries, 10)
+  answered = 0
+  for terms, q in zip(parsed, [q for q, t in zip(queries, index._term_counts(queries)) if t]):
+    top = pruning.search_one(index, index.term_max_V, terms, 10)
+    if top is not None:
+      assert list(zip(top[0].tolist(), top[1].tolist())) == want[queries.index(q)]
+      answered += 1
+  assert answered > 30 and bounded
+  assert all(kind == "s" and pruning._df(index, t) < 300 for kind, t in bounded)
