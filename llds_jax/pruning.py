@@ -185,37 +185,32 @@ def search_one(index, max_V: np.ndarray, terms: list[tuple[int, int]], k: int):
     best = best_positions(part_C, REFINE * k)
     theta = max(theta, top_k(cand[best], score_docs(index, cand[best], sparse, dense), k)[1][-1])
   # MaxScore: add the non-essential terms, largest bound first, dropping every candidate whose
-  # partial sum plus the bounds still to come is below θ. The bounds still to come are per
-  # candidate: the block-max of the block of each term's postings that could hold the candidate
-  # (≤ the term's global bound, 0 before its first doc), read without decoding any block.
+  # partial sum plus the bounds still to come is below θ. A rarer sparse term's bound is per
+  # candidate: the block-max of the one block of its postings that could hold the candidate (≤ its
+  # global bound, 0 before its first doc), read without decoding any block, so candidates dropped
+  # before its lookup spare decoding its blocks. The other terms keep their global bound: a dense
+  # row's lookup is a gather and a common term's is a gather (byte map) or a binary search in its
+  # cached doc ids, each about as costly as the block bounds themselves (at 1M-2M passages those
+  # cost 12% of the CPU time and pruned almost nothing: on passages of near-equal length nearly
+  # every 128-posting block of a common term holds an impact close to the term's maximum).
   keep = (part_C + total) * (1 + _MARGIN) >= theta
   cand, part_C = cand[keep], part_C[keep]
   keys = list(reversed(rest))
-  all_counts = {("s", t): c for t, c in sparse} | {("d", r): c for r, c in dense}
-  # Per-candidate bounds where they are cheaper than the lookup they may save. A dense row's
-  # lookup is a gather, as its range maxima would be, so its exact impacts serve as its "bound" (it
-  # is then already added when the loop reaches it). A common term decoded once into the cache is
-  # looked up by a binary search about as costly as its block bounds, so it keeps its global bound
-  # (at 1M passages block bounds for those took 0.7 of 5 CPU-s and pruned almost nothing: on
-  # passages of near-equal length nearly every 128-posting block holds an impact close to the
-  # term's maximum). Rarer terms get block-max bounds, which spare decoding their blocks.
-  bm_RxC = np.repeat(np.array([ub[key] for key in keys]).reshape(-1, 1), len(cand), axis=1)
+  bound = {}  # position in keys → per-candidate bound, aligned with cand here
+  rest_C = np.full(len(cand), sum(ub[key] for key in keys))
   if BLOCK_MAX:
     for i, (kind, t) in enumerate(keys):
-      if kind == "d":
-        bm_RxC[i] = _times(index.dense_DxN[t, cand], dense_counts[t])
-      elif _df(index, t) < CACHED_DF:
-        bm_RxC[i] = _block_bounds(index, (kind, t), cand) * all_counts[(kind, t)]
-  rest_C = bm_RxC.sum(axis=0)
+      if kind == "s" and _df(index, t) < CACHED_DF:
+        bound[i] = _block_bounds(index, (kind, t), cand) * counts[t]
+        rest_C -= ub[(kind, t)] - bound[i]
+  sel = np.arange(len(cand))
   for i, (kind, t) in enumerate(keys):
     keep = (part_C + rest_C) * (1 + _MARGIN) >= theta
-    cand, part_C, rest_C, bm_RxC = cand[keep], part_C[keep], rest_C[keep], bm_RxC[:, keep]
+    cand, part_C, rest_C, sel = cand[keep], part_C[keep], rest_C[keep], sel[keep]
     if kind == "s":
       part_C = part_C + _times(_lookup(index, t, cand), counts[t])
-    elif BLOCK_MAX:  # already gathered above
-      part_C = part_C + bm_RxC[i]
     else:
       part_C = part_C + _times(index.dense_DxN[t, cand], dense_counts[t])
-    rest_C = rest_C - bm_RxC[i]
+    rest_C = rest_C - (bound[i][sel] if i in bound else ub[(kind, t)])
   # The survivors (a superset of the top k) get their exact scores, in the exhaustive order.
   return top_k(cand, score_docs(index, cand, sparse, dense), k)

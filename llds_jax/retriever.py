@@ -137,7 +137,7 @@ class BM25Index:
     self.vocab, self.meta, self.store = vocab, meta, store
     # Plain ndarray views of memory-mapped files: same pages, without np.memmap's per-slice
     # Python overhead (a third of the time of a pruned query).
-    self.postings = block_postings.BlockPostings(postings_arrays)
+    self.postings = block_postings.BlockPostings(postings_arrays, len(arrays["doc_lens_N"]))
     self.indptr_V1 = self.postings.indptr_V1  # df of term t = indptr_V1[t + 1] − indptr_V1[t]
     for name in self._ARRAYS:
       setattr(self, name, np.asarray(arrays[name]))
