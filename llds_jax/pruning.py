@@ -29,6 +29,7 @@ floor when the mean idf is negative). The caller then scores all N docs.
 import numpy as np
 
 from llds_jax.block_postings import CACHE_MIN_DF as CACHED_DF
+from llds_jax.block_postings import DENSIFY_FRACTION
 
 FALLBACK_FRACTION = 8  # ≥ N/8 candidates: the exhaustive dense path is cheaper than lookups
 MIN_WORK = 1 << 20  # exhaustive work (postings + N per dense row) below which pruning costs more
@@ -56,19 +57,28 @@ def _times(w: np.ndarray, count: int) -> np.ndarray:
   return w if count == 1 else w * np.float64(count)
 
 
-def score_docs(index, docs_C: np.ndarray, sparse, dense) -> np.ndarray:
+def score_docs(index, docs_C: np.ndarray, sparse, dense, memo=None) -> np.ndarray:
   """Exact float64 scores at sorted docs: sparse (term, count) lookups, then dense (row, count)."""
   s_C = np.zeros(len(docs_C))
   for t, count in sparse:
-    s_C += _times(_lookup(index, t, docs_C), count)
+    s_C += _times(_lookup(index, t, docs_C, memo), count)
   for r, count in dense:
     s_C += _times(index.dense_DxN[r, docs_C], count)
   return s_C
 
 
-def _lookup(index, t: int, docs_C: np.ndarray) -> np.ndarray:
-  """Term t's impacts at sorted docs (float32; an exact 0 where the doc lacks the term)."""
-  return index.postings.lookup(t, docs_C)
+def _lookup(index, t: int, docs_C: np.ndarray, memo=None) -> np.ndarray:
+  """Term t's impacts at sorted docs (float32; an exact 0 where the doc lacks the term). A term
+  this query has decoded whole (`memo`: term → (docs, impacts)) is searched there: a rarer term's
+  own lookup would decode its blocks again, ~15 numpy calls, and a query looks each term up 3
+  times (θ, refined θ, survivors)."""
+  if memo is None or t not in memo or _df(index, t) * DENSIFY_FRACTION >= index.num_docs:
+    return index.postings.lookup(t, docs_C)  # (a byte map's gather beats the binary search)
+  docs, w = memo[t]
+  if not len(docs):
+    return np.zeros(len(docs_C), np.float32)
+  pos_C = np.minimum(docs.searchsorted(docs_C), len(docs) - 1)
+  return np.where(docs[pos_C] == docs_C, w[pos_C], np.float32(0))
 
 
 def _block_bounds(index, key, docs_C: np.ndarray) -> np.ndarray:
@@ -85,11 +95,14 @@ def _df(index, t: int) -> int:
   return int(index.indptr_V1[t + 1] - index.indptr_V1[t])
 
 
-def _merged_postings(index, terms):
-  """Union of the terms' postings, sorted, with the sum of their count-scaled impacts per doc."""
+def _merged_postings(index, terms, memo=None):
+  """Union of the terms' postings, sorted, with the sum of their count-scaled impacts per doc;
+  each term's decoded postings are kept in `memo`."""
   docs, ws = [], []
   for t, count in terms:
-    d, w = index.postings.term(t)
+    d, w = index.postings.term(t) if memo is None or t not in memo else memo[t]
+    if memo is not None:
+      memo[t] = d, w
     docs.append(d)
     ws.append(_times(w, count).astype(np.float64))
   if len(docs) == 1:
@@ -155,11 +168,12 @@ def search_one(index, max_V: np.ndarray, terms: list[tuple[int, int]], k: int):
     if kind == "s" and (n_first < k or n_first + _df(index, t) <= PASS1_POSTINGS):
       first.append((t, counts[t]))
       n_first += _df(index, t)
-  docs, part = _merged_postings(index, first)
+  memo = {}  # term → its decoded postings, for this query's lookups
+  docs, part = _merged_postings(index, first, memo)
   if len(docs) < k or len(docs) * FALLBACK_FRACTION >= index.num_docs:
     return None
   best = best_positions(part, REFINE * k)
-  theta = top_k(docs[best], score_docs(index, docs[best], sparse, dense), k)[1][-1]
+  theta = top_k(docs[best], score_docs(index, docs[best], sparse, dense, memo), k)[1][-1]
   # Pass 2: any set of terms whose bounds sum below θ may be non-essential, not only the smallest
   # bounds (with repeats and tf saturation, "the" often has the largest bound of a question). The
   # set is filled greedily by postings per unit of bound, so the essential terms, whose postings
@@ -178,12 +192,12 @@ def search_one(index, max_V: np.ndarray, terms: list[tuple[int, int]], k: int):
     return None  # cannot happen with θ ≤ a real score; kept as a guard
   if not theta > 0 or any(kind == "d" for kind, _ in essential):
     return None  # nothing proven (fewer than k hits), or a dense-row term is essential
-  cand, part_C = _merged_postings(index, [(t, counts[t]) for _, t in essential])
+  cand, part_C = _merged_postings(index, [(t, counts[t]) for _, t in essential], memo)
   if len(cand) * FALLBACK_FRACTION >= index.num_docs:
     return None
   if len(cand) > REFINE * k:  # the best essential partial sums: their exact k-th best raises θ
     best = best_positions(part_C, REFINE * k)
-    theta = max(theta, top_k(cand[best], score_docs(index, cand[best], sparse, dense), k)[1][-1])
+    theta = max(theta, top_k(cand[best], score_docs(index, cand[best], sparse, dense, memo), k)[1][-1])
   # MaxScore: add the non-essential terms, largest bound first, dropping every candidate whose
   # partial sum plus the bounds still to come is below θ. A rarer sparse term's bound is per
   # candidate: the block-max of the one block of its postings that could hold the candidate (≤ its
@@ -208,9 +222,9 @@ def search_one(index, max_V: np.ndarray, terms: list[tuple[int, int]], k: int):
     keep = (part_C + rest_C) * (1 + _MARGIN) >= theta
     cand, part_C, rest_C, sel = cand[keep], part_C[keep], rest_C[keep], sel[keep]
     if kind == "s":
-      part_C = part_C + _times(_lookup(index, t, cand), counts[t])
+      part_C = part_C + _times(_lookup(index, t, cand, memo), counts[t])
     else:
       part_C = part_C + _times(index.dense_DxN[t, cand], dense_counts[t])
     rest_C = rest_C - (bound[i][sel] if i in bound else ub[(kind, t)])
   # The survivors (a superset of the top k) get their exact scores, in the exhaustive order.
-  return top_k(cand, score_docs(index, cand, sparse, dense), k)
+  return top_k(cand, score_docs(index, cand, sparse, dense, memo), k)

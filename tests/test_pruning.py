@@ -119,7 +119,7 @@ def test_block_max_bounds_skip_lookups_and_keep_results(zipf_docs, monkeypatch):
   monkeypatch.setattr(pruning, "CACHED_DF", 1 << 30)  # every sparse term gets block bounds
   looked, real = [], pruning._lookup
   monkeypatch.setattr(pruning, "_lookup",
-                      lambda idx, t, d: looked.append(len(d)) or real(idx, t, d))
+                      lambda idx, t, d, *a: looked.append(len(d)) or real(idx, t, d, *a))
   runs = {}
   for block_max in (False, True):  # global bounds only, then per-block bounds
     monkeypatch.setattr(pruning, "BLOCK_MAX", block_max)
