@@ -21,11 +21,15 @@ class PostingsBuilder:
   so no array of all postings is ever held in memory.
   """
 
-  def __init__(self, spill_dir: str | None = None):
+  def __init__(self, spill_dir: str | None = None, budget=None):
+    """`budget` (build_memory.BuildBudget) sets the flush size and is checked at every flush."""
     self.vocab: dict[str, int] = {}
     self.doc_lens = array.array("i")
     self._terms, self._first_doc, self._chunks = array.array("i"), 0, []
     self._df, self._spill_dir = np.zeros(0, np.int64), spill_dir
+    self.budget = budget
+    self._flush_tokens = FLUSH_TOKENS if budget is None else budget.flush_tokens
+    self.chunk_postings = 0  # postings of the chunks held in memory (no spill_dir)
 
   def add(self, tokens: Sequence[str]):
     before = len(self._terms)
@@ -37,7 +41,7 @@ class PostingsBuilder:
         self.vocab.setdefault(t, len(self.vocab))
       self._terms.extend(map(self.vocab.__getitem__, tokens))
     self.doc_lens.append(len(tokens))
-    if len(self._terms) >= FLUSH_TOKENS:
+    if len(self._terms) >= self._flush_tokens:
       self._flush()
 
   def _flush(self):
@@ -52,8 +56,12 @@ class PostingsBuilder:
       path = os.path.join(self._spill_dir, f"_build_chunk{len(self._chunks)}.npy")
       np.save(path, chunk_3xP)
       chunk_3xP = path
+    else:
+      self.chunk_postings += chunk_3xP.shape[1]
     self._chunks.append(chunk_3xP)
     self._terms, self._first_doc = array.array("i"), len(self.doc_lens)
+    if self.budget is not None:  # fail as soon as the corpus outgrows the limit, not at the end
+      self.budget.check(len(self.doc_lens), len(self.vocab), chunk_postings=self.chunk_postings)
 
   def finish(self) -> tuple[np.ndarray, np.ndarray]:
     """Flushes pending docs; returns (df_V, doc_lens_N). Postings then come from `term_ranges`."""

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from llds_jax import block_postings, postings, pruning
+from llds_jax import block_postings, build_memory, postings, pruning
 from llds_jax.passage_store import PassageStore, PassageStoreWriter
 
 # Bumped whenever the files change meaning: /1 raw CSR arrays and an uncompressed doc store;
@@ -158,20 +158,24 @@ class BM25Index:
 
   @classmethod
   def build(cls, docs: Iterable[str | tuple[str, str]], *, k1=None, b=None, epsilon=0.25,
-            variant="okapi", store_dir: str | None = None) -> "BM25Index":
+            variant="okapi", store_dir: str | None = None,
+            memory_mb: float | None = None) -> "BM25Index":
     """Index Search-R1 `contents` strings or (id, contents) pairs, tokenized with `tokenize`.
 
     With `store_dir`, document text streams to disk there (nothing is held in memory beyond the
-    postings), the finished index is saved there and returned memory-mapped.
+    postings), the finished index is saved there and returned memory-mapped. `memory_mb`
+    (config.retriever.build_memory_mb) bounds the build's batches and fails it, naming the field,
+    when the corpus cannot be indexed under that limit (build_memory.py); the index is the same.
     """
     _check_variant(variant)
+    budget = build_memory.BuildBudget(memory_mb, postings.FLUSH_TOKENS, block_postings.CHUNK)
     if store_dir is not None:
       os.makedirs(store_dir, exist_ok=True)
       # meta.json is written last, so a build that dies midway never looks like a valid index.
       if os.path.exists(os.path.join(store_dir, "meta.json")):
         os.remove(os.path.join(store_dir, "meta.json"))
     writer = PassageStoreWriter(store_dir)
-    builder = postings.PostingsBuilder(spill_dir=store_dir)
+    builder = postings.PostingsBuilder(spill_dir=store_dir, budget=budget)
     try:
       for i, doc in enumerate(docs):
         doc_id, text = (str(i), doc) if isinstance(doc, str) else doc
@@ -188,6 +192,7 @@ class BM25Index:
     if store_dir is None:
       return index
     index._save_postings(store_dir, postings_saved=True)
+    del index, builder  # the vocabulary dict is not held twice while load() reads it back
     return cls.load(store_dir)
 
   @classmethod
@@ -205,6 +210,9 @@ class BM25Index:
     n = len(doc_lens)
     if n == 0 or not builder.vocab:
       raise ValueError(f"cannot index a corpus with {n} documents and {len(builder.vocab)} terms")
+    budget = builder.budget or build_memory.BuildBudget(
+        None, postings.FLUSH_TOKENS, block_postings.CHUNK)
+    budget.check(n, len(builder.vocab), len(dense_terms), builder.chunk_postings)
     df = df_V.astype(np.float64)
     meta = {"format": FORMAT, "variant": variant, "k1": k1, "b": b, "epsilon": float(epsilon),
             "num_docs": n, "num_terms": len(builder.vocab), "num_postings": int(df_V.sum()),
@@ -231,7 +239,7 @@ class BM25Index:
     dense_DxN = np.zeros((len(dense_terms), n), np.float32)
     dense_row_V = np.cumsum(dense_V) - 1
     encoder = block_postings.Encoder(out_dir)
-    for t_lo, t_hi, df_T, docs, tf in builder.term_ranges(block_postings.CHUNK):
+    for t_lo, t_hi, df_T, docs, tf in builder.term_ranges(budget.range_postings):
       sel_T = dense_V[t_lo:t_hi]
       idf_P = np.repeat(idf[t_lo:t_hi], df_T)
       w_P = impacts(idf_P, tf, docs)
