@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from llds_jax import block_postings, build_memory, postings, pruning
+from llds_jax import block_postings, build_memory, postings, pruning, top_k
 from llds_jax.passage_store import PassageStore, PassageStoreWriter
 
 # Bumped whenever the files change meaning: /1 raw CSR arrays and an uncompressed doc store;
@@ -92,40 +92,6 @@ def lucene_length(doc_lens: np.ndarray) -> np.ndarray:
 def _check_variant(variant: str):
   if variant not in _DEFAULTS:
     raise ValueError(f"unknown BM25 variant {variant!r}; expected one of {sorted(_DEFAULTS)}")
-
-
-def _top_k(ids: np.ndarray, scores: np.ndarray, n_docs: int, k: int):
-  """Top-k of one row given its hit docs' scores; other docs score 0; ties → lower doc index."""
-  nonzero = scores != 0
-  ids, scores = ids[nonzero], scores[nonzero]
-  if np.count_nonzero(scores > 0) < k:  # zero-score docs, lowest index first, reach the top k
-    cand = np.arange(min(n_docs, k + len(ids)))
-    zero_ids = cand[~np.isin(cand, ids)][:k]
-    ids, scores = np.concatenate([ids, zero_ids]), np.concatenate([scores, np.zeros(len(zero_ids))])
-  if len(scores) > k:  # partial sort: only candidates at or above the k-th score are ordered
-    keep = scores >= np.partition(scores, len(scores) - k)[len(scores) - k]
-    ids, scores = ids[keep], scores[keep]
-  order = np.lexsort((ids, -scores))[:k]
-  return ids[order], scores[order]
-
-
-def _top_k_dense(s_CxN: np.ndarray, k: int):
-  """Row-wise top-k of dense scores, best first; ties → lower doc index.
-
-  A strided subsample's k-th largest value t is ≤ the row's k-th largest, so every top-k entry is
-  among the entries ≥ t: one compare pass plus a small sort instead of a full partial sort.
-  """
-  c, n = s_CxN.shape
-  stride = max(1, int(n / (4 * np.sqrt(k * n))))
-  sub_Cxm = s_CxN[:, ::stride]
-  m = sub_Cxm.shape[1]
-  t_C = np.partition(sub_Cxm, m - k, axis=1)[:, m - k]
-  rows, cols = np.divmod(np.flatnonzero(s_CxN >= t_C[:, None]), n)
-  vals = s_CxN[rows, cols]
-  order = np.lexsort((cols, -vals, rows))
-  first_C = np.searchsorted(rows[order], np.arange(c))
-  take_Cxk = order[first_C[:, None] + np.arange(k)]
-  return cols[take_Cxk], vals[take_Cxk]
 
 
 class BM25Index:
@@ -375,20 +341,12 @@ class BM25Index:
     hits, inverse = np.unique(docs, return_inverse=True)
     sums = np.bincount(inverse, weights, minlength=len(hits))
     if len(sparse) == len(terms):  # other docs score exactly 0 (sparse impacts are all > 0)
-      return _top_k(hits.astype(np.int64), sums, self.num_docs, k)
+      return top_k.of_hits(hits.astype(np.int64), sums, self.num_docs, k)
     bound = self._add_dense_terms(terms, sums, hits)
     above = sums > bound + 1e-9 * abs(bound)  # margin for float64 rounding of the bound's sum
     if np.count_nonzero(above) < k:
       return None
-    return _top_k(hits[above].astype(np.int64), sums[above], self.num_docs, k)
-
-  def _worth_pruning(self, terms) -> bool:
-    """MaxScore pays for itself from pruning.MIN_WORK numbers of exhaustive work, and from
-    MIN_WORK_SPARSE where the candidate path would give up for a dense O(N) pass anyway (at 1M
-    passages that pass took 186 of the 1,787 FanOutQA questions)."""
-    work = pruning.exhaustive_work(self, terms)
-    return work >= pruning.MIN_WORK or (work >= pruning.MIN_WORK_SPARSE
-                                        and work * _DENSE_FRACTION >= self.num_docs)
+    return top_k.of_hits(hits[above].astype(np.int64), sums[above], self.num_docs, k)
 
   def search(self, queries: Sequence[str | Sequence[str]], k: int = 3, *,
              prune: bool = True) -> list[list[tuple[int, float]]]:
@@ -405,7 +363,7 @@ class BM25Index:
     out, dense = [], []
     for i, terms in enumerate(parsed):
       top = (np.arange(k), np.zeros(k)) if not terms else None
-      prune_q = prune and terms and self._worth_pruning(terms)
+      prune_q = prune and terms and pruning.worth_pruning(self, terms, _DENSE_FRACTION)
       if prune_q:  # MaxScore first: it settles most queries the candidate path can, cheaper
         top = pruning.search_one(self, self.term_max_V, terms, k)
       if terms and top is None and not (prune_q and any(t in self._dense_row for t, _ in terms)):
@@ -416,7 +374,7 @@ class BM25Index:
     chunk = max(1, _DENSE_BUDGET // self.num_docs)
     for lo in range(0, len(dense), chunk):
       rows = dense[lo:lo + chunk]
-      ids_Cxk, scores_Cxk = _top_k_dense(self._dense([parsed[i] for i in rows]), k)
+      ids_Cxk, scores_Cxk = top_k.dense_rows(self._dense([parsed[i] for i in rows]), k)
       for i, ids, scores in zip(rows, ids_Cxk.tolist(), scores_Cxk.tolist()):
         out[i] = list(zip(ids, scores))
     return out
