@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from llds_jax import corpus, pruning, retriever
+from llds_jax import block_postings, corpus, pruning, retriever
 
 TESTDATA = os.path.join(os.path.dirname(__file__), "testdata")
 
@@ -194,3 +194,26 @@ def test_terms_looked_up_by_gather_keep_their_global_bound(zipf_docs, monkeypatc
       answered += 1
   assert answered > 30 and bounded
   assert all(kind == "s" and pruning._df(index, t) < 300 for kind, t in bounded)
+
+
+def test_terms_decoded_whole_are_not_decoded_again_by_lookups(zipf_docs, monkeypatch):
+  # Pass 1 and the essential merge decode their terms whole; the lookups of the same query (θ,
+  # refined θ, survivors) search those postings instead of the compressed ones (byte-mapped
+  # common terms aside: their gather is cheaper still).
+  docs, queries = zipf_docs
+  index = retriever.BM25Index.from_tokenized(docs, variant="lucene")
+  monkeypatch.setattr(pruning, "FALLBACK_FRACTION", 1)
+  whole, blocks = [], []
+  real_term, real_lookup = index.postings.term, index.postings.lookup
+  monkeypatch.setattr(index.postings, "term", lambda t: whole.append(t) or real_term(t))
+  monkeypatch.setattr(index.postings, "lookup",
+                      lambda t, d: blocks.append(t) or real_lookup(t, d))
+  answered, again = 0, 0
+  for terms in index._term_counts(queries):
+    whole.clear()
+    blocks.clear()
+    if terms and pruning.search_one(index, index.term_max_V, terms, 10) is not None:
+      answered += 1
+      again += len({t for t in set(whole) & set(blocks)
+                    if pruning._df(index, t) * block_postings.DENSIFY_FRACTION < index.num_docs})
+  assert answered > 30 and again == 0
