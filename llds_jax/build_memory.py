@@ -58,22 +58,27 @@ class BuildBudget:
     return max(MIN_BATCH, min(self.default_range_postings,
                               int(self._temp_bytes() / BYTES_PER_POSTING)))
 
-  def estimate_bytes(self, n_docs: int, n_terms: int, n_dense: int = 0,
-                     chunk_postings: int = 0) -> int:
-    """Peak estimate: per-item memory plus the larger batch."""
+  def estimate_bytes(self, n_docs: int, n_terms: int, n_dense: int = 0, chunk_postings: int = 0,
+                     largest_term: int = 0) -> int:
+    """Peak estimate: per-item memory plus the larger batch. A sparse term is encoded whole, so a
+    range is at least its `largest_term` postings (dense-row terms come in pieces)."""
     per_item = (BASE_BYTES + n_docs * (BYTES_PER_DOC + 4 * n_dense) + n_terms * BYTES_PER_TERM
                 + chunk_postings * BYTES_PER_CHUNK_POSTING)
-    batch = max(self.flush_tokens * BYTES_PER_TOKEN, self.range_postings * BYTES_PER_POSTING)
+    batch = max(self.flush_tokens * BYTES_PER_TOKEN,
+                max(self.range_postings, largest_term) * BYTES_PER_POSTING)
     return per_item + batch
 
-  def check(self, n_docs: int, n_terms: int, n_dense: int = 0, chunk_postings: int = 0):
+  def check(self, n_docs: int, n_terms: int, n_dense: int = 0, chunk_postings: int = 0,
+            largest_term: int = 0):
     """Raises ValueError naming the field when the estimate passes the limit."""
     if self.limit_mb is None:
       return
-    need = self.estimate_bytes(n_docs, n_terms, n_dense, chunk_postings)
+    need = self.estimate_bytes(n_docs, n_terms, n_dense, chunk_postings, largest_term)
     if need > self.limit_mb * 2**20:
+      dense = f" ({n_dense} dense rows)" if n_dense else ""
+      largest = f", the largest term's {largest_term:,} postings" if largest_term else ""
       raise ValueError(
           f"retriever.build_memory_mb={self.limit_mb:g} is too small: indexing {n_docs:,} documents "
-          f"with {n_terms:,} terms{f' ({n_dense} dense rows)' if n_dense else ''} needs about "
-          f"{need / 2**20:,.1f} MiB (per document {BYTES_PER_DOC + 4 * n_dense} B, per term "
-          f"{BYTES_PER_TERM} B, plus batches and the interpreter); raise the limit")
+          f"with {n_terms:,} terms{dense} needs about {need / 2**20:,.1f} MiB (per document "
+          f"{BYTES_PER_DOC + 4 * n_dense} B, per term {BYTES_PER_TERM} B, plus batches{largest} "
+          "and the interpreter); raise the limit")

@@ -178,7 +178,8 @@ class BM25Index:
       raise ValueError(f"cannot index a corpus with {n} documents and {len(builder.vocab)} terms")
     budget = builder.budget or build_memory.BuildBudget(
         None, postings.FLUSH_TOKENS, block_postings.CHUNK)
-    budget.check(n, len(builder.vocab), len(dense_terms), builder.chunk_postings)
+    budget.check(n, len(builder.vocab), len(dense_terms), builder.chunk_postings,
+                 int(df_V[~dense_V].max(initial=0)))
     df = df_V.astype(np.float64)
     meta = {"format": FORMAT, "variant": variant, "k1": k1, "b": b, "epsilon": float(epsilon),
             "num_docs": n, "num_terms": len(builder.vocab), "num_postings": int(df_V.sum()),
@@ -205,7 +206,7 @@ class BM25Index:
     dense_DxN = np.zeros((len(dense_terms), n), np.float32)
     dense_row_V = np.cumsum(dense_V) - 1
     encoder = block_postings.Encoder(out_dir)
-    for t_lo, t_hi, df_T, docs, tf in builder.term_ranges(budget.range_postings):
+    for t_lo, t_hi, df_T, docs, tf, first in builder.term_ranges(budget.range_postings, dense_V):
       sel_T = dense_V[t_lo:t_hi]
       idf_P = np.repeat(idf[t_lo:t_hi], df_T)
       w_P = impacts(idf_P, tf, docs)
@@ -213,7 +214,8 @@ class BM25Index:
       if dense_P.any():
         rows_P = np.repeat(dense_row_V[t_lo:t_hi], df_T)[dense_P]
         dense_DxN[rows_P, docs[dense_P]] = w_P[dense_P]
-      encoder.add(t_lo, np.where(sel_T, 0, df_T), docs[~dense_P], w_P[~dense_P])
+      if first:  # a dense-row term may come in pieces; the encoder sees it once, empty
+        encoder.add(t_lo, np.where(sel_T, 0, df_T), docs[~dense_P], w_P[~dense_P])
     encoded = encoder.finish()
     return cls(vocab=builder.vocab, meta=meta, postings_arrays=encoded, doc_lens_N=doc_lens,
                dense_terms_D=dense_terms, dense_DxN=dense_DxN,

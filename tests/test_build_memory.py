@@ -4,10 +4,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configs import base
-from llds_jax import build_memory, corpus, retriever
+from llds_jax import build_memory, corpus, postings, retriever
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "tests", "testdata", "wiki_sample.jsonl")
@@ -21,15 +22,22 @@ def _files(path) -> dict:
   return out
 
 
-def test_tiny_limit_builds_a_byte_identical_index(tmp_path, monkeypatch):
-  monkeypatch.setattr(build_memory, "BASE_BYTES", 0)  # the test process's interpreter aside
+def test_tiny_batches_build_a_byte_identical_index(tmp_path, monkeypatch):
+  # Only the batches are under test: the per-item estimate is zeroed, and a 0.1 MiB limit makes
+  # flushes of ~400 tokens and ranges of ~130 postings, below the df of the dense-row terms, which
+  # then come in pieces.
+  for name in ("BASE_BYTES", "BYTES_PER_DOC", "BYTES_PER_TERM"):
+    monkeypatch.setattr(build_memory, name, 0)
+  monkeypatch.setattr(build_memory, "MIN_BATCH", 16)
   rows = list(corpus.read_corpus(SAMPLE))
   free = retriever.BM25Index.build(iter(rows), store_dir=str(tmp_path / "free"))
-  tiny = retriever.BM25Index.build(iter(rows), store_dir=str(tmp_path / "tiny"), memory_mb=3)
-  budget = build_memory.BuildBudget(3)
+  tiny = retriever.BM25Index.build(iter(rows), store_dir=str(tmp_path / "tiny"), memory_mb=0.1)
+  budget = build_memory.BuildBudget(0.1)
   tokens = sum(len(retriever.tokenize(c)) for _, c in rows)
-  assert budget.flush_tokens * 2 < tokens  # several spilled chunks …
-  assert budget.range_postings * 3 < tiny.meta["num_postings"]  # … and several encoded ranges
+  assert budget.flush_tokens * 20 < tokens  # many spilled chunks …
+  assert budget.range_postings * 20 < tiny.meta["num_postings"]  # … and many encoded ranges
+  dense_df = [sum(int(d > 0) for d in tiny.dense_DxN[r]) for r in range(len(tiny.dense_terms_D))]
+  assert max(dense_df) > 2 * budget.range_postings  # dense-row terms split into pieces
   assert _files(tmp_path / "tiny") == _files(tmp_path / "free")
   assert tiny.search(["height of K2"], 5) == free.search(["height of K2"], 5)
 
@@ -37,7 +45,8 @@ def test_tiny_limit_builds_a_byte_identical_index(tmp_path, monkeypatch):
 def test_too_small_a_limit_fails_naming_the_field(tmp_path, monkeypatch):
   monkeypatch.setattr(build_memory, "BASE_BYTES", 0)
   rows = list(corpus.read_corpus(SAMPLE))
-  with pytest.raises(ValueError, match=r"retriever.build_memory_mb=0.5 is too small: indexing \d+ documents"):
+  with pytest.raises(ValueError,
+                     match=r"retriever.build_memory_mb=0.5 is too small: indexing \d+ documents"):
     retriever.BM25Index.build(iter(rows), store_dir=str(tmp_path / "i"), memory_mb=0.5)
   assert not os.path.exists(tmp_path / "i" / "meta.json")  # nothing that looks like an index
   with pytest.raises(ValueError, match="build_memory_mb must be > 0"):
@@ -64,3 +73,25 @@ def test_build_index_tool_honours_the_config_field(tmp_path):
                        capture_output=True, text=True, check=False, cwd=ROOT)
   assert out.returncode != 0 and "retriever.build_memory_mb=1 is too small" in out.stderr
   assert not os.path.exists(tmp_path / "i")
+
+
+def test_dense_row_terms_come_in_pieces_no_larger_than_a_range(tmp_path, monkeypatch):
+  monkeypatch.setattr(postings, "FLUSH_TOKENS", 500)  # chunks of a few docs
+  builder = postings.PostingsBuilder(spill_dir=str(tmp_path))
+  for _, contents in corpus.read_corpus(SAMPLE):
+    builder.add(retriever.tokenize(contents))
+  df_V, lens = builder.finish()
+  dense_V = df_V * 2 >= len(lens)
+  whole = {t_lo: (docs, tf) for t_lo, t_hi, _, docs, tf, _ in builder.term_ranges(100)
+           if t_hi - t_lo == 1 and dense_V[t_lo]}
+  pieces = {}
+  for t_lo, t_hi, df_T, docs, tf, first in builder.term_ranges(100, dense_V):
+    if dense_V[t_lo]:
+      assert t_hi - t_lo == 1 and len(docs) <= 100 and df_T.tolist() == [len(docs)]
+      assert first == (t_lo not in pieces)
+      pieces.setdefault(t_lo, []).append((docs, tf))
+  assert whole and sorted(pieces) == sorted(whole) and max(map(len, pieces.values())) >= 2
+  for t, (docs, tf) in whole.items():
+    np.testing.assert_array_equal(np.concatenate([d for d, _ in pieces[t]]), docs)
+    np.testing.assert_array_equal(np.concatenate([f for _, f in pieces[t]]), tf)
+  builder.cleanup()
