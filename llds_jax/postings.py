@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from llds_jax import build_memory
+
 FLUSH_TOKENS = 1 << 22  # build: pending tokens folded into (term, doc, tf) triplets in chunks
 
 
@@ -62,6 +64,8 @@ class PostingsBuilder:
     self._terms, self._first_doc = array.array("i"), len(self.doc_lens)
     if self.budget is not None:  # fail as soon as the corpus outgrows the limit, not at the end
       self.budget.check(len(self.doc_lens), len(self.vocab), chunk_postings=self.chunk_postings)
+      if self.budget.limit_mb is not None:
+        build_memory.release_freed_memory()
 
   def finish(self) -> tuple[np.ndarray, np.ndarray]:
     """Flushes pending docs; returns (df_V, doc_lens_N). Postings then come from `term_ranges`."""

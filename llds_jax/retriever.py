@@ -216,6 +216,9 @@ class BM25Index:
         dense_DxN[rows_P, docs[dense_P]] = w_P[dense_P]
       if first:  # a dense-row term may come in pieces; the encoder sees it once, empty
         encoder.add(t_lo, np.where(sel_T, 0, df_T), docs[~dense_P], w_P[~dense_P])
+      if budget.limit_mb is not None:
+        del idf_P, w_P, dense_P, docs, tf
+        build_memory.release_freed_memory()
     encoded = encoder.finish()
     return cls(vocab=builder.vocab, meta=meta, postings_arrays=encoded, doc_lens_N=doc_lens,
                dense_terms_D=dense_terms, dense_DxN=dense_DxN,

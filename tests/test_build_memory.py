@@ -95,3 +95,19 @@ def test_dense_row_terms_come_in_pieces_no_larger_than_a_range(tmp_path, monkeyp
     np.testing.assert_array_equal(np.concatenate([d for d, _ in pieces[t]]), docs)
     np.testing.assert_array_equal(np.concatenate([f for _, f in pieces[t]]), tf)
   builder.cleanup()
+
+
+def test_limited_builds_hand_freed_memory_back_after_every_batch(tmp_path, monkeypatch):
+  for name in ("BASE_BYTES", "BYTES_PER_DOC", "BYTES_PER_TERM"):
+    monkeypatch.setattr(build_memory, name, 0)
+  monkeypatch.setattr(build_memory, "MIN_BATCH", 16)
+  calls = []
+  monkeypatch.setattr(build_memory, "release_freed_memory", lambda: calls.append(1))
+  rows = list(corpus.read_corpus(SAMPLE))
+  retriever.BM25Index.build(iter(rows), store_dir=str(tmp_path / "free"))
+  assert not calls  # no limit: the allocator is left alone
+  retriever.BM25Index.build(iter(rows), store_dir=str(tmp_path / "tiny"), memory_mb=0.1)
+  budget = build_memory.BuildBudget(0.1)
+  tokens = sum(len(retriever.tokenize(c)) for _, c in rows)
+  assert len(calls) >= tokens // budget.flush_tokens + 20
+  build_memory.release_freed_memory()  # the real one runs (glibc) or does nothing, without error
