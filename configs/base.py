@@ -56,7 +56,7 @@ def get_config():
   c.retriever.workers = 1  # processes sharing a turn's searches (search_pool.py); 1 = in-process
   # Index builds (tools/build_index.py, a corpus .jsonl given as retriever.index): batches sized to
   # this limit and a loud failure when the corpus cannot fit under it (build_memory.py). wiki-18's
-  # 21M passages are estimated at 8–10 GiB (docs/retrieval.md).
+  # 21M passages are estimated at 10–13 GiB (docs/retrieval.md).
   c.retriever.build_memory_mb = 8192
 
   c.rollout = ml_collections.ConfigDict()

@@ -5,8 +5,9 @@ Dims: N documents, V vocabulary terms, D dense-row terms (df ≥ N/2).
 
 A build (retriever.BM25Index.build, tools/build_index.py) holds two kinds of memory:
   * per item, growing with the corpus: the vocabulary dict and the per-term arrays (df, idf, the
-    encoder's per-term offsets), per document its length and length norm, the D × N float32 dense
-    rows, and, for a build without a directory to spill to, the (term, doc, tf) chunks themselves;
+    encoder's per-term offsets), per document its length and length norm (and the corpus reader's
+    duplicate-id dict), the D × N float32 dense rows, and, for a build without a directory to
+    spill to, the (term, doc, tf) chunks themselves;
   * batch temporaries: the pending tokens sorted into one (term, doc, tf) chunk every
     `flush_tokens` tokens (postings.PostingsBuilder), and one range of `range_postings` postings
     merged, scored and encoded at a time (retriever.BM25Index._from_builder).
@@ -25,7 +26,10 @@ import dataclasses
 TEMP_SHARE = 0.25  # of the limit, for one batch's temporaries
 BYTES_PER_TOKEN = 64  # a flush: pending int32 ids, int64 keys, the sort, the chunk (measured 50)
 BYTES_PER_POSTING = 192  # a range: its slices, merge, impacts, encoder temporaries (measured 163)
-BYTES_PER_DOC = 32  # length (and its copy), float64 length norm, slack
+# Per document: its length (and a copy), the float64 length norm, and corpus.read_corpus's
+# duplicate-id dict (id str + line int + slot: ~120 B; measured: the scan of 2M passages grew
+# ~330 MiB with 2 MiB batches).
+BYTES_PER_DOC = 160
 BYTES_PER_TERM = 320  # dict entry + str + int, df/idf and their temporaries, encoder per-term arrays
 BYTES_PER_CHUNK_POSTING = 12  # an in-memory (term, doc, tf) chunk, without a spill directory
 BASE_BYTES = 96 << 20  # the interpreter with numpy and the build's modules
