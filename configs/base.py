@@ -54,6 +54,10 @@ def get_config():
   c.retriever.index = ""  # BM25 index dir (tools/build_index.py); the paper used e5 + FAISS
   c.retriever.topk = 3  # passages per search
   c.retriever.workers = 1  # processes sharing a turn's searches (search_pool.py); 1 = in-process
+  # Index builds (tools/build_index.py, a corpus .jsonl given as retriever.index): batches sized to
+  # this limit and a loud failure when the corpus cannot fit under it (build_memory.py). wiki-18's
+  # 21M passages are estimated at 10–13 GiB (docs/retrieval.md).
+  c.retriever.build_memory_mb = 8192
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.prompts = 512  # prompts per training step (global)

@@ -28,8 +28,12 @@ floor when the mean idf is negative). The caller then scores all N docs.
 
 import numpy as np
 
+from llds_jax.block_postings import CACHE_MIN_DF as CACHED_DF
+from llds_jax.block_postings import DENSIFY_FRACTION
+
 FALLBACK_FRACTION = 8  # ≥ N/8 candidates: the exhaustive dense path is cheaper than lookups
 MIN_WORK = 1 << 20  # exhaustive work (postings + N per dense row) below which pruning costs more
+MIN_WORK_SPARSE = 1 << 17  # … unless the candidate path would need a dense O(N) pass anyway
 REFINE = 8  # pass 1 scores exactly the REFINE·k docs with the best partial sums
 PASS1_POSTINGS = 1 << 14  # pass 1 reads the highest-bound sparse terms up to this many postings
 _MARGIN = 1e-9
@@ -48,24 +52,42 @@ def exhaustive_work(index, terms) -> int:
              for t, _ in terms)
 
 
+def worth_pruning(index, terms, dense_fraction: int) -> bool:
+  """Whether `search_one` should answer a query: from MIN_WORK numbers of exhaustive work, and
+  from MIN_WORK_SPARSE where that work is ≥ N/dense_fraction postings, past which the candidate
+  path (BM25Index._candidates_top_k) gives up for a dense O(N) pass anyway (at 1M passages that
+  pass took 186 of the 1,787 FanOutQA questions)."""
+  work = exhaustive_work(index, terms)
+  return work >= MIN_WORK or (work >= MIN_WORK_SPARSE and work * dense_fraction >= index.num_docs)
+
+
 def _times(w: np.ndarray, count: int) -> np.ndarray:
   # Repeated query terms count once per repeat; the same operation as the exhaustive scorer's.
   return w if count == 1 else w * np.float64(count)
 
 
-def score_docs(index, docs_C: np.ndarray, sparse, dense) -> np.ndarray:
+def score_docs(index, docs_C: np.ndarray, sparse, dense, memo=None) -> np.ndarray:
   """Exact float64 scores at sorted docs: sparse (term, count) lookups, then dense (row, count)."""
   s_C = np.zeros(len(docs_C))
   for t, count in sparse:
-    s_C += _times(_lookup(index, t, docs_C), count)
+    s_C += _times(_lookup(index, t, docs_C, memo), count)
   for r, count in dense:
     s_C += _times(index.dense_DxN[r, docs_C], count)
   return s_C
 
 
-def _lookup(index, t: int, docs_C: np.ndarray) -> np.ndarray:
-  """Term t's impacts at sorted docs (float32; an exact 0 where the doc lacks the term)."""
-  return index.postings.lookup(t, docs_C)
+def _lookup(index, t: int, docs_C: np.ndarray, memo=None) -> np.ndarray:
+  """Term t's impacts at sorted docs (float32; an exact 0 where the doc lacks the term). A term
+  this query has decoded whole (`memo`: term → (docs, impacts)) is searched there: a rarer term's
+  own lookup would decode its blocks again, ~15 numpy calls, and a query looks each term up 3
+  times (θ, refined θ, survivors)."""
+  if memo is None or t not in memo or _df(index, t) * DENSIFY_FRACTION >= index.num_docs:
+    return index.postings.lookup(t, docs_C)  # (a byte map's gather beats the binary search)
+  docs, w = memo[t]
+  if not len(docs):
+    return np.zeros(len(docs_C), np.float32)
+  pos_C = np.minimum(docs.searchsorted(docs_C), len(docs) - 1)
+  return np.where(docs[pos_C] == docs_C, w[pos_C], np.float32(0))
 
 
 def _block_bounds(index, key, docs_C: np.ndarray) -> np.ndarray:
@@ -82,11 +104,14 @@ def _df(index, t: int) -> int:
   return int(index.indptr_V1[t + 1] - index.indptr_V1[t])
 
 
-def _merged_postings(index, terms):
-  """Union of the terms' postings, sorted, with the sum of their count-scaled impacts per doc."""
+def _merged_postings(index, terms, memo=None):
+  """Union of the terms' postings, sorted, with the sum of their count-scaled impacts per doc;
+  each term's decoded postings are kept in `memo`."""
   docs, ws = [], []
   for t, count in terms:
-    d, w = index.postings.term(t)
+    d, w = index.postings.term(t) if memo is None or t not in memo else memo[t]
+    if memo is not None:
+      memo[t] = d, w
     docs.append(d)
     ws.append(_times(w, count).astype(np.float64))
   if len(docs) == 1:
@@ -94,8 +119,36 @@ def _merged_postings(index, terms):
   docs, ws = np.concatenate(docs), np.concatenate(ws)
   order = np.argsort(docs, kind="stable")  # sorted runs: timsort merges them
   docs, ws = docs[order], ws[order]
-  starts = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]])
-  return docs[starts], np.add.reduceat(ws, starts)
+  new = np.empty(len(docs), bool)
+  new[:1] = True
+  np.not_equal(docs[1:], docs[:-1], out=new[1:])
+  # Per-doc sums in posting order: np.bincount adds like np.add.reduceat, at half its cost when
+  # nearly every doc is its own segment.
+  return docs[new], np.bincount(np.cumsum(new) - 1, ws)
+
+
+def best_positions(v_C: np.ndarray, j: int) -> np.ndarray:
+  """Sorted positions holding the j largest values (all positions if there are at most j); at
+  most 4·j positions, a superset of the best j when values tie or the sample is flat.
+
+  A strided subsample's r-th largest value t is at most the whole array's r-th largest, so the
+  values ≥ t are about r·stride positions that include the best j: one compare pass instead of an
+  argpartition of all values (measured at 27k values: 41 µs against 531 µs). A skewed sample that
+  picks fewer than j falls back to the argpartition. Which docs are picked only changes how tight
+  θ is, never the result.
+  """
+  n = len(v_C)
+  if n <= j:
+    return np.arange(n)
+  stride = max(1, n // (16 * j))
+  sub = v_C[::stride]
+  r = min(len(sub), j // stride + 8)
+  pick = np.flatnonzero(v_C >= np.partition(sub, len(sub) - r)[len(sub) - r])
+  if len(pick) < j:
+    return np.sort(np.argpartition(v_C, n - j)[-j:])
+  if len(pick) > 4 * j:  # a flat sample: cut to the exact best j of the picked ones
+    pick = np.sort(pick[np.argpartition(v_C[pick], len(pick) - j)[-j:]])
+  return pick
 
 
 def top_k(ids_C: np.ndarray, s_C: np.ndarray, k: int):
@@ -128,12 +181,12 @@ def search_one(index, max_V: np.ndarray, terms: list[tuple[int, int]], k: int):
     if kind == "s" and (n_first < k or n_first + _df(index, t) <= PASS1_POSTINGS):
       first.append((t, counts[t]))
       n_first += _df(index, t)
-  docs, part = _merged_postings(index, first)
+  memo = {}  # term → its decoded postings, for this query's lookups
+  docs, part = _merged_postings(index, first, memo)
   if len(docs) < k or len(docs) * FALLBACK_FRACTION >= index.num_docs:
     return None
-  best = (np.arange(len(docs)) if len(docs) <= REFINE * k else
-          np.sort(np.argpartition(part, len(docs) - REFINE * k)[-REFINE * k:]))
-  theta = top_k(docs[best], score_docs(index, docs[best], sparse, dense), k)[1][-1]
+  best = best_positions(part, REFINE * k)
+  theta = top_k(docs[best], score_docs(index, docs[best], sparse, dense, memo), k)[1][-1]
   # Pass 2: any set of terms whose bounds sum below θ may be non-essential, not only the smallest
   # bounds (with repeats and tf saturation, "the" often has the largest bound of a question). The
   # set is filled greedily by postings per unit of bound, so the essential terms, whose postings
@@ -152,32 +205,39 @@ def search_one(index, max_V: np.ndarray, terms: list[tuple[int, int]], k: int):
     return None  # cannot happen with θ ≤ a real score; kept as a guard
   if not theta > 0 or any(kind == "d" for kind, _ in essential):
     return None  # nothing proven (fewer than k hits), or a dense-row term is essential
-  cand, part_C = _merged_postings(index, [(t, counts[t]) for _, t in essential])
+  cand, part_C = _merged_postings(index, [(t, counts[t]) for _, t in essential], memo)
   if len(cand) * FALLBACK_FRACTION >= index.num_docs:
     return None
   if len(cand) > REFINE * k:  # the best essential partial sums: their exact k-th best raises θ
-    best = np.sort(np.argpartition(part_C, len(cand) - REFINE * k)[-REFINE * k:])
-    theta = max(theta, top_k(cand[best], score_docs(index, cand[best], sparse, dense), k)[1][-1])
+    best = best_positions(part_C, REFINE * k)
+    theta = max(theta, top_k(cand[best], score_docs(index, cand[best], sparse, dense, memo), k)[1][-1])
   # MaxScore: add the non-essential terms, largest bound first, dropping every candidate whose
-  # partial sum plus the bounds still to come is below θ. The bounds still to come are per
-  # candidate: the block-max of the block of each term's postings that could hold the candidate
-  # (≤ the term's global bound, 0 before its first doc), read without decoding any block.
+  # partial sum plus the bounds still to come is below θ. A rarer sparse term's bound is per
+  # candidate: the block-max of the one block of its postings that could hold the candidate (≤ its
+  # global bound, 0 before its first doc), read without decoding any block, so candidates dropped
+  # before its lookup spare decoding its blocks. The other terms keep their global bound: a dense
+  # row's lookup is a gather and a common term's is a gather (byte map) or a binary search in its
+  # cached doc ids, each about as costly as the block bounds themselves (at 1M-2M passages those
+  # cost 12% of the CPU time and pruned almost nothing: on passages of near-equal length nearly
+  # every 128-posting block of a common term holds an impact close to the term's maximum).
   keep = (part_C + total) * (1 + _MARGIN) >= theta
   cand, part_C = cand[keep], part_C[keep]
   keys = list(reversed(rest))
-  all_counts = {("s", t): c for t, c in sparse} | {("d", r): c for r, c in dense}
-  if BLOCK_MAX and keys:
-    bm_RxC = np.stack([_block_bounds(index, key, cand) * all_counts[key] for key in keys])
-  else:
-    bm_RxC = np.repeat(np.array([ub[key] for key in keys]).reshape(-1, 1), len(cand), axis=1)
-  rest_C = bm_RxC.sum(axis=0)
+  bound = {}  # position in keys → per-candidate bound, aligned with cand here
+  rest_C = np.full(len(cand), sum(ub[key] for key in keys))
+  if BLOCK_MAX:
+    for i, (kind, t) in enumerate(keys):
+      if kind == "s" and _df(index, t) < CACHED_DF:
+        bound[i] = _block_bounds(index, (kind, t), cand) * counts[t]
+        rest_C -= ub[(kind, t)] - bound[i]
+  sel = np.arange(len(cand))
   for i, (kind, t) in enumerate(keys):
     keep = (part_C + rest_C) * (1 + _MARGIN) >= theta
-    cand, part_C, rest_C, bm_RxC = cand[keep], part_C[keep], rest_C[keep], bm_RxC[:, keep]
+    cand, part_C, rest_C, sel = cand[keep], part_C[keep], rest_C[keep], sel[keep]
     if kind == "s":
-      part_C = part_C + _times(_lookup(index, t, cand), counts[t])
+      part_C = part_C + _times(_lookup(index, t, cand, memo), counts[t])
     else:
       part_C = part_C + _times(index.dense_DxN[t, cand], dense_counts[t])
-    rest_C = rest_C - bm_RxC[i]
+    rest_C = rest_C - (bound[i][sel] if i in bound else ub[(kind, t)])
   # The survivors (a superset of the top k) get their exact scores, in the exhaustive order.
-  return top_k(cand, score_docs(index, cand, sparse, dense), k)
+  return top_k(cand, score_docs(index, cand, sparse, dense, memo), k)

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from llds_jax import block_postings, postings, pruning
+from llds_jax import block_postings, build_memory, postings, pruning, top_k
 from llds_jax.passage_store import PassageStore, PassageStoreWriter
 
 # Bumped whenever the files change meaning: /1 raw CSR arrays and an uncompressed doc store;
@@ -94,40 +94,6 @@ def _check_variant(variant: str):
     raise ValueError(f"unknown BM25 variant {variant!r}; expected one of {sorted(_DEFAULTS)}")
 
 
-def _top_k(ids: np.ndarray, scores: np.ndarray, n_docs: int, k: int):
-  """Top-k of one row given its hit docs' scores; other docs score 0; ties → lower doc index."""
-  nonzero = scores != 0
-  ids, scores = ids[nonzero], scores[nonzero]
-  if np.count_nonzero(scores > 0) < k:  # zero-score docs, lowest index first, reach the top k
-    cand = np.arange(min(n_docs, k + len(ids)))
-    zero_ids = cand[~np.isin(cand, ids)][:k]
-    ids, scores = np.concatenate([ids, zero_ids]), np.concatenate([scores, np.zeros(len(zero_ids))])
-  if len(scores) > k:  # partial sort: only candidates at or above the k-th score are ordered
-    keep = scores >= np.partition(scores, len(scores) - k)[len(scores) - k]
-    ids, scores = ids[keep], scores[keep]
-  order = np.lexsort((ids, -scores))[:k]
-  return ids[order], scores[order]
-
-
-def _top_k_dense(s_CxN: np.ndarray, k: int):
-  """Row-wise top-k of dense scores, best first; ties → lower doc index.
-
-  A strided subsample's k-th largest value t is ≤ the row's k-th largest, so every top-k entry is
-  among the entries ≥ t: one compare pass plus a small sort instead of a full partial sort.
-  """
-  c, n = s_CxN.shape
-  stride = max(1, int(n / (4 * np.sqrt(k * n))))
-  sub_Cxm = s_CxN[:, ::stride]
-  m = sub_Cxm.shape[1]
-  t_C = np.partition(sub_Cxm, m - k, axis=1)[:, m - k]
-  rows, cols = np.divmod(np.flatnonzero(s_CxN >= t_C[:, None]), n)
-  vals = s_CxN[rows, cols]
-  order = np.lexsort((cols, -vals, rows))
-  first_C = np.searchsorted(rows[order], np.arange(c))
-  take_Cxk = order[first_C[:, None] + np.arange(k)]
-  return cols[take_Cxk], vals[take_Cxk]
-
-
 class BM25Index:
   """Sparse BM25 index: compressed postings (term → docs, impacts) and an optional doc store."""
 
@@ -137,7 +103,7 @@ class BM25Index:
     self.vocab, self.meta, self.store = vocab, meta, store
     # Plain ndarray views of memory-mapped files: same pages, without np.memmap's per-slice
     # Python overhead (a third of the time of a pruned query).
-    self.postings = block_postings.BlockPostings(postings_arrays)
+    self.postings = block_postings.BlockPostings(postings_arrays, len(arrays["doc_lens_N"]))
     self.indptr_V1 = self.postings.indptr_V1  # df of term t = indptr_V1[t + 1] − indptr_V1[t]
     for name in self._ARRAYS:
       setattr(self, name, np.asarray(arrays[name]))
@@ -158,20 +124,24 @@ class BM25Index:
 
   @classmethod
   def build(cls, docs: Iterable[str | tuple[str, str]], *, k1=None, b=None, epsilon=0.25,
-            variant="okapi", store_dir: str | None = None) -> "BM25Index":
+            variant="okapi", store_dir: str | None = None,
+            memory_mb: float | None = None) -> "BM25Index":
     """Index Search-R1 `contents` strings or (id, contents) pairs, tokenized with `tokenize`.
 
     With `store_dir`, document text streams to disk there (nothing is held in memory beyond the
-    postings), the finished index is saved there and returned memory-mapped.
+    postings), the finished index is saved there and returned memory-mapped. `memory_mb`
+    (config.retriever.build_memory_mb) bounds the build's batches and fails it, naming the field,
+    when the corpus cannot be indexed under that limit (build_memory.py); the index is the same.
     """
     _check_variant(variant)
+    budget = build_memory.BuildBudget(memory_mb, postings.FLUSH_TOKENS, block_postings.CHUNK)
     if store_dir is not None:
       os.makedirs(store_dir, exist_ok=True)
       # meta.json is written last, so a build that dies midway never looks like a valid index.
       if os.path.exists(os.path.join(store_dir, "meta.json")):
         os.remove(os.path.join(store_dir, "meta.json"))
     writer = PassageStoreWriter(store_dir)
-    builder = postings.PostingsBuilder(spill_dir=store_dir)
+    builder = postings.PostingsBuilder(spill_dir=store_dir, budget=budget)
     try:
       for i, doc in enumerate(docs):
         doc_id, text = (str(i), doc) if isinstance(doc, str) else doc
@@ -188,6 +158,7 @@ class BM25Index:
     if store_dir is None:
       return index
     index._save_postings(store_dir, postings_saved=True)
+    del index, builder  # the vocabulary dict is not held twice while load() reads it back
     return cls.load(store_dir)
 
   @classmethod
@@ -205,6 +176,10 @@ class BM25Index:
     n = len(doc_lens)
     if n == 0 or not builder.vocab:
       raise ValueError(f"cannot index a corpus with {n} documents and {len(builder.vocab)} terms")
+    budget = builder.budget or build_memory.BuildBudget(
+        None, postings.FLUSH_TOKENS, block_postings.CHUNK)
+    budget.check(n, len(builder.vocab), len(dense_terms), builder.chunk_postings,
+                 int(df_V[~dense_V].max(initial=0)))
     df = df_V.astype(np.float64)
     meta = {"format": FORMAT, "variant": variant, "k1": k1, "b": b, "epsilon": float(epsilon),
             "num_docs": n, "num_terms": len(builder.vocab), "num_postings": int(df_V.sum()),
@@ -231,7 +206,7 @@ class BM25Index:
     dense_DxN = np.zeros((len(dense_terms), n), np.float32)
     dense_row_V = np.cumsum(dense_V) - 1
     encoder = block_postings.Encoder(out_dir)
-    for t_lo, t_hi, df_T, docs, tf in builder.term_ranges(block_postings.CHUNK):
+    for t_lo, t_hi, df_T, docs, tf, first in builder.term_ranges(budget.range_postings, dense_V):
       sel_T = dense_V[t_lo:t_hi]
       idf_P = np.repeat(idf[t_lo:t_hi], df_T)
       w_P = impacts(idf_P, tf, docs)
@@ -239,7 +214,11 @@ class BM25Index:
       if dense_P.any():
         rows_P = np.repeat(dense_row_V[t_lo:t_hi], df_T)[dense_P]
         dense_DxN[rows_P, docs[dense_P]] = w_P[dense_P]
-      encoder.add(t_lo, np.where(sel_T, 0, df_T), docs[~dense_P], w_P[~dense_P])
+      if first:  # a dense-row term may come in pieces; the encoder sees it once, empty
+        encoder.add(t_lo, np.where(sel_T, 0, df_T), docs[~dense_P], w_P[~dense_P])
+      if budget.limit_mb is not None:
+        del idf_P, w_P, dense_P, docs, tf
+        build_memory.release_freed_memory()
     encoded = encoder.finish()
     return cls(vocab=builder.vocab, meta=meta, postings_arrays=encoded, doc_lens_N=doc_lens,
                dense_terms_D=dense_terms, dense_DxN=dense_DxN,
@@ -367,12 +346,12 @@ class BM25Index:
     hits, inverse = np.unique(docs, return_inverse=True)
     sums = np.bincount(inverse, weights, minlength=len(hits))
     if len(sparse) == len(terms):  # other docs score exactly 0 (sparse impacts are all > 0)
-      return _top_k(hits.astype(np.int64), sums, self.num_docs, k)
+      return top_k.of_hits(hits.astype(np.int64), sums, self.num_docs, k)
     bound = self._add_dense_terms(terms, sums, hits)
     above = sums > bound + 1e-9 * abs(bound)  # margin for float64 rounding of the bound's sum
     if np.count_nonzero(above) < k:
       return None
-    return _top_k(hits[above].astype(np.int64), sums[above], self.num_docs, k)
+    return top_k.of_hits(hits[above].astype(np.int64), sums[above], self.num_docs, k)
 
   def search(self, queries: Sequence[str | Sequence[str]], k: int = 3, *,
              prune: bool = True) -> list[list[tuple[int, float]]]:
@@ -389,7 +368,7 @@ class BM25Index:
     out, dense = [], []
     for i, terms in enumerate(parsed):
       top = (np.arange(k), np.zeros(k)) if not terms else None
-      prune_q = prune and terms and pruning.exhaustive_work(self, terms) >= pruning.MIN_WORK
+      prune_q = prune and terms and pruning.worth_pruning(self, terms, _DENSE_FRACTION)
       if prune_q:  # MaxScore first: it settles most queries the candidate path can, cheaper
         top = pruning.search_one(self, self.term_max_V, terms, k)
       if terms and top is None and not (prune_q and any(t in self._dense_row for t, _ in terms)):
@@ -400,7 +379,7 @@ class BM25Index:
     chunk = max(1, _DENSE_BUDGET // self.num_docs)
     for lo in range(0, len(dense), chunk):
       rows = dense[lo:lo + chunk]
-      ids_Cxk, scores_Cxk = _top_k_dense(self._dense([parsed[i] for i in rows]), k)
+      ids_Cxk, scores_Cxk = top_k.dense_rows(self._dense([parsed[i] for i in rows]), k)
       for i, ids, scores in zip(rows, ids_Cxk.tolist(), scores_Cxk.tolist()):
         out[i] = list(zip(ids, scores))
     return out

@@ -82,11 +82,14 @@ class SearchPool:
     self.close()
 
 
-def load_retriever(path: str, workers: int = 1) -> retriever.BM25Index | SearchPool:
+def load_retriever(path: str, workers: int = 1,
+                   build_memory_mb: float | None = None) -> retriever.BM25Index | SearchPool:
   """The retriever a run searches: a saved index directory, or a corpus jsonl indexed in memory
-  (small corpora only); with `workers` > 1, a pool of that many processes over the saved index."""
+  (small corpora only; `build_memory_mb`: config.retriever.build_memory_mb, a corpus that cannot
+  be indexed under it fails); with `workers` > 1, a pool of that many processes over the saved
+  index."""
   if workers > 1:
     return SearchPool(path, workers)
   if path.endswith(".jsonl"):
-    return retriever.BM25Index.build(corpus.read_corpus(path))
+    return retriever.BM25Index.build(corpus.read_corpus(path), memory_mb=build_memory_mb)
   return retriever.BM25Index.load(path)

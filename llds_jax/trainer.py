@@ -98,7 +98,7 @@ def _load_data(c) -> tuple[list, list, data.PromptIterator]:
 def _build_run(c, mesh, examples: list, val: list) -> tuple[_Run, Any]:
   """The policy (format-warmed-up if asked), its updater and the retriever; (run, state)."""
   show = c.log.progress and jax.process_index() == 0  # one set of progress bars per job
-  retriever = load_retriever(c.retriever.index, c.retriever.workers)
+  retriever = load_retriever(c.retriever.index, c.retriever.workers, c.retriever.build_memory_mb)
   model, _, tokenizer = policy.load(c, mesh)
   for field, exs in (("config.data.train", examples), ("config.data.val", val)):
     data.check_prompt_lengths(exs, tokenizer, c.rollout.max_prompt_tokens, field)

@@ -119,3 +119,23 @@ def test_decode_cache_is_bounded_and_returns_the_same_postings(monkeypatch):
     assert not d.flags.writeable and not w.flags.writeable  # shared through the cache
     assert p._cached_bytes <= block_postings.CACHE_BYTES
   assert p._cache and all(len(p._cache[t][0]) >= 100 for t in p._cache)
+
+
+def test_byte_map_lookups_equal_binary_search_lookups(monkeypatch):
+  # Terms in ≥ N/DENSIFY_FRACTION docs are looked up through a per-doc byte map; the impacts must
+  # be the same float32 bits, table codes ≥ 254 and escaped impacts included, and the map LRU bounded.
+  rng = np.random.default_rng(4)
+  indptr, docs, weights = _random_csr(rng)
+  weights[-2] = (rng.random(len(docs[-2])) + 0.01).astype(np.float32)  # > 255 distinct: escapes
+  enc = block_postings.encode(indptr, np.concatenate(docs).astype(np.int32), np.concatenate(weights))
+  n_docs = int(max(d.max(initial=0) for d in docs)) + 1
+  monkeypatch.setattr(block_postings, "DENSIFY_FRACTION", n_docs // 2_000)  # df ≥ 2,000: mapped
+  monkeypatch.setattr(block_postings, "DENSE_CACHE_BYTES", 3 * n_docs)
+  plain, mapped = block_postings.BlockPostings(enc), block_postings.BlockPostings(enc, n_docs)
+  big = [t for t in range(len(docs)) if len(docs[t]) >= 2_000]
+  assert len(big) >= 6 and any(len(np.unique(weights[t])) > 255 for t in big)
+  for t in [*big, *reversed(big), 1, 2]:
+    at = np.unique(np.r_[rng.integers(0, n_docs, 500), docs[t][::7]])
+    np.testing.assert_array_equal(mapped.lookup(t, at), plain.lookup(t, at))
+    assert mapped._map_bytes <= block_postings.DENSE_CACHE_BYTES
+  assert sorted(mapped._maps) == big[:3] and not plain._maps

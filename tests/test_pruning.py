@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from llds_jax import corpus, pruning, retriever
+from llds_jax import block_postings, corpus, pruning, retriever
 
 TESTDATA = os.path.join(os.path.dirname(__file__), "testdata")
 
@@ -116,9 +116,10 @@ def test_block_max_bounds_skip_lookups_and_keep_results(zipf_docs, monkeypatch):
   index = retriever.BM25Index.from_tokenized(docs)
   parsed = index._term_counts(queries)
   monkeypatch.setattr(pruning, "FALLBACK_FRACTION", 1)
+  monkeypatch.setattr(pruning, "CACHED_DF", 1 << 30)  # every sparse term gets block bounds
   looked, real = [], pruning._lookup
   monkeypatch.setattr(pruning, "_lookup",
-                      lambda idx, t, d: looked.append(len(d)) or real(idx, t, d))
+                      lambda idx, t, d, *a: looked.append(len(d)) or real(idx, t, d, *a))
   runs = {}
   for block_max in (False, True):  # global bounds only, then per-block bounds
     monkeypatch.setattr(pruning, "BLOCK_MAX", block_max)
@@ -127,7 +128,7 @@ def test_block_max_bounds_skip_lookups_and_keep_results(zipf_docs, monkeypatch):
     runs[block_max] = ([None if r is None else (r[0].tolist(), r[1].tolist()) for r in top],
                        sum(looked))
   assert runs[True][0] == runs[False][0] and sum(r is not None for r in runs[True][0]) > 30
-  assert runs[True][1] < 0.98 * runs[False][1]  # fewer candidate lookups in the common terms
+  assert runs[True][1] < 0.99 * runs[False][1]  # fewer candidate lookups in the rarer terms
 
 
 def test_common_words_with_the_largest_bounds_are_non_essential(zipf_docs, monkeypatch):
@@ -140,3 +141,79 @@ def test_common_words_with_the_largest_bounds_are_non_essential(zipf_docs, monke
   parsed = [t for t in index._term_counts(queries) if t]
   pruned = sum(pruning.search_one(index, index.term_max_V, t, 10) is not None for t in parsed)
   assert pruned >= 0.75 * len(parsed)
+
+
+@pytest.mark.parametrize("n,j", [(5, 8), (80, 80), (1000, 80), (27_000, 80), (27_000, 10)])
+def test_best_positions_hold_the_best_values(n, j):
+  v = np.random.default_rng(n + j).random(n)
+  got = pruning.best_positions(v, j)
+  assert np.all(np.diff(got) > 0) and len(got) <= max(4 * j, min(n, j))
+  want = np.argsort(-v)[:j]  # distinct values: the best j are unambiguous
+  assert set(want.tolist()) <= set(got.tolist())
+
+
+def test_sparse_queries_past_the_candidate_limit_are_pruned_not_dense(zipf_docs, monkeypatch):
+  # A query of sparse terms only whose postings reach N/FALLBACK_FRACTION used to take the O(N)
+  # dense pass (the candidate path gives up there); it is now answered by MaxScore.
+  docs, queries = zipf_docs
+  index = retriever.BM25Index.from_tokenized(docs, variant="lucene")
+  monkeypatch.setattr(pruning, "MIN_WORK_SPARSE", 0)
+  monkeypatch.setattr(pruning, "FALLBACK_FRACTION", 1)  # a tiny corpus: let MaxScore answer
+  rng = np.random.default_rng(3)
+  queries = [[f"w{i}" for i in rng.integers(3, 200, size=rng.integers(2, 7))] for _ in range(60)]
+  parsed = index._term_counts(queries)
+  sparse_big = [q for q, terms in zip(queries, parsed) if terms
+                and not any(t in index._dense_row for t, _ in terms)
+                and pruning.exhaustive_work(index, terms) * retriever._DENSE_FRACTION >= index.num_docs]
+  assert len(sparse_big) >= 10
+  want = _exhaustive(index, sparse_big, 10)
+  dense_rows = []
+  real = index._dense
+  monkeypatch.setattr(index, "_dense", lambda qs: dense_rows.append(len(qs)) or real(qs))
+  assert index.search(sparse_big, 10) == want
+  assert sum(dense_rows) <= 0.2 * len(sparse_big)
+
+
+def test_terms_looked_up_by_gather_keep_their_global_bound(zipf_docs, monkeypatch):
+  # Dense rows and cached common terms are looked up as cheaply as their block bounds are read, so
+  # no block bounds are computed for them; results stay exact.
+  docs, queries = zipf_docs
+  index = retriever.BM25Index.from_tokenized(docs)
+  monkeypatch.setattr(pruning, "FALLBACK_FRACTION", 1)
+  monkeypatch.setattr(pruning, "CACHED_DF", 300)
+  bounded, real = [], pruning._block_bounds
+  monkeypatch.setattr(pruning, "_block_bounds",
+                      lambda idx, key, d: bounded.append(key) or real(idx, key, d))
+  parsed = [t for t in index._term_counts(queries) if t]
+  want = _exhaustive(index, queries, 10)
+  answered = 0
+  for terms, q in zip(parsed, [q for q, t in zip(queries, index._term_counts(queries)) if t]):
+    top = pruning.search_one(index, index.term_max_V, terms, 10)
+    if top is not None:
+      assert list(zip(top[0].tolist(), top[1].tolist())) == want[queries.index(q)]
+      answered += 1
+  assert answered > 30 and bounded
+  assert all(kind == "s" and pruning._df(index, t) < 300 for kind, t in bounded)
+
+
+def test_terms_decoded_whole_are_not_decoded_again_by_lookups(zipf_docs, monkeypatch):
+  # Pass 1 and the essential merge decode their terms whole; the lookups of the same query (θ,
+  # refined θ, survivors) search those postings instead of the compressed ones (byte-mapped
+  # common terms aside: their gather is cheaper still).
+  docs, queries = zipf_docs
+  index = retriever.BM25Index.from_tokenized(docs, variant="lucene")
+  monkeypatch.setattr(pruning, "FALLBACK_FRACTION", 1)
+  whole, blocks = [], []
+  real_term, real_lookup = index.postings.term, index.postings.lookup
+  monkeypatch.setattr(index.postings, "term", lambda t: whole.append(t) or real_term(t))
+  monkeypatch.setattr(index.postings, "lookup",
+                      lambda t, d: blocks.append(t) or real_lookup(t, d))
+  answered, again = 0, 0
+  for terms in index._term_counts(queries):
+    whole.clear()
+    blocks.clear()
+    if terms and pruning.search_one(index, index.term_max_V, terms, 10) is not None:
+      answered += 1
+      again += len({t for t in set(whole) & set(blocks)
+                    if pruning._df(index, t) * block_postings.DENSIFY_FRACTION < index.num_docs})
+  assert answered > 30 and again == 0

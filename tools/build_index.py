@@ -1,6 +1,7 @@
 """Builds a BM25 index from a Search-R1 corpus jsonl, or queries one.
 
   python tools/build_index.py --corpus CORPUS.jsonl --out INDEX_DIR [--variant okapi|lucene] [--k1 K1 --b B]
+      [--build_memory_mb MB]
   python tools/build_index.py --index INDEX_DIR --query "height of K2" [--query ...] [--topk 3]
 
 Building streams the corpus (document text goes straight to disk in INDEX_DIR; only the postings
@@ -17,6 +18,7 @@ import time
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import base as base_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llds_jax import corpus, retriever  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -45,7 +47,8 @@ def build(args):
   tmp = f"{out}.building-{os.getpid()}"
   try:
     index = retriever.BM25Index.build(rows, variant=args.variant, k1=args.k1, b=args.b,
-                                      epsilon=args.epsilon, store_dir=tmp)
+                                      epsilon=args.epsilon, store_dir=tmp,
+                                      memory_mb=args.build_memory_mb)
   except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
     if isinstance(e, ValueError):  # bad corpus rows: the message names file and line
@@ -83,6 +86,10 @@ def main():
   parser.add_argument("--k1", type=float, default=None, help="default 1.5 (okapi) / 0.9 (lucene)")
   parser.add_argument("--b", type=float, default=None, help="default 0.75 (okapi) / 0.4 (lucene)")
   parser.add_argument("--epsilon", type=float, default=0.25, help="okapi idf floor factor")
+  parser.add_argument("--build_memory_mb", type=float,
+                      default=base_config.get_config().retriever.build_memory_mb,
+                      help="build memory limit in MiB (config.retriever.build_memory_mb; default "
+                           "%(default)g): batch sizes fit it, and a corpus that cannot fails")
   parser.add_argument("--index", help="index directory to query")
   parser.add_argument("--query", action="append", help="query text (repeatable)")
   parser.add_argument("--topk", type=int, default=3, help="passages per query")
