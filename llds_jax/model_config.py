@@ -44,7 +44,7 @@ class ModelConfig:
   remat: str = "none"  # none | full | dots (save matmul outputs)
   attn_chunk: int = 512
   attn_block_bytes: int = 2**29  # and at most this much f32 scores per device (0 = no cap)
-  scan_layers: bool = True  # cache-free passes run the blocks as one lax.scan (`_scan_blocks`)
+  scan_layers: bool = True  # blocks run as one lax.scan (`_scan_blocks`, `_scan_cached_blocks`)
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
