@@ -10,9 +10,9 @@ mesh; the model itself never names a mesh axis.
 
 Positions, masking, the KV cache and the attention kernels live in `attention.py`: a token whose
 mask is 0 gets position -1 and is neither attended to nor cached. The residual stream is pinned
-to row sharding (`sharding.constrain`) after the embedding lookup and after every block. With
-`scan_layers` the blocks run as one `lax.scan`, with or without a cache (the cache has a leading
-layer axis); the stored weights stay one module per block.
+to row sharding (`sharding.constrain`) after the embedding lookup and after every block. The
+blocks run as one `lax.scan` without a cache (`scan_layers`) and with one (`scan_cache`; the cache
+has a leading layer axis); the stored weights stay one module per block.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ class Transformer(nnx.Module):
     Tokens with `mask == 0` get position -1: they are never attended to, and in cache mode they
     are not written, so a right-padded block of new tokens appends only its valid tokens.
     `segment_ids_BxT` (packed rows, no cache): attention stays inside each segment.
-    `blocks` (from `stacked_blocks`, scan only) lets a decode loop stack the weights once, not
+    `blocks` (from `stacked_blocks`, `scan_cache` only) lets a decode loop stack the weights once, not
     once per token.
     """
     cfg = self.cfg
@@ -169,10 +169,10 @@ class Transformer(nnx.Module):
     if cache is not None:
       slot_BxT = write_slots(valid_BxT, cache.end_B, cache.slots)
       kpos_BxS = scatter_rows(cache.pos_BxS, pos_BxT, slot_BxT)
-    if cfg.scan_layers and cache is None:
+    if cache is None and cfg.scan_layers:
       x = _scan_blocks(blocks or _stacked_blocks(self.layers), x, pos_BxT, inv_freq, act,
                        cfg.remat, segment_ids_BxT)
-    elif cfg.scan_layers:
+    elif cache is not None and cfg.scan_cache:
       x, k_L, v_L = _scan_cached_blocks(blocks or self.stacked_blocks(), x, pos_BxT, inv_freq, act,
                                         cache.k, cache.v, kpos_BxS, slot_BxT)
     else:

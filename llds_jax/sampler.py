@@ -141,7 +141,7 @@ def forward_block(model: Transformer, cache: KVCache, tokens_BxT, len_B, start_B
   """Write each row's first `len_B` tokens at `start_B…`; logits of its last one, and the cache.
 
   A decode step is the case T = 1. Rows with `len_B == 0` write nothing (their logits are junk).
-  `blocks`: the model's `stacked_blocks()` made once outside a decode loop (`scan_layers`).
+  `blocks`: the model's `stacked_blocks()` made once outside a decode loop (`scan_cache`).
   """
   ar_1xT = jnp.arange(tokens_BxT.shape[1], dtype=jnp.int32)[None]
   pos_BxT, mask_BxT = start_B[:, None] + ar_1xT, ar_1xT < len_B[:, None]
@@ -253,7 +253,7 @@ def decode(graphdef, params, state: SamplingState, table_QxMxV, sample_cfg: Samp
   """Sample until every row of the segment has stopped (EOS, stop string or limit)."""
   model = nnx.merge(graphdef, params)
   # Stack the scanned blocks' weights once per segment, not once per decoded token.
-  blocks = model.stacked_blocks() if model.cfg.scan_layers else None
+  blocks = model.stacked_blocks() if model.cfg.scan_cache else None
 
   def step(s: SamplingState) -> SamplingState:
     active_B = ~s.done_B

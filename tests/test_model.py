@@ -305,7 +305,7 @@ def test_scanned_cache_path_equals_unrolled_and_full_forward(arch):
       w = getattr(layer, name)
       w[...] = w[...] + 0.3 * jax.random.normal(jax.random.key(len(name)), w[...].shape)
   unrolled = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: Transformer(
-      _with(**{**cfg.__dict__, "scan_layers": False}), rngs=nnx.Rngs(0)))), nnx.state(scanned))
+      _with(**{**cfg.__dict__, "scan_cache": False}), rngs=nnx.Rngs(0)))), nnx.state(scanned))
   seq = _ids((2, 11), 11)
   steps = [  # (tokens, positions, mask) of each call
       (seq[:, :5], None, jnp.asarray([[1] * 5, [1] * 3 + [0] * 2])),
@@ -335,3 +335,20 @@ def test_scanned_cache_path_equals_unrolled_and_full_forward(arch):
   np.testing.assert_allclose(got0, full0, atol=1e-4)
   got1 = [out["scan"][0][0][1, :3], out["scan"][0][1][1, :1]] + [x[1] for x in out["scan"][0][2:]]
   np.testing.assert_allclose(np.concatenate(got1), full1, atol=1e-4)
+
+
+def test_scan_cache_switch_unrolls_only_the_cache_path():
+  # `scan_cache=False` (no stacked copy of the block weights in the sampler) leaves the
+  # cache-free passes scanned under `scan_layers`, and the other way round.
+  from configs import base, tiny
+  from llds_jax import policy
+  ids = _ids((2, 4))
+  for scan_layers, scan_cache in ((True, False), (False, True)):
+    model = Transformer(_with(num_layers=3, scan_layers=scan_layers, scan_cache=scan_cache),
+                        rngs=nnx.Rngs(0))
+    cached = str(jax.make_jaxpr(lambda: model.hidden(ids, cache=KVCache.init(model.cfg, 2, 8)))())
+    free = str(jax.make_jaxpr(lambda: model.hidden(ids))())
+    assert ("scan[" in cached, "scan[" in free) == (scan_cache, scan_layers)
+  # The configs' defaults reach the model: base scans the cache path, tiny's 2 blocks do not.
+  assert policy.model_config(base.get_config()).scan_cache
+  assert not policy.model_config(tiny.get_config()).scan_cache

@@ -154,7 +154,7 @@ def test_greedy_matches_transformers_ragged_batch_with_eos(arch):
 @pytest.mark.parametrize("scan", [True, False])
 def test_append_into_live_cache_equals_full_forward(rand_model, scan):
   # Both cache paths: blocks as one lax.scan over the [L, ...] cache, and unrolled.
-  cfg = dataclasses.replace(rand_model.cfg, scan_layers=scan)
+  cfg = dataclasses.replace(rand_model.cfg, scan_cache=scan)
   model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))),
                     nnx.state(rand_model))
   graphdef, params = nnx.split(model)
