@@ -4,14 +4,14 @@
   .venv/bin/python bench/compile.py --layers 30 --append  # and add a section to RESULTS.md
 
 Part 1 runs configs/tiny.py's training loop (rollout + GRPO/LLDS update; no format warm-up, no
-validation, checkpoint only at the end) on a random Qwen2-shaped model with `--layers` blocks and
-`scan_layers=True`, for `--steps` steps. Every jit compile is recorded through `jax.monitoring`
-(trace, lowering to MLIR, XLA compile) by program name and by the training step it happened in
-(anything compiled in step ≥ 2 is a recompile). The goal of issue 17: first step ≤ 3× a steady
-step (the median of steps ≥ 2). A random model never closes a <search> tag, so its rollouts are one
-turn: part 2 therefore compiles the sampler's programs directly at rollout shapes (prompt feed,
-decode, an observation feed at a second view), once with the cache path scanned over layers and
-once unrolled, to show what the scan saves per program.
+validation, checkpoint only at the end) on a random Qwen2-shaped model with `--layers` blocks,
+`scan_layers=True` and `scan_cache=True`, for `--steps` steps. Every jit compile is recorded through
+`jax.monitoring` (trace, lowering to MLIR, XLA compile) by program name and by the training step it
+happened in (anything compiled in step ≥ 2 is a recompile). The goal of issue 17: first step ≤ 3× a
+steady step (the median of steps ≥ 2). A random model never closes a <search> tag, so its rollouts
+are one turn: part 2 therefore compiles the sampler's programs directly at rollout shapes (prompt
+feed, decode, an observation feed at a second view), once with the cache path scanned over layers
+and once unrolled, to show what the scan saves per program.
 
 Wall times depend on the load of the machine; the section written by `--append` records the load
 average before and after.
@@ -84,6 +84,7 @@ def train_steps(layers: int, steps: int, log: CompileLog, scan: bool = True) -> 
   c.model.random.hidden_size = 128
   c.model.random.intermediate_size = 256
   c.model.scan_layers = scan
+  c.model.scan_cache = scan
   c.model.format_warmup_steps = 0
   c.total_steps = steps
   c.ckpt.every = 10**6
@@ -110,7 +111,7 @@ def train_steps(layers: int, steps: int, log: CompileLog, scan: bool = True) -> 
 def sampler_programs(layers: int, scan: bool, log: CompileLog) -> dict:
   """Compile seconds of feed (prompt, view = cache), decode and an observation feed (view)."""
   cfg = ModelConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_layers=layers,
-                    num_heads=4, num_kv_heads=2, head_dim=32, scan_layers=scan)
+                    num_heads=4, num_kv_heads=2, head_dim=32, scan_cache=scan)
   graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   rows, slots, segment = 16, 1024, 64
   state = jax.eval_shape(sampler._state_maker(cfg, rows, slots, segment, 3, None, None),
@@ -138,7 +139,7 @@ def main():
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--skip_sampler", action="store_true", help="part 1 only")
   ap.add_argument("--unrolled", action="store_true",
-                  help="part 1 with scan_layers=False (configs/tiny.py's setting)")
+                  help="part 1 with scan_layers=scan_cache=False (configs/tiny.py's setting)")
   ap.add_argument("--label", default="", help="a name for this run in RESULTS.md (e.g. before)")
   ap.add_argument("--append", action="store_true", help="append the tables to bench/RESULTS.md")
   args = ap.parse_args()
@@ -148,7 +149,7 @@ def main():
   records = train_steps(args.layers, args.steps, log, scan=not args.unrolled)
   setup_s = time.perf_counter() - t0 - sum(r["time/step_s"] for r in records)
   lines = [f"Part 1: configs/tiny.py training loop, random Qwen2 shape, {args.layers} layers, "
-           f"D=128, F=256, V=1000, scan_layers={not args.unrolled}, 16 rows/step, "
+           f"D=128, F=256, V=1000, scan_layers=scan_cache={not args.unrolled}, 16 rows/step, "
            f"{jax.device_count()} {jax.devices()[0].platform} device(s); setup (load, "
            f"index, init; no warm-up) {setup_s:.1f} s, of which XLA compile "
            f"{log.total('setup'):.1f} s.", "",
