@@ -11,7 +11,8 @@ happened in (anything compiled in step ≥ 2 is a recompile). The goal of issue 
 steady step (the median of steps ≥ 2). A random model never closes a <search> tag, so its rollouts
 are one turn: part 2 therefore compiles the sampler's programs directly at rollout shapes (prompt
 feed, decode, an observation feed at a second view), once with the cache path scanned over layers
-and once unrolled, to show what the scan saves per program.
+and once unrolled, to show what the scan saves per program. Part 3 compiles the update's programs
+alone at part 1's shapes (train step, log-prob pass, and the optimizer update on its own).
 
 Wall times depend on the load of the machine; the section written by `--append` records the load
 average before and after.
@@ -133,11 +134,50 @@ def sampler_programs(layers: int, scan: bool, log: CompileLog) -> dict:
   return out
 
 
+def update_programs(layers: int, log: CompileLog) -> dict:
+  """Compile seconds of the update's programs alone at part 1's model and batch shapes."""
+  from llds_jax import policy, sharding
+  from llds_jax import train_step as ts
+  c = tiny.get_config()
+  c.model.random.update(num_hidden_layers=layers, hidden_size=128, intermediate_size=256)
+  c.model.scan_layers = True
+  cfg = policy.model_config(c)
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  mesh = sharding.make_mesh({"data": 1})
+  up = ts.Updater(graphdef, params, opt=c.opt, step_cfg=ts.step_config(c), mesh=mesh)
+  sds = lambda tree, shardings: jax.tree.map(  # noqa: E731
+      lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings)
+  state = sds(jax.eval_shape(up.fresh_state, params), up.state_shardings)
+  length, resp = 640, 128  # the bench's rows: a 512-token prompt bucket + 128 response tokens
+
+  def batch(rows):
+    return {k: jax.ShapeDtypeStruct((rows,) if k == "adv" else (rows, length if k in up.lp_keys
+                                                                 else resp),
+                                    np.int32 if k in up.lp_keys else np.float32,
+                                    sharding=up.batch_shardings[k]) for k in ts.BATCH_KEYS}
+
+  loss = {"loss/total": jax.ShapeDtypeStruct((), np.float32)}
+  grads = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float32), state.params)
+  apply = jax.jit(lambda s, g, m: ts.apply_grads(s, g, m, tx=up.tx, schedule=up.schedule))
+  out = {}
+  for name, lower in (
+      ("train step (8 rows)", lambda: up.step.lower(state, batch(8))),
+      ("log-prob pass (16 rows)", lambda: up.logprobs_program.lower(
+          state.params, {k: batch(16)[k] for k in up.lp_keys}, resp)),
+      ("optimizer update + skip guard (apply_grads)", lambda: apply.lower(state, grads, loss))):
+    log.phase = f"update {name}"
+    t0 = time.perf_counter()
+    lower().compile()
+    out[name] = time.perf_counter() - t0
+  return out
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--layers", type=int, default=24)
   ap.add_argument("--steps", type=int, default=3)
-  ap.add_argument("--skip_sampler", action="store_true", help="part 1 only")
+  ap.add_argument("--skip_sampler", action="store_true", help="no part 2")
+  ap.add_argument("--skip_update", action="store_true", help="no part 3")
   ap.add_argument("--unrolled", action="store_true",
                   help="part 1 with scan_layers=scan_cache=False (configs/tiny.py's setting)")
   ap.add_argument("--label", default="", help="a name for this run in RESULTS.md (e.g. before)")
@@ -179,6 +219,10 @@ def main():
     unrolled = sampler_programs(args.layers, False, log)
     lines += [f"| {n} | {scanned[n]:.1f} | {unrolled[n]:.1f} | {unrolled[n] / scanned[n]:.1f}× |"
               for n in scanned]
+  if not args.skip_update:
+    lines += ["", f"Part 3: the update's programs alone, {args.layers} layers, scan_layers=True; "
+              "trace + lower + compile s:", "", "| program | s |", "|---|---|"]
+    lines += [f"| {n} | {t:.1f} |" for n, t in update_programs(args.layers, log).items()]
   load1 = os.getloadavg()
   head = (f"## {datetime.date.today()} — compile time on a deep model (`bench/compile.py"
           f"{' --layers %d' % args.layers if args.layers != 24 else ''}"
