@@ -1,7 +1,8 @@
 """Compile time on a deep model: seconds per compiled program, first vs steady training step.
 
-  .venv/bin/python bench/compile.py                       # 24 layers, 3 steps, both parts
+  .venv/bin/python bench/compile.py                       # 24 layers, 3 steps, all three parts
   .venv/bin/python bench/compile.py --layers 30 --append  # and add a section to RESULTS.md
+  .venv/bin/python bench/compile.py --parts 3             # the update's programs alone (~1 min)
 
 Part 1 runs configs/tiny.py's training loop (rollout + GRPO/LLDS update; no format warm-up, no
 validation, checkpoint only at the end) on a random Qwen2-shaped model with `--layers` blocks,
@@ -176,8 +177,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--layers", type=int, default=24)
   ap.add_argument("--steps", type=int, default=3)
-  ap.add_argument("--skip_sampler", action="store_true", help="no part 2")
-  ap.add_argument("--skip_update", action="store_true", help="no part 3")
+  ap.add_argument("--parts", default="1,2,3", help="which parts to run, e.g. 3 or 1,3")
   ap.add_argument("--unrolled", action="store_true",
                   help="part 1 with scan_layers=scan_cache=False (configs/tiny.py's setting)")
   ap.add_argument("--label", default="", help="a name for this run in RESULTS.md (e.g. before)")
@@ -185,32 +185,35 @@ def main():
   args = ap.parse_args()
   load0 = os.getloadavg()
   log = CompileLog()
-  t0 = time.perf_counter()
-  records = train_steps(args.layers, args.steps, log, scan=not args.unrolled)
-  setup_s = time.perf_counter() - t0 - sum(r["time/step_s"] for r in records)
-  lines = [f"Part 1: configs/tiny.py training loop, random Qwen2 shape, {args.layers} layers, "
-           f"D=128, F=256, V=1000, scan_layers=scan_cache={not args.unrolled}, 16 rows/step, "
-           f"{jax.device_count()} {jax.devices()[0].platform} device(s); setup (load, "
-           f"index, init; no warm-up) {setup_s:.1f} s, of which XLA compile "
-           f"{log.total('setup'):.1f} s.", "",
-           "| step | step s | rollout s | update s | trace s | lower s | XLA compile s | "
-           "programs compiled |", "|---|---|---|---|---|---|---|---|"]
-  for i, r in enumerate(records, 1):
-    phase = f"step {i}"
-    names = ", ".join(f"{n}×{k}" if k > 1 else n for n, k, *_ in log.programs(phase) if k)
-    lines.append(f"| {i} | {r['time/step_s']:.1f} | {r['time/rollout_s']:.1f} | "
-                 f"{r['time/step_s'] - r['time/rollout_s']:.1f} | "
-                 f"{log.total(phase, 'trace'):.1f} | {log.total(phase, 'lower'):.1f} | "
-                 f"{log.total(phase):.1f} | {names or '—'} |")
-  steady = float(np.median([r["time/step_s"] for r in records[1:]])) if len(records) > 1 else 0
-  first = records[0]["time/step_s"]
-  lines += ["", f"First step {first:.1f} s, steady step (median of steps ≥ 2) {steady:.1f} s: "
-            f"**{first / max(steady, 1e-9):.2f}×** (goal ≤ 3×).", "",
-            "Programs of step 1 (trace / lower / XLA compile s):", "",
-            "| program | compiles | trace s | lower s | compile s |", "|---|---|---|---|---|"]
-  lines += [f"| {n} | {k} | {tr:.1f} | {lo:.1f} | {co:.1f} |"
-            for n, k, tr, lo, co in log.programs("step 1")]
-  if not args.skip_sampler:
+  parts = {int(p) for p in args.parts.split(",")}
+  lines = []
+  if 1 in parts:
+    t0 = time.perf_counter()
+    records = train_steps(args.layers, args.steps, log, scan=not args.unrolled)
+    setup_s = time.perf_counter() - t0 - sum(r["time/step_s"] for r in records)
+    lines += [f"Part 1: configs/tiny.py training loop, random Qwen2 shape, {args.layers} layers, "
+              f"D=128, F=256, V=1000, scan_layers=scan_cache={not args.unrolled}, 16 rows/step, "
+              f"{jax.device_count()} {jax.devices()[0].platform} device(s); setup (load, "
+              f"index, init; no warm-up) {setup_s:.1f} s, of which XLA compile "
+              f"{log.total('setup'):.1f} s.", "",
+              "| step | step s | rollout s | update s | trace s | lower s | XLA compile s | "
+              "programs compiled |", "|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(records, 1):
+      phase = f"step {i}"
+      names = ", ".join(f"{n}×{k}" if k > 1 else n for n, k, *_ in log.programs(phase) if k)
+      lines.append(f"| {i} | {r['time/step_s']:.1f} | {r['time/rollout_s']:.1f} | "
+                   f"{r['time/step_s'] - r['time/rollout_s']:.1f} | "
+                   f"{log.total(phase, 'trace'):.1f} | {log.total(phase, 'lower'):.1f} | "
+                   f"{log.total(phase):.1f} | {names or '—'} |")
+    steady = float(np.median([r["time/step_s"] for r in records[1:]])) if len(records) > 1 else 0
+    first = records[0]["time/step_s"]
+    lines += ["", f"First step {first:.1f} s, steady step (median of steps ≥ 2) {steady:.1f} s: "
+              f"**{first / max(steady, 1e-9):.2f}×** (goal ≤ 3×).", "",
+              "Programs of step 1 (trace / lower / XLA compile s):", "",
+              "| program | compiles | trace s | lower s | compile s |", "|---|---|---|---|---|"]
+    lines += [f"| {n} | {k} | {tr:.1f} | {lo:.1f} | {co:.1f} |"
+              for n, k, tr, lo, co in log.programs("step 1")]
+  if 2 in parts:
     lines += ["", f"Part 2: sampler programs alone, {args.layers} layers (same widths), 16 rows, "
               "1024 cache slots, 512-token prompt block, 96-token observation block; "
               "trace + lower + compile s:", "",
@@ -219,7 +222,7 @@ def main():
     unrolled = sampler_programs(args.layers, False, log)
     lines += [f"| {n} | {scanned[n]:.1f} | {unrolled[n]:.1f} | {unrolled[n] / scanned[n]:.1f}× |"
               for n in scanned]
-  if not args.skip_update:
+  if 3 in parts:
     lines += ["", f"Part 3: the update's programs alone, {args.layers} layers, scan_layers=True; "
               "trace + lower + compile s:", "", "| program | s |", "|---|---|"]
     lines += [f"| {n} | {t:.1f} |" for n, t in update_programs(args.layers, log).items()]
