@@ -226,6 +226,8 @@ def main():
     lines += ["", f"Part 3: the update's programs alone, {args.layers} layers, scan_layers=True; "
               "trace + lower + compile s:", "", "| program | s |", "|---|---|"]
     lines += [f"| {n} | {t:.1f} |" for n, t in update_programs(args.layers, log).items()]
+  while lines and not lines[0]:  # a run without part 1 starts with part 2's blank line
+    lines.pop(0)
   load1 = os.getloadavg()
   head = (f"## {datetime.date.today()} — compile time on a deep model (`bench/compile.py"
           f"{' --layers %d' % args.layers if args.layers != 24 else ''}"
