@@ -149,8 +149,8 @@ class Transformer(nnx.Module):
     Tokens with `mask == 0` get position -1: they are never attended to, and in cache mode they
     are not written, so a right-padded block of new tokens appends only its valid tokens.
     `segment_ids_BxT` (packed rows, no cache): attention stays inside each segment.
-    `blocks` (from `stacked_blocks`, `scan_cache` only) lets a decode loop stack the weights once, not
-    once per token.
+    `blocks` (from `stacked_blocks`, `scan_cache` only) lets a decode loop stack the weights
+    once, not once per token.
     """
     cfg = self.cfg
     if segment_ids_BxT is not None and cache is not None:
