@@ -67,6 +67,10 @@ def pod_config(model: str, chip: str, devices: int, *, data: int, fsdp: int, ten
   # "tensor": the rollout's bf16 weights whole on every fsdp shard (params/tensor bytes per chip)
   # so decode gathers no weights per token; "train": fsdp-sharded, gathered every token.
   c.rollout.weight_sharding = weight_sharding
+  # The sampler's cache path unrolled: scanned, every sampler program would hold one more copy of
+  # the block weights (stacked, bf16: ~5.5 GB per chip for 3B and ~13 GB for 7B under the
+  # "tensor" layout), which the 7B configs have no room for; compile time matters less on a pod.
+  c.model.scan_cache = False
   return c
 
 

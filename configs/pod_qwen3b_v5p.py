@@ -6,10 +6,11 @@
 
 Mesh fsdp 32 (data 1 × fsdp 32 × tensor 1), micro-batch 32 (one row per chip), log-prob blocks
 of 128 rows, full remat over a scan of the layers, bf16 KV cache, rollout weights whole on every
-chip (rollout.weight_sharding="tensor", 6.2 GB). Per chip, with the resident state beside each
-program (tools/dry_run.py; docs/scaling.md), against the 85.5 GB budget (95 GB − 10 %): MEASURED
-by the CPU compiler, max 61.2 GB (observation feed); ESTIMATED without the CPU's f32 copies of
-bf16 arguments, max 35.4 GB (prefill): FITS. PREDICTED step ≈ 69 s with the packed update on
+chip (rollout.weight_sharding="tensor", 6.2 GB), sampler cache path unrolled (scan_cache=False).
+Per chip, with the resident state beside each program (tools/dry_run.py; docs/scaling.md),
+against the 85.5 GB budget (95 GB − 10 %): MEASURED by the CPU compiler, max 42.8 GB
+(observation feed); ESTIMATED without the CPU's f32 copies of bf16 arguments, max 42.2 GB
+(observation feed): FITS. PREDICTED step ≈ 69 s with the packed update on
 the recorded testbed lengths (decode 13, log-probs 14, update 37; padded: 123 s, update 77).
 """
 

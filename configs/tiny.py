@@ -29,8 +29,12 @@ def get_config():
   c.model.dtype = "float32"
   c.model.remat = "none"
   # Two tiny blocks: the scan's per-step weight stacking costs more on CPU than it saves (the
-  # format warm-up runs ~25 % slower with it); the pod configs keep base.py's scan.
+  # format warm-up runs ~25 % slower with it); the pod configs keep base.py's scan. A deep model
+  # (e.g. a 30-layer GGUF via --config.model.path) wants --config.model.scan_layers=True and
+  # --config.model.scan_cache=True: unrolled, every program compiles all its blocks
+  # (bench/compile.py, bench/RESULTS.md).
   c.model.scan_layers = False
+  c.model.scan_cache = False
   # A random model never closes a <search> tag, so nothing would be searched: fit the action
   # format first (llds_jax/sft.py; ~1 min on 2 cores, redone deterministically on resume).
   c.model.format_warmup_steps = 300

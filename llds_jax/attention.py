@@ -62,19 +62,22 @@ def apply_rope(x_BxTxHxDh: jax.Array, pos_BxT: jax.Array, inv_freq: jax.Array) -
 
 @flax.struct.dataclass
 class KVCache:
-  """Per-layer key/value slots plus each slot's position (-1 = empty) and the next free slot."""
+  """Key/value slots of every layer plus each slot's position (-1 = empty) and the next free slot.
 
-  k: tuple[jax.Array, ...]  # L × [B, S, K, Dh]
-  v: tuple[jax.Array, ...]
+  Keys and values carry a leading layer axis, so the cached blocks can run as one `lax.scan` that
+  reads and writes layer i of one buffer (`model._scan_cached_blocks`) instead of L buffers.
+  """
+
+  k: jax.Array  # [L, B, S, K, Dh]; k[i] is layer i's keys
+  v: jax.Array  # [L, B, S, K, Dh]
   pos_BxS: jax.Array  # int32
   end_B: jax.Array  # int32, number of filled slots per row
 
   @classmethod
   def init(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None) -> "KVCache":
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch, slots, cfg.num_kv_heads, cfg.head_dim)
-    return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-               v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                pos_BxS=jnp.full((batch, slots), -1, jnp.int32), end_B=jnp.zeros((batch,), jnp.int32))
 
   @property

@@ -10,9 +10,9 @@ mesh; the model itself never names a mesh axis.
 
 Positions, masking, the KV cache and the attention kernels live in `attention.py`: a token whose
 mask is 0 gets position -1 and is neither attended to nor cached. The residual stream is pinned
-to row sharding (`sharding.constrain`) after the embedding lookup and after every block. Without
-a cache the blocks run as one `lax.scan` (`scan_layers`); the stored weights stay one module per
-block.
+to row sharding (`sharding.constrain`) after the embedding lookup and after every block. The
+blocks run as one `lax.scan` without a cache (`scan_layers`) and with one (`scan_cache`; the cache
+has a leading layer axis); the stored weights stay one module per block.
 """
 
 from __future__ import annotations
@@ -133,13 +133,24 @@ class Transformer(nnx.Module):
     w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
     return w.astype(jnp.dtype(self.cfg.dtype))
 
+  def stacked_blocks(self):
+    """(graphdef, weights stacked over layers) for the cache path's `hidden(..., blocks=)`.
+
+    Not pinned to the training layout: the stacked copy keeps the layout of the weights it is
+    made from, so the rollout's tensor-only copy is not resharded over fsdp (and then gathered
+    block by block for every decoded token).
+    """
+    return _stacked_blocks(self.layers, pin=False)
+
   def hidden(self, tokens_BxT, positions_BxT=None, mask_BxT=None, cache: KVCache | None = None,
-             segment_ids_BxT=None):
+             segment_ids_BxT=None, blocks=None):
     """Final-norm hidden states [B, T, D] and the updated cache (None without a cache).
 
     Tokens with `mask == 0` get position -1: they are never attended to, and in cache mode they
     are not written, so a right-padded block of new tokens appends only its valid tokens.
     `segment_ids_BxT` (packed rows, no cache): attention stays inside each segment.
+    `blocks` (from `stacked_blocks`, `scan_cache` only) lets a decode loop stack the weights
+    once, not once per token.
     """
     cfg = self.cfg
     if segment_ids_BxT is not None and cache is not None:
@@ -158,22 +169,25 @@ class Transformer(nnx.Module):
     if cache is not None:
       slot_BxT = write_slots(valid_BxT, cache.end_B, cache.slots)
       kpos_BxS = scatter_rows(cache.pos_BxS, pos_BxT, slot_BxT)
-    new_k, new_v = [], []
     if cache is None and cfg.scan_layers:
-      x = _scan_blocks(self.layers, x, pos_BxT, inv_freq, act, segment_ids_BxT)
-    else:  # the cache path stays unrolled: a scan would carry (and copy) the whole cache
+      x = _scan_blocks(blocks or _stacked_blocks(self.layers), x, pos_BxT, inv_freq, act,
+                       cfg.remat, segment_ids_BxT)
+    elif cache is not None and cfg.scan_cache:
+      x, k_L, v_L = _scan_cached_blocks(blocks or self.stacked_blocks(), x, pos_BxT, inv_freq, act,
+                                        cache.k, cache.v, kpos_BxS, slot_BxT)
+    else:
+      k_L, v_L = (None, None) if cache is None else (cache.k, cache.v)
       for i, layer in enumerate(self.layers):
-        kv = None if cache is None else (cache.k[i], cache.v[i], kpos_BxS, slot_BxT)
+        kv = None if cache is None else (k_L[i], v_L[i], kpos_BxS, slot_BxT)
         x, layer_kv = _maybe_remat(layer, cfg.remat)(x, pos_BxT, inv_freq, kv, segment_ids_BxT)
         x = shd.constrain(x, act)  # and again per block, so the backward pass keeps it too
-        if cache is not None:
-          new_k.append(layer_kv[0])
-          new_v.append(layer_kv[1])
+        if cache is not None:  # in place: the sampler donates the cache
+          k_L, v_L = k_L.at[i].set(layer_kv[0]), v_L.at[i].set(layer_kv[1])
     h = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
     if cache is None:
       return h, None
     end_B = cache.end_B + valid_BxT.sum(1, dtype=jnp.int32)
-    return h, KVCache(k=tuple(new_k), v=tuple(new_v), pos_BxS=kpos_BxS, end_B=end_B)
+    return h, KVCache(k=k_L, v=v_L, pos_BxS=kpos_BxS, end_B=end_B)
 
   def logits(self, h_BxTxD) -> jax.Array:
     return jnp.einsum("btd,dv->btv", h_BxTxD, self.unembed(), preferred_element_type=jnp.float32)
@@ -203,33 +217,68 @@ def _maybe_remat(layer: Block, policy: str):
   return functools.partial(run, state)
 
 
-def _scan_blocks(layers, x_BxTxD, pos_BxT, inv_freq, act, seg_BxT=None):
+def _stacked_blocks(layers, pin: bool = True):
+  """The blocks' graphdef and their weights stacked on a leading layer axis (scan input).
+
+  Matrices are cast to the compute dtype before stacking, which is what each block does on use,
+  so the stacked copy is exact and costs half for f32 masters. `pin` constrains each stacked
+  weight to its training layout (the update's scan); without it the copy inherits the layout of
+  the weights stacked (the rollout's own layout, `sharding.WEIGHT_LAYOUTS`).
+  """
+  cfg = layers[0].cfg
+
+  def stack(*vs):
+    value = jnp.stack([x.astype(compute_dtype_of(x, cfg.dtype)) for x in (v[...] for v in vs)])
+    axes = vs[0].get_metadata().get("logical_axes")
+    # Layer axis whole, each weight sharded as it is stored, so iteration i gathers one block.
+    return vs[0].replace(value if axes is None or not pin else shd.constrain(value, (None, *axes)))
+
+  stacked = jax.tree.map(stack, *[nnx.state(b) for b in layers],
+                         is_leaf=lambda v: isinstance(v, nnx.Variable))
+  return nnx.graphdef(layers[0]), stacked
+
+
+def _scan_blocks(blocks, x_BxTxD, pos_BxT, inv_freq, act, remat, seg_BxT=None):
   """Every block as one `lax.scan` step over the blocks' stacked weights (no cache).
 
   Why: with unrolled blocks the compiler may schedule every rematerialized forward before the
   first backward matmul; the CPU compile of the 3B train step did, holding every block's
   internals at once (~30 GB per 4096-token row per device). A scan's backward recomputes and
   differentiates one block per iteration, so one block's internals live at a time; it also
-  compiles one block instead of all. Matrices are cast to the compute dtype before stacking, which
-  is what each block does on use, so the stacked copy is exact and costs half for f32 masters.
+  compiles one block instead of all.
   """
-  cfg = layers[0].cfg
-  graphdef = nnx.graphdef(layers[0])
-
-  def stack(*vs):
-    value = jnp.stack([x.astype(compute_dtype_of(x, cfg.dtype)) for x in (v[...] for v in vs)])
-    axes = vs[0].get_metadata().get("logical_axes")
-    # Layer axis whole, each weight sharded as it is stored, so iteration i gathers one block.
-    return vs[0].replace(value if axes is None else shd.constrain(value, (None, *axes)))
-
-  stacked = jax.tree.map(stack, *[nnx.state(b) for b in layers],
-                         is_leaf=lambda v: isinstance(v, nnx.Variable))
+  graphdef, stacked = blocks
 
   def body(x, state):
     y, _ = nnx.merge(graphdef, state)(x, pos_BxT, inv_freq, None, seg_BxT)
     return shd.constrain(y, act), None
 
-  if cfg.remat != "none":
-    body = jax.checkpoint(body, policy=_remat_policy(cfg.remat))
+  if remat != "none":
+    body = jax.checkpoint(body, policy=_remat_policy(remat))
   x_BxTxD, _ = lax.scan(body, x_BxTxD, stacked)
   return x_BxTxD
+
+
+def _scan_cached_blocks(blocks, x_BxTxD, pos_BxT, inv_freq, act, k_LxBxSxKxDh, v_LxBxSxKxDh,
+                        kpos_BxS, slot_BxT):
+  """The cache path as one `lax.scan` over stacked weights: one block to compile, not L.
+
+  The whole cache rides in the carry and iteration i reads and rewrites only layer i (a dynamic
+  slice and update of one buffer, which XLA keeps in place), so the scan neither copies the cache
+  per step nor holds a second one, as scanning it as `xs` → `ys` would. Unrolled, a 30-layer
+  model's prefill, observation feed and decode each compiled 30 blocks (issue 17: 199 s of first
+  rollout on CPU). No remat: the cache path is never differentiated.
+  """
+  graphdef, stacked = blocks
+
+  def body(carry, state):
+    x, i, k_L, v_L = carry
+    kv = (k_L[i], v_L[i], kpos_BxS, slot_BxT)
+    y, (keys, values) = nnx.merge(graphdef, state)(x, pos_BxT, inv_freq, kv)
+    k_L = lax.dynamic_update_index_in_dim(k_L, keys.astype(k_L.dtype), i, 0)
+    v_L = lax.dynamic_update_index_in_dim(v_L, values.astype(v_L.dtype), i, 0)
+    return (shd.constrain(y, act), i + 1, k_L, v_L), None
+
+  init = (x_BxTxD, jnp.zeros((), jnp.int32), k_LxBxSxKxDh, v_LxBxSxKxDh)
+  (x_BxTxD, _, k_L, v_L), _ = lax.scan(body, init, stacked)
+  return x_BxTxD, k_L, v_L

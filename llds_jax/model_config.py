@@ -45,6 +45,10 @@ class ModelConfig:
   attn_chunk: int = 512
   attn_block_bytes: int = 2**29  # and at most this much f32 scores per device (0 = no cap)
   scan_layers: bool = True  # cache-free passes run the blocks as one lax.scan (`_scan_blocks`)
+  # The cache path (prefill, observation feed, decode) as one lax.scan too (`_scan_cached_blocks`):
+  # one block to compile instead of num_layers, for one more copy of the block weights (stacked)
+  # in every sampler program.
+  scan_cache: bool = True
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:

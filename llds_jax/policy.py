@@ -25,7 +25,8 @@ def _overrides(c, *, dtype: str | None = None, remat: str | None = None) -> dict
   """
   out = dict(param_dtype=c.model.param_dtype, dtype=dtype or c.model.dtype,
              remat=remat or c.model.remat,
-             scan_layers=c.model.get("scan_layers", ModelConfig.scan_layers))
+             scan_layers=c.model.get("scan_layers", ModelConfig.scan_layers),
+             scan_cache=c.model.get("scan_cache", ModelConfig.scan_cache))
   if "attn_chunk" in c.model:
     out["attn_chunk"] = c.model.attn_chunk
   return out

@@ -132,20 +132,20 @@ def state_shardings(shapes: SamplingState, mesh) -> SamplingState:
   """
   rows = jax.tree.map(lambda x: shd.batch_sharding(mesh, x.ndim), shapes)
   kv = lambda x: NamedSharding(mesh, shd.logical_to_spec(  # noqa: E731
-      ("batch", "length", "kv_heads", "head_dim"), x.shape, mesh))
-  return rows.replace(cache=KVCache(
-      k=tuple(map(kv, shapes.cache.k)), v=tuple(map(kv, shapes.cache.v)),
-      pos_BxS=rows.cache.pos_BxS, end_B=rows.cache.end_B))
+      (None, "batch", "length", "kv_heads", "head_dim"), x.shape, mesh))  # layer axis whole
+  return rows.replace(cache=KVCache(k=kv(shapes.cache.k), v=kv(shapes.cache.v),
+                                    pos_BxS=rows.cache.pos_BxS, end_B=rows.cache.end_B))
 
 
-def forward_block(model: Transformer, cache: KVCache, tokens_BxT, len_B, start_B):
+def forward_block(model: Transformer, cache: KVCache, tokens_BxT, len_B, start_B, blocks=None):
   """Write each row's first `len_B` tokens at `start_B…`; logits of its last one, and the cache.
 
   A decode step is the case T = 1. Rows with `len_B == 0` write nothing (their logits are junk).
+  `blocks`: the model's `stacked_blocks()` made once outside a decode loop (`scan_cache`).
   """
   ar_1xT = jnp.arange(tokens_BxT.shape[1], dtype=jnp.int32)[None]
   pos_BxT, mask_BxT = start_B[:, None] + ar_1xT, ar_1xT < len_B[:, None]
-  h_BxTxD, cache = model.hidden(tokens_BxT, pos_BxT, mask_BxT, cache)
+  h_BxTxD, cache = model.hidden(tokens_BxT, pos_BxT, mask_BxT, cache, blocks=blocks)
   rows_B = jnp.arange(tokens_BxT.shape[0])
   h_BxD = h_BxTxD[rows_B, jnp.maximum(len_B - 1, 0)]
   return model.logits(h_BxD[:, None])[:, 0], cache
@@ -206,8 +206,8 @@ def _narrow(cache: KVCache, view: int | None) -> KVCache:
   """The first `view` slots: attention then costs O(view), not O(capacity)."""
   if view is None or view >= cache.slots:
     return cache
-  return KVCache(k=tuple(x[:, :view] for x in cache.k), v=tuple(x[:, :view] for x in cache.v),
-                 pos_BxS=cache.pos_BxS[:, :view], end_B=cache.end_B)
+  return KVCache(k=cache.k[:, :, :view], v=cache.v[:, :, :view], pos_BxS=cache.pos_BxS[:, :view],
+                 end_B=cache.end_B)
 
 
 def _widen(full: KVCache, part: KVCache) -> KVCache:
@@ -215,7 +215,7 @@ def _widen(full: KVCache, part: KVCache) -> KVCache:
   if part.slots == full.slots:
     return part
   put = lambda f, x: lax.dynamic_update_slice(f, x, (0,) * f.ndim)  # noqa: E731
-  return KVCache(k=tuple(map(put, full.k, part.k)), v=tuple(map(put, full.v, part.v)),
+  return KVCache(k=put(full.k, part.k), v=put(full.v, part.v),
                  pos_BxS=put(full.pos_BxS, part.pos_BxS), end_B=part.end_B)
 
 
@@ -252,11 +252,13 @@ def decode(graphdef, params, state: SamplingState, table_QxMxV, sample_cfg: Samp
            view: int | None = None) -> SamplingState:
   """Sample until every row of the segment has stopped (EOS, stop string or limit)."""
   model = nnx.merge(graphdef, params)
+  # Stack the scanned blocks' weights once per segment, not once per decoded token.
+  blocks = model.stacked_blocks() if model.cfg.scan_cache else None
 
   def step(s: SamplingState) -> SamplingState:
     active_B = ~s.done_B
     logits_BxV, cache = forward_block(model, s.cache, s.last_B[:, None], active_B.astype(jnp.int32),
-                                      s.next_pos_B)
+                                      s.next_pos_B, blocks)
     s = s.replace(cache=cache, next_pos_B=s.next_pos_B + active_B)
     tok_B, logp_B = _sample(logits_BxV, s.key_B, s.next_pos_B, sample_cfg)
     return _record(s, tok_B, logp_B, active_B, table_QxMxV, sample_cfg)

@@ -291,3 +291,64 @@ def test_qwen3_qk_norm_cache_and_scan_equal_full_forward():
   no_norm = Transformer(ModelConfig(**{**cfg.__dict__, "architecture": "LlamaForCausalLM"}),
                         rngs=nnx.Rngs(1))
   assert np.abs(np.asarray(no_norm(ids)) - full).max() > 1e-3  # the norms matter here
+
+
+@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM"])
+def test_scanned_cache_path_equals_unrolled_and_full_forward(arch):
+  # Same weights under both cache paths: ragged prefill, ragged append (row 1 adds one token),
+  # then two decode steps; logits and the [L, B, S, K, Dh] cache agree, and match the full forward.
+  cfg = _with(architecture=arch, num_layers=3, head_dim=6,
+              attention_bias=arch == "Qwen2ForCausalLM")
+  scanned = Transformer(cfg, rngs=nnx.Rngs(1))
+  for layer in scanned.layers:  # non-trivial norms, so a layer mix-up in the scan shows
+    for name in ("attn_norm", "mlp_norm") + (("q_norm", "k_norm") if cfg.qk_norm else ()):
+      w = getattr(layer, name)
+      w[...] = w[...] + 0.3 * jax.random.normal(jax.random.key(len(name)), w[...].shape)
+  unrolled = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: Transformer(
+      _with(**{**cfg.__dict__, "scan_cache": False}), rngs=nnx.Rngs(0)))), nnx.state(scanned))
+  seq = _ids((2, 11), 11)
+  steps = [  # (tokens, positions, mask) of each call
+      (seq[:, :5], None, jnp.asarray([[1] * 5, [1] * 3 + [0] * 2])),
+      (jnp.stack([seq[0, 5:9], seq[1, 3:7]]), jnp.asarray([[5, 6, 7, 8], [3, 4, 5, 6]]),
+       jnp.asarray([[1] * 4, [1] + [0] * 3])),
+      (jnp.stack([seq[0, 9:10], seq[1, 4:5]]), jnp.asarray([[9], [4]]), None),
+      (jnp.stack([seq[0, 10:11], seq[1, 5:6]]), jnp.asarray([[10], [5]]), None),
+  ]
+  run = lambda m, c, t, p, k: m.hidden(t, p, k, c)  # noqa: E731
+  out = {}
+  for name, m in (("scan", scanned), ("unrolled", unrolled)):
+    cache, logits = KVCache.init(cfg, 2, 12), []
+    for tokens, pos, mask in steps:
+      h, cache = nnx.jit(run)(m, cache, tokens, pos, mask)
+      logits.append(np.asarray(m.logits(h)))
+    out[name] = logits, cache
+  assert out["scan"][1].k.shape == (3, 2, 12, cfg.num_kv_heads, 6)
+  for a, b in zip(out["scan"][0], out["unrolled"][0]):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  for field in ("k", "v", "pos_BxS", "end_B"):
+    np.testing.assert_allclose(np.asarray(getattr(out["scan"][1], field)),
+                               np.asarray(getattr(out["unrolled"][1], field)), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(out["scan"][1].end_B), [11, 6])
+  full0, full1 = np.asarray(scanned(seq[:1]))[0], np.asarray(scanned(seq[1:, :6]))[0]
+  got0 = np.concatenate([out["scan"][0][0][0], out["scan"][0][1][0]] +
+                        [x[0] for x in out["scan"][0][2:]])
+  np.testing.assert_allclose(got0, full0, atol=1e-4)
+  got1 = [out["scan"][0][0][1, :3], out["scan"][0][1][1, :1]] + [x[1] for x in out["scan"][0][2:]]
+  np.testing.assert_allclose(np.concatenate(got1), full1, atol=1e-4)
+
+
+def test_scan_cache_switch_unrolls_only_the_cache_path():
+  # `scan_cache=False` (no stacked copy of the block weights in the sampler) leaves the
+  # cache-free passes scanned under `scan_layers`, and the other way round.
+  from configs import base, tiny
+  from llds_jax import policy
+  ids = _ids((2, 4))
+  for scan_layers, scan_cache in ((True, False), (False, True)):
+    model = Transformer(_with(num_layers=3, scan_layers=scan_layers, scan_cache=scan_cache),
+                        rngs=nnx.Rngs(0))
+    cached = str(jax.make_jaxpr(lambda: model.hidden(ids, cache=KVCache.init(model.cfg, 2, 8)))())
+    free = str(jax.make_jaxpr(lambda: model.hidden(ids))())
+    assert ("scan[" in cached, "scan[" in free) == (scan_cache, scan_layers)
+  # The configs' defaults reach the model: base scans the cache path, tiny's 2 blocks do not.
+  assert policy.model_config(base.get_config()).scan_cache
+  assert not policy.model_config(tiny.get_config()).scan_cache

@@ -1,5 +1,6 @@
 """Sampler: transformers greedy parity, cache appends, stop strings, sampling, seeds, sharding."""
 
+import dataclasses
 import functools
 import os
 import tempfile
@@ -150,8 +151,12 @@ def test_greedy_matches_transformers_ragged_batch_with_eos(arch):
   assert len(ours[1]) < 20 and ours[1][-1] == eos
 
 
-def test_append_into_live_cache_equals_full_forward(rand_model):
-  model, cfg = rand_model, rand_model.cfg
+@pytest.mark.parametrize("scan", [True, False])
+def test_append_into_live_cache_equals_full_forward(rand_model, scan):
+  # Both cache paths: blocks as one lax.scan over the [L, ...] cache, and unrolled.
+  cfg = dataclasses.replace(rand_model.cfg, scan_cache=scan)
+  model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))),
+                    nnx.state(rand_model))
   graphdef, params = nnx.split(model)
   prompts = _prompts([5, 9, 3], seed=1)
   obs = _prompts([6, 0, 2], seed=2)  # row 1 has finished: it appends nothing and samples nothing
@@ -328,13 +333,14 @@ def test_cache_heads_split_over_tensor_and_updated_in_place(rand_model):
   graphdef, params = nnx.split(rand_model)
   params = jax.device_put(params, sharding.state_shardings(params, mesh))
   state = sampler.init_state(CFG, 4, 32, 4, 0, mesh=mesh)
-  assert tuple(state.cache.k[0].sharding.spec) == (("data", "fsdp"), None, "tensor", None)
+  # Layer axis whole (the scan indexes it), rows over (data, fsdp), K/V heads over tensor.
+  assert tuple(state.cache.k.sharding.spec) == (None, ("data", "fsdp"), None, "tensor", None)
   put = lambda x: hosts.put_rows(x, mesh)  # noqa: E731
   args = (graphdef, params, state, put(np.ones((4, 8), np.int32)), put(np.full(4, 5, np.int32)),
           put(np.full(4, 3, np.int32)), hosts.put_replicated(NO_STOPS, mesh),
           sampler.SampleConfig(1.0, 1.0, 0, ()))
   mem = sampler.feed.lower(*args).compile().memory_analysis()
-  per_device_kv = 2 * CFG.num_layers * state.cache.k[0].addressable_shards[0].data.nbytes
+  per_device_kv = 2 * state.cache.k.addressable_shards[0].data.nbytes
   assert mem.alias_size_in_bytes >= per_device_kv  # the donated cache is written in place
 
 

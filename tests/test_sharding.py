@@ -11,6 +11,8 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from llds_jax import hosts, policy, sampler, sharding
 from llds_jax.model import KVCache, ModelConfig, Transformer
@@ -74,7 +76,13 @@ def test_constrained_forward_and_cache_equal_single_device():
     ids = jnp.asarray(np.random.RandomState(rows).randint(0, CFG.vocab_size, (rows, 20)))
     put = lambda x: jax.device_put(  # noqa: E731
         x, sharding.batch_sharding(mesh, x.ndim) if rows == B else sharding.replicated(mesh))
-    logits, cache = fwd(params, put(ids), jax.tree.map(put, KVCache.init(CFG, rows, 24)))
+    cache = KVCache.init(CFG, rows, 24)
+    # Keys/values [L, B, S, K, Dh]: rows are their second axis (the layer axis stays whole).
+    layer_rows = lambda x: jax.device_put(x, NamedSharding(  # noqa: E731
+        mesh, P(None, ("data", "fsdp")) if rows == B else P()))
+    cache = cache.replace(k=layer_rows(cache.k), v=layer_rows(cache.v),
+                          pos_BxS=put(cache.pos_BxS), end_B=put(cache.end_B))
+    logits, cache = fwd(params, put(ids), cache)
     ref_logits, ref_cache = jax.jit(run)(single, ids, KVCache.init(CFG, rows, 24))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5)
     np.testing.assert_allclose(np.asarray(cache.k[1]), np.asarray(ref_cache.k[1]), atol=1e-5)
