@@ -309,7 +309,7 @@ def test_build_index_replaces_atomically_and_failed_build_leaves_nothing(tmp_pat
   build_index = _load("tools/build_index.py", "build_index_tool")
   corpus, out = tmp_path / "corpus.jsonl", tmp_path / "index"
   args = lambda: argparse.Namespace(corpus=str(corpus), out=str(out), variant="okapi", k1=None,  # noqa: E731
-                                    b=None, epsilon=0.25, quiet=True)
+                                    b=None, epsilon=0.25, quiet=True, build_memory_mb=None)
   corpus.write_text('{"id": "0", "contents": "\\"A\\"\\nalpha"}\n'
                     '{"id": "1", "contents": "\\"B\\"\\nbeta"}\n')
   build_index.build(args())
