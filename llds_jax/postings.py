@@ -78,7 +78,7 @@ class PostingsBuilder:
 
     A k-way merge of the term-sorted chunks: each range takes its slice of every chunk (spilled
     chunks are read by slices), so memory stays O(max_postings) whatever the corpus size. A lone
-    term with more postings that `splittable[t]` allows (the dense-row terms, whose postings only
+    term with more postings than `splittable[t]` allows (the dense-row terms, whose postings only
     fill their row) comes in pieces of whole chunks' slices, doc ids still ascending from piece to
     piece: df_T is then the piece's count, and `first` is False for every piece after the first.
     """

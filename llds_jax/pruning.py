@@ -151,6 +151,11 @@ def best_positions(v_C: np.ndarray, j: int) -> np.ndarray:
   return pick
 
 
+def _kth_score(index, docs_C: np.ndarray, sparse, dense, memo, k: int) -> float:
+  """The k-th best exact score among `docs_C`: a θ no true top-k score falls below."""
+  return top_k(docs_C, score_docs(index, docs_C, sparse, dense, memo), k)[1][-1]
+
+
 def top_k(ids_C: np.ndarray, s_C: np.ndarray, k: int):
   """Best k of (ids, scores), best first; ties → lower doc index."""
   if len(s_C) > k:
@@ -186,7 +191,7 @@ def search_one(index, max_V: np.ndarray, terms: list[tuple[int, int]], k: int):
   if len(docs) < k or len(docs) * FALLBACK_FRACTION >= index.num_docs:
     return None
   best = best_positions(part, REFINE * k)
-  theta = top_k(docs[best], score_docs(index, docs[best], sparse, dense, memo), k)[1][-1]
+  theta = _kth_score(index, docs[best], sparse, dense, memo, k)
   # Pass 2: any set of terms whose bounds sum below θ may be non-essential, not only the smallest
   # bounds (with repeats and tf saturation, "the" often has the largest bound of a question). The
   # set is filled greedily by postings per unit of bound, so the essential terms, whose postings
@@ -210,7 +215,7 @@ def search_one(index, max_V: np.ndarray, terms: list[tuple[int, int]], k: int):
     return None
   if len(cand) > REFINE * k:  # the best essential partial sums: their exact k-th best raises θ
     best = best_positions(part_C, REFINE * k)
-    theta = max(theta, top_k(cand[best], score_docs(index, cand[best], sparse, dense, memo), k)[1][-1])
+    theta = max(theta, _kth_score(index, cand[best], sparse, dense, memo, k))
   # MaxScore: add the non-essential terms, largest bound first, dropping every candidate whose
   # partial sum plus the bounds still to come is below θ. A rarer sparse term's bound is per
   # candidate: the block-max of the one block of its postings that could hold the candidate (≤ its
