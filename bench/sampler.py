@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import transformers
 
-from llds_jax import data, hf_io, rollout, sampler
+from llds_jax import data, hf_io, observations, rollout, sampler
 from llds_jax import retriever
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def rollout_prefill(batch: int) -> dict:
              for q in questions]
   enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
   search = enc("<search> classical music</search>")
-  obs_end = enc(rollout.information_block("x"))[-1]
+  obs_end = enc(observations.information_block("x"))[-1]
   model = scripted_model(len(tok), [[prompts[0][-1]] + search, [obs_end] + search])
   # The tiny tokenizer spends ~2.4 tokens per word (Qwen ~1.3): 1000 here ≈ Search-R1's 500.
   rollout_cfg = rollout.RolloutConfig(max_turns=3, max_turn_tokens=500, max_obs_tokens=1000)

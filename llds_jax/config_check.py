@@ -1,7 +1,7 @@
 """The run config's checks: every field the run would trip over, named before any expensive work.
 
 One home for what a config value may be: the allowed values themselves live with the code that
-uses them (`losses.GATES`, `rewards.REWARD_SCOPES`, `rollout.OBS_TRUNCATION`,
+uses them (`losses.GATES`, `rewards.REWARD_SCOPES`, `observations.OBS_TRUNCATION`,
 `sharding.WEIGHT_LAYOUTS`); this module checks a run config (`c`, configs/*.py) against them, and
 the sizes against each other and the mesh. `trainer.train` calls `validate` first.
 """
@@ -15,7 +15,7 @@ import numpy as np
 
 from llds_jax import checkpoint, hosts, losses, rewards
 from llds_jax import sharding as shd
-from llds_jax.rollout import OBS_TRUNCATION
+from llds_jax.observations import OBS_TRUNCATION
 
 
 def validate(c) -> None:

@@ -13,7 +13,7 @@ ideal trajectories from QA examples,
 
 and fits them with masked next-token NLL. Every token is laid out exactly as `rollout` would
 produce it: the chat-templated prompt (`data.encode_prompt`), actions encoded as ordinary text
-(`loss_mask` 1), observations from the same retriever and `rollout.encode_observations` (special
+(`loss_mask` 1), observations from the same retriever and `observations.encode_observations` (special
 tokens not parsed, cut to `max_obs_tokens`, `loss_mask` 0), in the `[left-padded prompt |
 right-padded response]` layout of the RL batch (`batch_layout.row_layout`). So the warmed-up
 policy starts RL on exactly the inputs it was fitted on, and the loss is the trainer's own fused
@@ -35,7 +35,7 @@ import optax
 import tqdm
 from flax import nnx
 
-from llds_jax import batch_layout, data, faults, losses, rollout, sharding as shd
+from llds_jax import batch_layout, data, faults, losses, observations, sharding as shd
 from llds_jax.sampler import bucket
 from llds_jax.train_step import response_logprobs
 
@@ -78,8 +78,8 @@ def build_trajectory(tokenizer, retriever, example: data.Example, queries: Seque
     mask.extend([1.0] * len(ids))
 
   passages = retriever.retrieve_text(list(queries), topk) if queries else []
-  blocks = [rollout.information_block(p) for p in passages]
-  obs = rollout.encode_observations(tokenizer, blocks, max_obs_tokens, obs_truncation)
+  blocks = [observations.information_block(p) for p in passages]
+  obs = observations.encode_observations(tokenizer, blocks, max_obs_tokens, obs_truncation)
   for query, obs_ids in zip(queries, obs):
     act((SEARCH_THINK if think else SEARCH_PLAIN).format(query=query))
     resp.extend(obs_ids)

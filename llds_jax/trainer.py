@@ -122,11 +122,8 @@ def _roll_out(run: _Run, state, batch: list, step: int, min_capacity: int):
   """This process's prompts of the step, each `group_size` times, through the search rollout
   (its KV cache no smaller than `min_capacity`, so earlier steps' sampler programs serve)."""
   c = run.c
+  # Lengths were checked for every question at start-up (`data.check_prompt_lengths`).
   prompts = [data.encode_prompt(ex.messages, run.tokenizer) for ex in batch]
-  too_long = [len(p) for p in prompts if len(p) > c.rollout.max_prompt_tokens]
-  if too_long:
-    raise ValueError(f"step {step}: prompt of {too_long[0]} tokens exceeds "
-                     f"config.rollout.max_prompt_tokens={c.rollout.max_prompt_tokens}")
   # The compute-dtype copy of the weights lives only for the rollout, not during the update.
   return rollout(run.sampling_model(state), run.tokenizer, run.retriever, prompts,
                  group_size=c.rollout.group_size, rollout_cfg=run.rollout_cfg,

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import lld_experiment as lx  # noqa: E402
 import lld_report  # noqa: E402
-from llds_jax import data, metrics as mlib, rewards, rollout, sft  # noqa: E402
+from llds_jax import data, metrics as mlib, observations, rewards, sft  # noqa: E402
 from llds_jax import search_pool, sharding as shd  # noqa: E402
 from llds_jax.model import ModelConfig, Transformer  # noqa: E402
 
@@ -67,8 +67,8 @@ def test_trajectory_tokens_match_what_the_rollout_feeds(testbed):
   assert [mask[r[0]] for r in runs] == [1, 0, 1, 0, 1]
   passages = ret.retrieve_text(queries, 3)
   for run, text in zip(runs[1::2], passages):
-    block = rollout.information_block(text)
-    assert ids[run].tolist() == rollout.encode_observations(tok, [block], 400)[0]
+    block = observations.information_block(text)
+    assert ids[run].tolist() == observations.encode_observations(tok, [block], 400)[0]
   actions = [tok.decode(ids[r].tolist()) for r in runs[0::2]]
   assert actions[:2] == [sft.SEARCH_THINK.format(query=q) for q in queries]
   assert rewards.parse_action(actions[0]) == ("search", queries[0])

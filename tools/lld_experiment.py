@@ -157,7 +157,7 @@ def build_testbed(out: str, a) -> list[Question]:
   reading the observation; and it has searched for every person, RL ones included, without ever
   seeing world 0's answers to the RL questions.
   """
-  from llds_jax import retriever, rollout, sft
+  from llds_jax import observations, retriever, sft
   attributes = tuple(a.attributes.split(","))
   facts = attributes + (("mentor", "city") if a.two_hop_frac else ())
   people, docs = make_world(a.seed, a.people, 0, facts)
@@ -175,7 +175,7 @@ def build_testbed(out: str, a) -> list[Question]:
     # world w's answers and hops: world 0's answers to the RL questions are never shown.
     write_parquet(make_questions(people_w, a.two_hop_frac, a.seed, attributes), "warmup",
                   os.path.join(shadow, "warmup.parquet"))
-  texts = [d for _, d in docs] + [rollout.information_block(retriever.format_observation([d]))
+  texts = [d for _, d in docs] + [observations.information_block(retriever.format_observation([d]))
                                   for _, d in docs]
   texts += [PROMPT.format(question=q.text) for q in qs] + [CHAT_TEMPLATE] * 20
   # Every name part, city, job and instrument often enough to become one token each: a copied
