@@ -145,6 +145,25 @@ def test_arc_reads_rise_peak_and_collapse():
   assert dip["logp_at_trough"] == pytest.approx(-1.05)  # steps 21-30
 
 
+def test_summary_has_the_mean_curve_and_the_issue_criteria():
+  def flat(r):
+    return dict(reward=r, preserving_logp=[-0.1] * len(r), entropy=[0.1] * len(r),
+                grad_norm_max=[1.0] * len(r))
+  # GRPO: seed 0 rises 0.3 then collapses; seed 1 rises 0.1 at another step, no collapse.
+  grpo = {"0": flat([0.2] * 10 + [0.5] * 10 + [0.0] * 20),
+          "1": flat([0.2] * 20 + [0.3] * 10 + [0.3] * 10)}
+  llds = {"0": flat([0.2] * 10 + [0.6] * 30), "1": flat([0.2] * 10 + [0.25] * 30)}
+  curve = lld_report.mean_series(grpo)["reward"]
+  assert curve[15] == pytest.approx(0.35) and len(curve) == 40
+  md = lld_report.summarize({"grpo": grpo, "llds_action": llds})
+  assert "| grpo | mean curve | | 0.2 | 0.35 |" in md  # not the mean of the seeds' peaks (0.4)
+  assert "- GRPO rises ≥ 0.15: 0: met, 1: NOT met; mean 0.200" in md
+  assert "- GRPO collapses (a window < ⅓ of its peak): 1 of 2 seeds" in md
+  assert "- LLDS rises ≥ GRPO: 0: met, 1: NOT met; mean 0.225 vs 0.200: met" in md
+  assert "- LLDS final ≥ GRPO peak: 0: met, 1: NOT met; mean 0.425 vs 0.400: met" in md
+  assert "- LLDS does not collapse: 0 of 2 seeds collapse" in md
+
+
 def test_set_overrides_testbed_config_fields_and_refuses_unknown_ones():
   a = lx.parse_args(["--set=rollout.max_turns=2", "--set=rl.llds_gate=token",
                      "--set=opt.lr=5e-4"])

@@ -119,4 +119,39 @@ def summarize(summary: dict, k: int = 10) -> str:
     if len(rows) > 1:
       mean = {c: np.mean([row[c] for row in rows.values()]) for c in cols}
       lines.append(f"| {arm} | mean | | " + " | ".join(f"{mean[c]:.4g}" for c in cols) + " |")
+      curve = arc(mean_series(by_seed), k)  # the figure's line: seeds peak at different steps
+      lines.append(f"| {arm} | mean curve | | " + " | ".join(f"{curve[c]:.4g}" for c in cols)
+                   + " |")
+  if {"grpo", "llds_action"} <= set(summary):
+    lines += ["", *criteria(summary["grpo"], summary["llds_action"], k)]
   return "\n".join(lines)
+
+
+def mean_series(by_seed: dict) -> dict[str, list[float]]:
+  """Per-step means over seeds of the series `arc` reads (cut to the shortest run)."""
+  n = min(len(series["reward"]) for series in by_seed.values())
+  keys = ("reward", "preserving_logp", "entropy", "grad_norm_max")
+  return {key: np.mean([series[key][:n] for series in by_seed.values()], 0).tolist()
+          for key in keys}
+
+
+def criteria(grpo: dict, llds: dict, k: int = 10) -> list[str]:
+  """Issue 15's reward criteria, met or not, per seed and on the mean over seeds."""
+  g = {seed: arc(series, k) for seed, series in grpo.items()}
+  m = {seed: arc(series, k) for seed, series in llds.items()}
+  mean = lambda rows, key: float(np.mean([row[key] for row in rows.values()]))  # noqa: E731
+  mark = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+  per_seed = lambda test: ", ".join(f"{s}: {mark(test(s))}" for s in g if s in m)  # noqa: E731
+  return [
+      f"Criteria ({k}-step means; per seed, then mean over seeds):",
+      f"- GRPO rises ≥ 0.15: {per_seed(lambda s: g[s]['rise'] >= 0.15)}; mean "
+      f"{mean(g, 'rise'):.3f}",
+      f"- GRPO collapses (a window < ⅓ of its peak): {int(mean(g, 'collapsed') * len(g))} of "
+      f"{len(g)} seeds",
+      f"- LLDS rises ≥ GRPO: {per_seed(lambda s: m[s]['rise'] >= g[s]['rise'])}; mean "
+      f"{mean(m, 'rise'):.3f} vs {mean(g, 'rise'):.3f}: {mark(mean(m, 'rise') >= mean(g, 'rise'))}",
+      f"- LLDS final ≥ GRPO peak: {per_seed(lambda s: m[s]['final'] >= g[s]['peak'])}; mean "
+      f"{mean(m, 'final'):.3f} vs {mean(g, 'peak'):.3f}: "
+      f"{mark(mean(m, 'final') >= mean(g, 'peak'))}",
+      f"- LLDS does not collapse: {int(mean(m, 'collapsed') * len(m))} of {len(m)} seeds "
+      "collapse"]
