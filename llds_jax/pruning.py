@@ -31,9 +31,17 @@ import numpy as np
 from llds_jax.block_postings import CACHE_MIN_DF as CACHED_DF
 from llds_jax.block_postings import DENSIFY_FRACTION
 
-FALLBACK_FRACTION = 8  # ≥ N/8 candidates: the exhaustive dense path is cheaper than lookups
+# ≥ N/2 candidates: the exhaustive dense path is cheaper than lookups. (At N/8, 19 of the 1,787
+# FanOutQA questions at 2M passages gave up after the essential merge, the costly part, for a
+# dense pass of 22 ms each; going on from there costs ~4 ms.)
+FALLBACK_FRACTION = 2
 MIN_WORK = 1 << 20  # exhaustive work (postings + N per dense row) below which pruning costs more
 MIN_WORK_SPARSE = 1 << 17  # … unless the candidate path would need a dense O(N) pass anyway
+# … or the index has ≥ LARGE_DOCS docs: there the exhaustive paths' sort of all postings or O(N)
+# pass cost more than pruning from MIN_WORK_LARGE on (at 2M passages 32 FanOutQA questions of
+# 51k–247k postings took 10.6 ms each on those paths, 2.2 ms pruned).
+MIN_WORK_LARGE = 1 << 15
+LARGE_DOCS = 1 << 19
 REFINE = 8  # pass 1 scores exactly the REFINE·k docs with the best partial sums
 PASS1_POSTINGS = 1 << 14  # pass 1 reads the highest-bound sparse terms up to this many postings
 _MARGIN = 1e-9
@@ -56,9 +64,10 @@ def worth_pruning(index, terms, dense_fraction: int) -> bool:
   """Whether `search_one` should answer a query: from MIN_WORK numbers of exhaustive work, and
   from MIN_WORK_SPARSE where that work is ≥ N/dense_fraction postings, past which the candidate
   path (BM25Index._candidates_top_k) gives up for a dense O(N) pass anyway (at 1M passages that
-  pass took 186 of the 1,787 FanOutQA questions)."""
+  pass took 186 of the 1,787 FanOutQA questions), and on a large index from MIN_WORK_LARGE."""
   work = exhaustive_work(index, terms)
-  return work >= MIN_WORK or (work >= MIN_WORK_SPARSE and work * dense_fraction >= index.num_docs)
+  return (work >= MIN_WORK or (work >= MIN_WORK_SPARSE and work * dense_fraction >= index.num_docs)
+          or (work >= MIN_WORK_LARGE and index.num_docs >= LARGE_DOCS))
 
 
 def _times(w: np.ndarray, count: int) -> np.ndarray:
