@@ -29,7 +29,6 @@ floor when the mean idf is negative). The caller then scores all N docs.
 import numpy as np
 
 from llds_jax.block_postings import CACHE_MIN_DF as CACHED_DF
-from llds_jax.block_postings import DENSIFY_FRACTION
 
 # ≥ N/2 candidates: the exhaustive dense path is cheaper than lookups. (At N/8, 19 of the 1,787
 # FanOutQA questions at 2M passages gave up after the essential merge, the costly part, for a
@@ -90,8 +89,8 @@ def _lookup(index, t: int, docs_C: np.ndarray, memo=None) -> np.ndarray:
   this query has decoded whole (`memo`: term → (docs, impacts)) is searched there: a rarer term's
   own lookup would decode its blocks again, ~15 numpy calls, and a query looks each term up 3
   times (θ, refined θ, survivors)."""
-  if memo is None or t not in memo or _df(index, t) * DENSIFY_FRACTION >= index.num_docs:
-    return index.postings.lookup(t, docs_C)  # (a byte map's gather beats the binary search)
+  if memo is None or t not in memo or index.postings.gathers(t):
+    return index.postings.lookup(t, docs_C)  # (a byte map or bitmap beats the binary search)
   docs, w = memo[t]
   if not len(docs):
     return np.zeros(len(docs_C), np.float32)
