@@ -47,6 +47,7 @@ DENSE_CACHE_BYTES = 256 << 20
 # FanOutQA questions fit).
 RANK_FRACTION = 128
 RANK_CACHE_BYTES = 128 << 20
+RANK_MIN_LOOKUP = 256  # fewer docs: the binary search's 5 numpy calls beat the bitmap's 10
 _EXACT = 255  # byte map value: look the impact up exactly (table codes ≥ 254 and escapes)
 
 ARRAYS = ("indptr_V1", "gap_off_V1", "gap_width_V", "gaps_X", "gap_exc_pos_E", "gap_exc_val_E",
@@ -374,7 +375,7 @@ class BlockPostings:
         docs, w = self.term(t)
         w_C[exact] = w[np.searchsorted(docs, docs_C[exact])]
       return w_C
-    if self.gathers(t):  # (byte-mapped terms were answered above)
+    if len(docs_C) >= RANK_MIN_LOOKUP and self.gathers(t):  # (byte-mapped terms: above)
       pos_C = doc_bitmap.positions(*self._bitmap(t), docs_C)
       return np.where(pos_C >= 0, self.term(t)[1].take(pos_C), np.float32(0))
     first_B, _ = self.blocks(t)

@@ -42,7 +42,7 @@ MIN_WORK_SPARSE = 1 << 17  # … unless the candidate path would need a dense O(
 MIN_WORK_LARGE = 1 << 15
 LARGE_DOCS = 1 << 19
 REFINE = 8  # pass 1 scores exactly the REFINE·k docs with the best partial sums
-PASS1_POSTINGS = 1 << 14  # pass 1 reads the highest-bound sparse terms up to this many postings
+PASS1_POSTINGS = 1 << 12  # pass 1 reads the highest-bound sparse terms up to this many postings
 _MARGIN = 1e-9
 BLOCK_MAX = True  # per-candidate block-max bounds for the non-essential terms (else global bounds)
 DENSE_RANGE = 128  # docs per range of a dense row's range-max bounds
@@ -121,18 +121,18 @@ def _merged_postings(index, terms, memo=None):
     if memo is not None:
       memo[t] = d, w
     docs.append(d)
-    ws.append(_times(w, count).astype(np.float64))
+    ws.append(_times(w, count))
   if len(docs) == 1:
-    return docs[0], ws[0]
-  docs, ws = np.concatenate(docs), np.concatenate(ws)
+    return docs[0], ws[0].astype(np.float64)
+  docs, ws = np.concatenate(docs), np.concatenate(ws, dtype=np.float64)
   order = np.argsort(docs, kind="stable")  # sorted runs: timsort merges them
-  docs, ws = docs[order], ws[order]
+  docs, ws = docs.take(order), ws.take(order)
   new = np.empty(len(docs), bool)
   new[:1] = True
   np.not_equal(docs[1:], docs[:-1], out=new[1:])
   # Per-doc sums in posting order: np.bincount adds like np.add.reduceat, at half its cost when
-  # nearly every doc is its own segment.
-  return docs[new], np.bincount(np.cumsum(new) - 1, ws)
+  # nearly every doc is its own segment. Segment ids count from 1, so slot 0 stays empty.
+  return docs[new], np.bincount(new.cumsum(), ws)[1:]
 
 
 def best_positions(v_C: np.ndarray, j: int) -> np.ndarray:
@@ -233,24 +233,32 @@ def search_one(index, max_V: np.ndarray, terms: list[tuple[int, int]], k: int):
   # cached doc ids, each about as costly as the block bounds themselves (at 1M-2M passages those
   # cost 12% of the CPU time and pruned almost nothing: on passages of near-equal length nearly
   # every 128-posting block of a common term holds an impact close to the term's maximum).
-  keep = (part_C + total) * (1 + _MARGIN) >= theta
+  theta_lo = theta / (1 + _MARGIN)  # keep x where x·(1 + margin) ≥ θ
+  keep = part_C >= theta_lo - total
   cand, part_C = cand[keep], part_C[keep]
   keys = list(reversed(rest))
   bound = {}  # position in keys → per-candidate bound, aligned with cand here
-  rest_C = np.full(len(cand), sum(ub[key] for key in keys))
+  rest, rest_C = sum(ub[key] for key in keys), None  # bounds to come: global, per candidate
   if BLOCK_MAX:
     for i, (kind, t) in enumerate(keys):
       if kind == "s" and _df(index, t) < CACHED_DF:
         bound[i] = _block_bounds(index, (kind, t), cand) * counts[t]
-        rest_C -= ub[(kind, t)] - bound[i]
+        rest -= ub[(kind, t)]
+        rest_C = bound[i] if rest_C is None else rest_C + bound[i]
   sel = np.arange(len(cand))
   for i, (kind, t) in enumerate(keys):
-    keep = (part_C + rest_C) * (1 + _MARGIN) >= theta
-    cand, part_C, rest_C, sel = cand[keep], part_C[keep], rest_C[keep], sel[keep]
+    keep = part_C >= theta_lo - rest if rest_C is None else part_C + rest_C >= theta_lo - rest
+    if not keep.all():  # (one index array for the four filters)
+      at = np.flatnonzero(keep)
+      cand, part_C, sel = cand.take(at), part_C.take(at), sel.take(at)
+      rest_C = None if rest_C is None else rest_C.take(at)
     if kind == "s":
       part_C = part_C + _times(_lookup(index, t, cand, memo), counts[t])
     else:
-      part_C = part_C + _times(index.dense_DxN[t, cand], dense_counts[t])
-    rest_C = rest_C - (bound[i][sel] if i in bound else ub[(kind, t)])
+      part_C = part_C + _times(index.dense_DxN[t].take(cand), dense_counts[t])
+    if i in bound:
+      rest_C = rest_C - bound[i].take(sel)
+    else:
+      rest -= ub[(kind, t)]
   # The survivors (a superset of the top k) get their exact scores, in the exhaustive order.
   return top_k(cand, score_docs(index, cand, sparse, dense, memo), k)

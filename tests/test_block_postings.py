@@ -165,6 +165,7 @@ def test_bitmap_lookups_equal_binary_search_lookups(monkeypatch):
   monkeypatch.setattr(block_postings, "CACHE_MIN_DF", 500)
   monkeypatch.setattr(block_postings, "RANK_FRACTION", n_docs // 500)  # df ≥ 500: bitmap
   monkeypatch.setattr(block_postings, "DENSIFY_FRACTION", 1)  # no byte maps
+  monkeypatch.setattr(block_postings, "RANK_MIN_LOOKUP", 1)
   plain, ranked = block_postings.BlockPostings(enc), block_postings.BlockPostings(enc, n_docs)
   per_term = 12 * (n_docs // 64 + 1)  # 8 bytes of bits and 4 of rank a word
   monkeypatch.setattr(block_postings, "RANK_CACHE_BYTES", 2 * per_term)
