@@ -368,8 +368,8 @@ class BlockPostings:
     blocks that may hold one of the docs are decoded."""
     if self.num_docs and self.df(t) * DENSIFY_FRACTION >= self.num_docs:
       map_N, table = self._byte_map(t)
-      m_C = map_N[docs_C]
-      w_C = table[m_C]
+      m_C = map_N.take(docs_C)
+      w_C = table.take(m_C)
       exact = np.flatnonzero(m_C == _EXACT)
       if len(exact):  # the term's rarest table values and its escapes
         docs, w = self.term(t)
@@ -391,4 +391,4 @@ class BlockPostings:
     else:
       return np.zeros(len(docs_C), np.float32)
     pos_C = np.minimum(np.searchsorted(docs, docs_C), len(docs) - 1)
-    return np.where(docs[pos_C] == docs_C, w[pos_C], np.float32(0))
+    return np.where(docs.take(pos_C) == docs_C, w.take(pos_C), np.float32(0))

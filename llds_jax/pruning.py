@@ -95,7 +95,7 @@ def _lookup(index, t: int, docs_C: np.ndarray, memo=None) -> np.ndarray:
   if not len(docs):
     return np.zeros(len(docs_C), np.float32)
   pos_C = np.minimum(docs.searchsorted(docs_C), len(docs) - 1)
-  return np.where(docs[pos_C] == docs_C, w[pos_C], np.float32(0))
+  return np.where(docs.take(pos_C) == docs_C, w.take(pos_C), np.float32(0))
 
 
 def _block_bounds(index, key, docs_C: np.ndarray) -> np.ndarray:
