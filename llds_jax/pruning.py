@@ -80,7 +80,7 @@ def score_docs(index, docs_C: np.ndarray, sparse, dense, memo=None) -> np.ndarra
   for t, count in sparse:
     s_C += _times(_lookup(index, t, docs_C, memo), count)
   for r, count in dense:
-    s_C += _times(index.dense_DxN[r, docs_C], count)
+    s_C += _times(index.dense_DxN[r].take(docs_C), count)
   return s_C
 
 
