@@ -42,8 +42,8 @@ DENSIFY_FRACTION = 16
 DENSE_CACHE_BYTES = 256 << 20
 # search: a term in ≥ N/RANK_FRACTION docs (and fewer than a byte map's) is looked up through a
 # bitmap of its docs with per-word ranks (doc_bitmap.py) instead of a binary search in its doc ids:
-# 2,600 candidates in a 36k-posting term at 2M passages, ~25 µs against ~55 µs. 3N/16 bytes a term,
-# LRU of RANK_CACHE_BYTES per process (375 KiB a term at 2M: the 345 such words of the 1,787
+# ~2,600 candidates in a 16k–64k-posting term at 2M passages, 55 µs against 82 µs. 3N/16 bytes a
+# term, LRU of RANK_CACHE_BYTES per process (375 KiB a term at 2M: the 345 such words of the 1,787
 # FanOutQA questions fit).
 RANK_FRACTION = 128
 RANK_CACHE_BYTES = 128 << 20

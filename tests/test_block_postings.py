@@ -141,7 +141,8 @@ def test_byte_map_lookups_equal_binary_search_lookups(monkeypatch):
   assert sorted(mapped._maps) == big[:3] and not plain._maps
 
 
-@pytest.mark.parametrize("n_docs,df", [(1, 1), (64, 64), (130, 3), (1000, 0), (5000, 900), (5000, 4999)])
+@pytest.mark.parametrize("n_docs,df",
+                         [(1, 1), (64, 64), (130, 3), (1000, 0), (5000, 900), (5000, 4999)])
 def test_doc_bitmap_positions_equal_binary_search(n_docs, df):
   rng = np.random.default_rng(n_docs + df)
   docs = np.sort(rng.choice(n_docs, df, replace=False)).astype(np.int32)
@@ -158,7 +159,8 @@ def test_bitmap_lookups_equal_binary_search_lookups(monkeypatch):
   # float32 impacts as the binary search, absent docs 0, and the bitmap LRU bounded.
   rng = np.random.default_rng(5)
   n_docs = 20_000
-  docs = [np.sort(rng.choice(n_docs, df, replace=False)) for df in (0, 3, 600, 900, 5000, 12000, 19990)]
+  docs = [np.sort(rng.choice(n_docs, df, replace=False))
+          for df in (0, 3, 600, 900, 5000, 12000, 19990)]
   weights = [(rng.random(len(d)) + 0.01).astype(np.float32) for d in docs]  # > 255 values: escapes
   indptr = np.r_[0, np.cumsum([len(d) for d in docs])]
   enc = block_postings.encode(indptr, np.concatenate(docs).astype(np.int32), np.concatenate(weights))
@@ -175,4 +177,5 @@ def test_bitmap_lookups_equal_binary_search_lookups(monkeypatch):
     at = np.unique(np.r_[rng.integers(0, n_docs, 500), docs[t][::5]])
     np.testing.assert_array_equal(ranked.lookup(t, at), plain.lookup(t, at))
     assert ranked._bitmap_bytes <= block_postings.RANK_CACHE_BYTES
-  assert sorted(ranked._bitmaps) == [big[0], big[-1]] and not plain._bitmaps  # last two used (2 again)
+  # The LRU keeps the last two terms used: big[-1], then big[0] (term 2) again.
+  assert sorted(ranked._bitmaps) == [big[0], big[-1]] and not plain._bitmaps
