@@ -363,9 +363,13 @@ class BlockPostings:
         self._bitmap_bytes -= old_bits.nbytes + old_rank.nbytes
     return bits_W, rank_W
 
+  def positions(self, t: int, docs_C: np.ndarray) -> np.ndarray:
+    """Per doc (any order): its index in term(t)'s postings, −1 where absent (via its bitmap)."""
+    return doc_bitmap.positions(*self._bitmap(t), docs_C)
+
   def lookup(self, t: int, docs_C: np.ndarray) -> np.ndarray:
-    """Term t's impacts at sorted docs (float32; an exact 0 where the doc lacks the term); only the
-    blocks that may hold one of the docs are decoded."""
+    """Term t's impacts at docs, any order (float32; an exact 0 where the doc lacks the term); only
+    the blocks that may hold one of the docs are decoded."""
     if self.num_docs and self.df(t) * DENSIFY_FRACTION >= self.num_docs:
       map_N, table = self._byte_map(t)
       m_C = map_N.take(docs_C)

@@ -77,7 +77,7 @@ def _times(w: np.ndarray, count: int) -> np.ndarray:
 
 
 def score_docs(index, docs_C: np.ndarray, sparse, dense, memo=None) -> np.ndarray:
-  """Exact float64 scores at sorted docs: sparse (term, count) lookups, then dense (row, count)."""
+  """Exact float64 scores at docs: sparse (term, count) lookups, then dense (row, count)."""
   s_C = np.zeros(len(docs_C))
   for t, count in sparse:
     s_C += _times(_lookup(index, t, docs_C, memo), count)
@@ -87,7 +87,7 @@ def score_docs(index, docs_C: np.ndarray, sparse, dense, memo=None) -> np.ndarra
 
 
 def _lookup(index, t: int, docs_C: np.ndarray, memo=None) -> np.ndarray:
-  """Term t's impacts at sorted docs (float32; an exact 0 where the doc lacks the term). A term
+  """Term t's impacts at docs (float32; an exact 0 where the doc lacks the term). A term
   this query has decoded whole (`memo`: term → (docs, impacts)) is searched there: a rarer term's
   own lookup would decode its blocks again, ~15 numpy calls, and a query looks each term up 3
   times (θ, refined θ, survivors)."""
@@ -115,8 +115,16 @@ def _df(index, t: int) -> int:
 
 
 def _merged_postings(index, terms, memo=None):
-  """Union of the terms' postings, sorted, with the sum of their count-scaled impacts per doc;
-  each term's decoded postings are kept in `memo`."""
+  """Union of the terms' postings with the sum of their count-scaled impacts per doc, as one or
+  two runs of ascending docs (no caller needs one order); each term's decoded postings are kept
+  in `memo`.
+
+  When the largest term has a doc bitmap, only the other terms are merged by the sort, most of the
+  merge's time; their sums are added into the largest term's postings at the docs they share (found
+  through the bitmap), and their other docs follow as a second run. These per-doc sums may add in
+  another order than the exhaustive scorer, so they only steer pruning, within its 1e-9 margin;
+  exact scores come from score_docs.
+  """
   docs, ws = [], []
   for t, count in terms:
     d, w = index.postings.term(t) if memo is None or t not in memo else memo[t]
@@ -124,6 +132,20 @@ def _merged_postings(index, terms, memo=None):
       memo[t] = d, w
     docs.append(d)
     ws.append(_times(w, count))
+  big = max(range(len(docs)), key=lambda i: len(docs[i]))
+  if len(docs) == 1 or len(docs[big]) < CACHED_DF or not index.postings.gathers(terms[big][0]):
+    return _sorted_union(docs, ws)
+  docs_big, w_big = docs.pop(big), ws.pop(big).astype(np.float64)  # (a copy: cached arrays stay)
+  docs_rest, w_rest = _sorted_union(docs, ws)
+  pos = index.postings.positions(terms[big][0], docs_rest)
+  shared = pos >= 0
+  w_big[pos[shared]] += w_rest[shared]  # (docs_rest is unique, so are the positions)
+  np.logical_not(shared, out=shared)
+  return np.concatenate([docs_big, docs_rest[shared]]), np.concatenate([w_big, w_rest[shared]])
+
+
+def _sorted_union(docs, ws):
+  """Sorted union of sorted doc runs with the per-doc sums of their weights (float64)."""
   if len(docs) == 1:
     return docs[0], ws[0].astype(np.float64)
   docs, ws = np.concatenate(docs), np.concatenate(ws, dtype=np.float64)
