@@ -29,13 +29,22 @@ floor when the mean idf is negative). The caller then scores all N docs.
 import numpy as np
 
 from llds_jax.block_postings import CACHE_MIN_DF as CACHED_DF
-from llds_jax.block_postings import DENSIFY_FRACTION
 
-FALLBACK_FRACTION = 8  # ≥ N/8 candidates: the exhaustive dense path is cheaper than lookups
+# ≥ N/2 candidates: the exhaustive dense path is cheaper than lookups. (At N/8, 19 of the 1,787
+# FanOutQA questions at 2M passages gave up after the essential merge, the costly part, for a
+# dense pass of 22 ms each; going on from there costs ~4 ms.)
+FALLBACK_FRACTION = 2
 MIN_WORK = 1 << 20  # exhaustive work (postings + N per dense row) below which pruning costs more
 MIN_WORK_SPARSE = 1 << 17  # … unless the candidate path would need a dense O(N) pass anyway
+# … or the index has ≥ LARGE_DOCS docs: there the exhaustive paths' sort of all postings or O(N)
+# pass cost more than pruning from MIN_WORK_LARGE on (at 2M passages 32 FanOutQA questions of
+# 51k–247k postings took 10.6 ms each on those paths, 2.2 ms pruned).
+MIN_WORK_LARGE = 1 << 15
+LARGE_DOCS = 1 << 19
 REFINE = 8  # pass 1 scores exactly the REFINE·k docs with the best partial sums
-PASS1_POSTINGS = 1 << 14  # pass 1 reads the highest-bound sparse terms up to this many postings
+PASS1_POSTINGS = 1 << 12  # pass 1 reads the highest-bound sparse terms up to this many postings
+# (2^12, was 2^14: at 2M passages +2–6% in runs too noisy to say more; the refined θ after the
+# essential merge does most of the tightening.)
 _MARGIN = 1e-9
 BLOCK_MAX = True  # per-candidate block-max bounds for the non-essential terms (else global bounds)
 DENSE_RANGE = 128  # docs per range of a dense row's range-max bounds
@@ -56,9 +65,10 @@ def worth_pruning(index, terms, dense_fraction: int) -> bool:
   """Whether `search_one` should answer a query: from MIN_WORK numbers of exhaustive work, and
   from MIN_WORK_SPARSE where that work is ≥ N/dense_fraction postings, past which the candidate
   path (BM25Index._candidates_top_k) gives up for a dense O(N) pass anyway (at 1M passages that
-  pass took 186 of the 1,787 FanOutQA questions)."""
+  pass took 186 of the 1,787 FanOutQA questions), and on a large index from MIN_WORK_LARGE."""
   work = exhaustive_work(index, terms)
-  return work >= MIN_WORK or (work >= MIN_WORK_SPARSE and work * dense_fraction >= index.num_docs)
+  return (work >= MIN_WORK or (work >= MIN_WORK_SPARSE and work * dense_fraction >= index.num_docs)
+          or (work >= MIN_WORK_LARGE and index.num_docs >= LARGE_DOCS))
 
 
 def _times(w: np.ndarray, count: int) -> np.ndarray:
@@ -67,27 +77,27 @@ def _times(w: np.ndarray, count: int) -> np.ndarray:
 
 
 def score_docs(index, docs_C: np.ndarray, sparse, dense, memo=None) -> np.ndarray:
-  """Exact float64 scores at sorted docs: sparse (term, count) lookups, then dense (row, count)."""
+  """Exact float64 scores at docs: sparse (term, count) lookups, then dense (row, count)."""
   s_C = np.zeros(len(docs_C))
   for t, count in sparse:
     s_C += _times(_lookup(index, t, docs_C, memo), count)
   for r, count in dense:
-    s_C += _times(index.dense_DxN[r, docs_C], count)
+    s_C += _times(index.dense_DxN[r].take(docs_C), count)
   return s_C
 
 
 def _lookup(index, t: int, docs_C: np.ndarray, memo=None) -> np.ndarray:
-  """Term t's impacts at sorted docs (float32; an exact 0 where the doc lacks the term). A term
+  """Term t's impacts at docs (float32; an exact 0 where the doc lacks the term). A term
   this query has decoded whole (`memo`: term → (docs, impacts)) is searched there: a rarer term's
   own lookup would decode its blocks again, ~15 numpy calls, and a query looks each term up 3
   times (θ, refined θ, survivors)."""
-  if memo is None or t not in memo or _df(index, t) * DENSIFY_FRACTION >= index.num_docs:
-    return index.postings.lookup(t, docs_C)  # (a byte map's gather beats the binary search)
+  if memo is None or t not in memo or index.postings.gathers(t):
+    return index.postings.lookup(t, docs_C)  # (a byte map or bitmap beats the binary search)
   docs, w = memo[t]
   if not len(docs):
     return np.zeros(len(docs_C), np.float32)
   pos_C = np.minimum(docs.searchsorted(docs_C), len(docs) - 1)
-  return np.where(docs[pos_C] == docs_C, w[pos_C], np.float32(0))
+  return np.where(docs.take(pos_C) == docs_C, w.take(pos_C), np.float32(0))
 
 
 def _block_bounds(index, key, docs_C: np.ndarray) -> np.ndarray:
@@ -105,26 +115,48 @@ def _df(index, t: int) -> int:
 
 
 def _merged_postings(index, terms, memo=None):
-  """Union of the terms' postings, sorted, with the sum of their count-scaled impacts per doc;
-  each term's decoded postings are kept in `memo`."""
+  """Union of the terms' postings with the sum of their count-scaled impacts per doc, as one or
+  two runs of ascending docs (no caller needs one order); each term's decoded postings are kept
+  in `memo`.
+
+  When the largest term has a doc bitmap, only the other terms are merged by the sort, most of the
+  merge's time; their sums are added into the largest term's postings at the docs they share (found
+  through the bitmap), and their other docs follow as a second run. These per-doc sums may add in
+  another order than the exhaustive scorer, so they only steer pruning, within its 1e-9 margin;
+  exact scores come from score_docs.
+  """
   docs, ws = [], []
   for t, count in terms:
     d, w = index.postings.term(t) if memo is None or t not in memo else memo[t]
     if memo is not None:
       memo[t] = d, w
     docs.append(d)
-    ws.append(_times(w, count).astype(np.float64))
+    ws.append(_times(w, count))
+  big = max(range(len(docs)), key=lambda i: len(docs[i]))
+  if len(docs) == 1 or len(docs[big]) < CACHED_DF or not index.postings.gathers(terms[big][0]):
+    return _sorted_union(docs, ws)
+  docs_big, w_big = docs.pop(big), ws.pop(big).astype(np.float64)  # (a copy: cached arrays stay)
+  docs_rest, w_rest = _sorted_union(docs, ws)
+  pos = index.postings.positions(terms[big][0], docs_rest)
+  shared = pos >= 0
+  w_big[pos[shared]] += w_rest[shared]  # (docs_rest is unique, so are the positions)
+  np.logical_not(shared, out=shared)
+  return np.concatenate([docs_big, docs_rest[shared]]), np.concatenate([w_big, w_rest[shared]])
+
+
+def _sorted_union(docs, ws):
+  """Sorted union of sorted doc runs with the per-doc sums of their weights (float64)."""
   if len(docs) == 1:
-    return docs[0], ws[0]
-  docs, ws = np.concatenate(docs), np.concatenate(ws)
+    return docs[0], ws[0].astype(np.float64)
+  docs, ws = np.concatenate(docs), np.concatenate(ws, dtype=np.float64)
   order = np.argsort(docs, kind="stable")  # sorted runs: timsort merges them
-  docs, ws = docs[order], ws[order]
+  docs, ws = docs.take(order), ws.take(order)
   new = np.empty(len(docs), bool)
   new[:1] = True
   np.not_equal(docs[1:], docs[:-1], out=new[1:])
   # Per-doc sums in posting order: np.bincount adds like np.add.reduceat, at half its cost when
-  # nearly every doc is its own segment.
-  return docs[new], np.bincount(np.cumsum(new) - 1, ws)
+  # nearly every doc is its own segment. Segment ids count from 1, so slot 0 stays empty.
+  return docs[new], np.bincount(new.cumsum(), ws)[1:]
 
 
 def best_positions(v_C: np.ndarray, j: int) -> np.ndarray:
@@ -225,24 +257,32 @@ def search_one(index, max_V: np.ndarray, terms: list[tuple[int, int]], k: int):
   # cached doc ids, each about as costly as the block bounds themselves (at 1M-2M passages those
   # cost 12% of the CPU time and pruned almost nothing: on passages of near-equal length nearly
   # every 128-posting block of a common term holds an impact close to the term's maximum).
-  keep = (part_C + total) * (1 + _MARGIN) >= theta
+  theta_lo = theta / (1 + _MARGIN)  # keep x where x·(1 + margin) ≥ θ
+  keep = part_C >= theta_lo - total
   cand, part_C = cand[keep], part_C[keep]
   keys = list(reversed(rest))
   bound = {}  # position in keys → per-candidate bound, aligned with cand here
-  rest_C = np.full(len(cand), sum(ub[key] for key in keys))
+  rest, rest_C = sum(ub[key] for key in keys), None  # bounds to come: global, per candidate
   if BLOCK_MAX:
     for i, (kind, t) in enumerate(keys):
       if kind == "s" and _df(index, t) < CACHED_DF:
         bound[i] = _block_bounds(index, (kind, t), cand) * counts[t]
-        rest_C -= ub[(kind, t)] - bound[i]
+        rest -= ub[(kind, t)]
+        rest_C = bound[i] if rest_C is None else rest_C + bound[i]
   sel = np.arange(len(cand))
   for i, (kind, t) in enumerate(keys):
-    keep = (part_C + rest_C) * (1 + _MARGIN) >= theta
-    cand, part_C, rest_C, sel = cand[keep], part_C[keep], rest_C[keep], sel[keep]
+    keep = part_C >= theta_lo - rest if rest_C is None else part_C + rest_C >= theta_lo - rest
+    if not keep.all():  # (one index array for the four filters)
+      at = np.flatnonzero(keep)
+      cand, part_C, sel = cand.take(at), part_C.take(at), sel.take(at)
+      rest_C = None if rest_C is None else rest_C.take(at)
     if kind == "s":
       part_C = part_C + _times(_lookup(index, t, cand, memo), counts[t])
     else:
-      part_C = part_C + _times(index.dense_DxN[t, cand], dense_counts[t])
-    rest_C = rest_C - (bound[i][sel] if i in bound else ub[(kind, t)])
+      part_C = part_C + _times(index.dense_DxN[t].take(cand), dense_counts[t])
+    if i in bound:
+      rest_C = rest_C - bound[i].take(sel)
+    else:
+      rest -= ub[(kind, t)]
   # The survivors (a superset of the top k) get their exact scores, in the exhaustive order.
   return top_k(cand, score_docs(index, cand, sparse, dense, memo), k)

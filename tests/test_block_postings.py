@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from llds_jax import block_postings, corpus, passage_store, retriever
+from llds_jax import block_postings, corpus, doc_bitmap, passage_store, retriever
 from tests import tool_loader
 
 TESTDATA = os.path.join(os.path.dirname(__file__), "testdata")
@@ -139,3 +139,43 @@ def test_byte_map_lookups_equal_binary_search_lookups(monkeypatch):
     np.testing.assert_array_equal(mapped.lookup(t, at), plain.lookup(t, at))
     assert mapped._map_bytes <= block_postings.DENSE_CACHE_BYTES
   assert sorted(mapped._maps) == big[:3] and not plain._maps
+
+
+@pytest.mark.parametrize("n_docs,df",
+                         [(1, 1), (64, 64), (130, 3), (1000, 0), (5000, 900), (5000, 4999)])
+def test_doc_bitmap_positions_equal_binary_search(n_docs, df):
+  rng = np.random.default_rng(n_docs + df)
+  docs = np.sort(rng.choice(n_docs, df, replace=False)).astype(np.int32)
+  at = np.r_[rng.integers(0, n_docs, 300), docs[::3], 0, n_docs - 1, 63, 64].clip(0, n_docs - 1)
+  at = at.astype(np.int32)
+  got = doc_bitmap.positions(*doc_bitmap.build(docs, n_docs), at)
+  pos = np.minimum(np.searchsorted(docs, at), max(df - 1, 0))
+  want = np.where((docs[pos] == at) if df else np.zeros(len(at), bool), pos, -1)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_bitmap_lookups_equal_binary_search_lookups(monkeypatch):
+  # Common terms in ≥ N/RANK_FRACTION docs are looked up through a bitmap with word ranks; same
+  # float32 impacts as the binary search, absent docs 0, and the bitmap LRU bounded.
+  rng = np.random.default_rng(5)
+  n_docs = 20_000
+  docs = [np.sort(rng.choice(n_docs, df, replace=False))
+          for df in (0, 3, 600, 900, 5000, 12000, 19990)]
+  weights = [(rng.random(len(d)) + 0.01).astype(np.float32) for d in docs]  # > 255 values: escapes
+  indptr = np.r_[0, np.cumsum([len(d) for d in docs])]
+  enc = block_postings.encode(indptr, np.concatenate(docs).astype(np.int32), np.concatenate(weights))
+  monkeypatch.setattr(block_postings, "CACHE_MIN_DF", 500)
+  monkeypatch.setattr(block_postings, "RANK_FRACTION", n_docs // 500)  # df ≥ 500: bitmap
+  monkeypatch.setattr(block_postings, "DENSIFY_FRACTION", 1)  # no byte maps
+  monkeypatch.setattr(block_postings, "RANK_MIN_LOOKUP", 1)
+  plain, ranked = block_postings.BlockPostings(enc), block_postings.BlockPostings(enc, n_docs)
+  per_term = 12 * (n_docs // 64 + 1)  # 8 bytes of bits and 4 of rank a word
+  monkeypatch.setattr(block_postings, "RANK_CACHE_BYTES", 2 * per_term)
+  big = [t for t in range(len(docs)) if len(docs[t]) >= 500]
+  assert len(big) >= 4 and ranked.gathers(big[0]) and not plain.gathers(big[0])
+  for t in [*big, 0, 1, 2]:
+    at = np.unique(np.r_[rng.integers(0, n_docs, 500), docs[t][::5]])
+    np.testing.assert_array_equal(ranked.lookup(t, at), plain.lookup(t, at))
+    assert ranked._bitmap_bytes <= block_postings.RANK_CACHE_BYTES
+  # The LRU keeps the last two terms used: big[-1], then big[0] (term 2) again.
+  assert sorted(ranked._bitmaps) == [big[0], big[-1]] and not plain._bitmaps

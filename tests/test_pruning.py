@@ -217,3 +217,73 @@ def test_terms_decoded_whole_are_not_decoded_again_by_lookups(zipf_docs, monkeyp
       again += len({t for t in set(whole) & set(blocks)
                     if pruning._df(index, t) * block_postings.DENSIFY_FRACTION < index.num_docs})
   assert answered > 30 and again == 0
+
+
+def test_many_essential_candidates_go_on_pruning(zipf_docs, monkeypatch):
+  # Essential candidates in N/8..N/2 docs: the essential merge is already paid, so MaxScore goes on
+  # instead of giving up for the exhaustive O(N) pass (the limit was N/8).
+  docs, queries = zipf_docs
+  index = retriever.BM25Index.from_tokenized(docs, variant="lucene")
+  sizes, real = [], pruning._merged_postings
+  monkeypatch.setattr(pruning, "_merged_postings",
+                      lambda *a: (lambda out: sizes.append(len(out[0])) or out)(real(*a)))
+  want = _exhaustive(index, queries, 10)
+  many = 0
+  for terms, hits in zip(index._term_counts(queries), want):
+    sizes.clear()
+    top = pruning.search_one(index, index.term_max_V, terms, 10) if terms else None
+    if len(sizes) == 2 and sizes[1] * 8 >= index.num_docs:  # pass 1, then the essential merge
+      many += 1
+      assert top is not None and list(zip(top[0].tolist(), top[1].tolist())) == hits
+  assert many >= 5
+
+
+def test_large_indexes_prune_mid_sized_queries(zipf_docs, monkeypatch):
+  # On an index of ≥ LARGE_DOCS docs, queries of MIN_WORK_LARGE..MIN_WORK_SPARSE postings are pruned
+  # rather than sorted or scored over all N docs; small indexes keep the exhaustive paths.
+  docs, queries = zipf_docs
+  index = retriever.BM25Index.from_tokenized(docs, variant="lucene")
+  parsed = [t for t in index._term_counts(queries) if t]
+  mid = [t for t in parsed if 2000 <= pruning.exhaustive_work(index, t) < 4000]
+  assert len(mid) >= 10
+  monkeypatch.setattr(pruning, "MIN_WORK", 1 << 30)
+  monkeypatch.setattr(pruning, "MIN_WORK_SPARSE", 4000)
+  monkeypatch.setattr(pruning, "MIN_WORK_LARGE", 2000)
+  assert not any(pruning.worth_pruning(index, t, retriever._DENSE_FRACTION) for t in mid)
+  monkeypatch.setattr(pruning, "LARGE_DOCS", index.num_docs)
+  assert all(pruning.worth_pruning(index, t, retriever._DENSE_FRACTION) for t in mid)
+
+
+def test_merge_through_the_largest_terms_bitmap_keeps_results(zipf_docs, monkeypatch):
+  # When the largest term of a merge has a doc bitmap, only the other terms are sorted and their
+  # sums are added into its postings at the shared docs: same candidates and partial sums (up to
+  # float64 rounding), so the same exact top-k.
+  docs, queries = zipf_docs
+  index = retriever.BM25Index.from_tokenized(docs, variant="lucene")
+  monkeypatch.setattr(pruning, "FALLBACK_FRACTION", 1)
+  monkeypatch.setattr(pruning, "CACHED_DF", 50)
+  monkeypatch.setattr(block_postings, "CACHE_MIN_DF", 50)
+  monkeypatch.setattr(block_postings, "RANK_FRACTION", 1 << 20)  # every common term: a bitmap
+  parsed = index._term_counts(queries)
+  merges = []
+  for terms in parsed:
+    sparse = [(t, c) for t, c in terms if t not in index._dense_row]
+    if len(sparse) >= 2:
+      got_docs, got_w = pruning._merged_postings(index, sparse)
+      want_docs, want_w = pruning._sorted_union([index.postings.term(t)[0] for t, _ in sparse],
+                                                [index.postings.term(t)[1] * np.float64(c)
+                                                 for t, c in sparse])
+      order = np.argsort(got_docs)
+      np.testing.assert_array_equal(got_docs[order], want_docs)
+      np.testing.assert_allclose(got_w[order], want_w, rtol=1e-12)
+      merges.append(len(got_docs))
+  used, real = [], index.postings.positions
+  monkeypatch.setattr(index.postings, "positions", lambda t, d: used.append(t) or real(t, d))
+  want = _exhaustive(index, queries, 10)
+  answered = 0
+  for terms, hits in zip(parsed, want):
+    top = pruning.search_one(index, index.term_max_V, terms, 10) if terms else None
+    if top is not None:
+      assert list(zip(top[0].tolist(), top[1].tolist())) == hits
+      answered += 1
+  assert len(merges) > 30 and answered > 30 and len(used) > 30
