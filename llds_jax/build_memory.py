@@ -38,10 +38,14 @@ MIN_BATCH = 1 << 10  # the smallest flush / range, so a tiny limit still makes p
 
 @dataclasses.dataclass(frozen=True)
 class BuildBudget:
-  """Batch sizes and the memory check for one build; `limit_mb=None` keeps the default sizes."""
-  limit_mb: float | None = None
-  default_flush_tokens: int = 1 << 22
-  default_range_postings: int = 1 << 20
+  """Batch sizes and the memory check for one build; `limit_mb=None` keeps the default sizes.
+
+  The defaults are the owning modules' (`postings.FLUSH_TOKENS`, `block_postings.CHUNK`):
+  `retriever.build_budget` passes them.
+  """
+  limit_mb: float | None
+  default_flush_tokens: int
+  default_range_postings: int
 
   def __post_init__(self):
     if self.limit_mb is not None and not self.limit_mb > 0:

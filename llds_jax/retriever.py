@@ -94,7 +94,7 @@ def _check_variant(variant: str):
     raise ValueError(f"unknown BM25 variant {variant!r}; expected one of {sorted(_DEFAULTS)}")
 
 
-def _budget(memory_mb: float | None) -> build_memory.BuildBudget:
+def build_budget(memory_mb: float | None) -> build_memory.BuildBudget:
   """Batch sizes under `memory_mb` from the modules' defaults (read now: tests shrink them)."""
   return build_memory.BuildBudget(memory_mb, postings.FLUSH_TOKENS, block_postings.CHUNK)
 
@@ -139,7 +139,7 @@ class BM25Index:
     when the corpus cannot be indexed under that limit (build_memory.py); the index is the same.
     """
     _check_variant(variant)
-    budget = _budget(memory_mb)
+    budget = build_budget(memory_mb)
     if store_dir is not None:
       os.makedirs(store_dir, exist_ok=True)
       # meta.json is written last, so a build that dies midway never looks like a valid index.
@@ -181,7 +181,7 @@ class BM25Index:
     n = len(doc_lens)
     if n == 0 or not builder.vocab:
       raise ValueError(f"cannot index a corpus with {n} documents and {len(builder.vocab)} terms")
-    budget = builder.budget or _budget(None)
+    budget = builder.budget or build_budget(None)
     budget.check(n, len(builder.vocab), len(dense_terms), builder.chunk_postings,
                  int(df_V[~dense_V].max(initial=0)))
     df = df_V.astype(np.float64)
