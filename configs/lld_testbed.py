@@ -45,7 +45,7 @@ def get_config(testbed: str = "/tmp/lld/testbed"):
   # 4 steps (minibatch 10) it saw at most 3 and did not hold the reward (docs/lld-testbed.md).
   c.rl.minibatch_size = 5
   c.rl.micro_batch_size = 5  # a whole group: every micro-batch has preserving rows (Â ≥ 0)
-  c.rl.logprob_micro_batch_size = 0  # 40 rows: one call
+  c.rl.logprob_micro_batch_size = 0  # 50 rows: one call
   c.rl.logprob_chunk = 128
   # Off in both arms: the bonus is the official code's, not the paper's (PAPER.md, list of
   # quirks, 7), and at the raised lr Adam turns its small gradient into full-size steps once
@@ -53,7 +53,7 @@ def get_config(testbed: str = "/tmp/lld/testbed"):
   c.rl.entropy_coef = 0.0
   # Raised from 1e-6 for a 160k-parameter policy and 120 steps (docs/lld-testbed.md has the
   # sweep: at 1.2e-3 LLDS no longer holds its peak, at 8e-4 it does while GRPO collapses in 1 of
-  # 3 seeds); the warm-up is the paper's 28.5% of the run (PAPER.md §C: 286 of 1005 steps),
+  # 6 seeds); the warm-up is the paper's 28.5% of the run (PAPER.md §C: 286 of 1005 steps),
   # linear from 0, then constant.
   c.opt.lr = 8e-4
   c.opt.warmup_steps = 34

@@ -380,7 +380,7 @@ class BlockPostings:
         w_C[exact] = w[np.searchsorted(docs, docs_C[exact])]
       return w_C
     if len(docs_C) >= RANK_MIN_LOOKUP and self.gathers(t):  # (byte-mapped terms: above)
-      pos_C = doc_bitmap.positions(*self._bitmap(t), docs_C)
+      pos_C = self.positions(t, docs_C)
       return np.where(pos_C >= 0, self.term(t)[1].take(pos_C), np.float32(0))
     first_B, _ = self.blocks(t)
     if self.df(t) >= CACHE_MIN_DF:  # a common term: decoded once per process, then cached

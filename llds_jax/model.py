@@ -170,8 +170,8 @@ class Transformer(nnx.Module):
       slot_BxT = write_slots(valid_BxT, cache.end_B, cache.slots)
       kpos_BxS = scatter_rows(cache.pos_BxS, pos_BxT, slot_BxT)
     if cache is None and cfg.scan_layers:
-      x = _scan_blocks(blocks or _stacked_blocks(self.layers), x, pos_BxT, inv_freq, act,
-                       cfg.remat, segment_ids_BxT)
+      x = _scan_blocks(_stacked_blocks(self.layers), x, pos_BxT, inv_freq, act, cfg.remat,
+                       segment_ids_BxT)
     elif cache is not None and cfg.scan_cache:
       x, k_L, v_L = _scan_cached_blocks(blocks or self.stacked_blocks(), x, pos_BxT, inv_freq, act,
                                         cache.k, cache.v, kpos_BxS, slot_BxT)

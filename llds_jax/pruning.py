@@ -262,16 +262,17 @@ def search_one(index, max_V: np.ndarray, terms: list[tuple[int, int]], k: int):
   cand, part_C = cand[keep], part_C[keep]
   keys = list(reversed(rest))
   bound = {}  # position in keys → per-candidate bound, aligned with cand here
-  rest, rest_C = sum(ub[key] for key in keys), None  # bounds to come: global, per candidate
+  rest_ub, rest_C = sum(ub[key] for key in keys), None  # bounds to come: global, per candidate
   if BLOCK_MAX:
     for i, (kind, t) in enumerate(keys):
       if kind == "s" and _df(index, t) < CACHED_DF:
         bound[i] = _block_bounds(index, (kind, t), cand) * counts[t]
-        rest -= ub[(kind, t)]
+        rest_ub -= ub[(kind, t)]
         rest_C = bound[i] if rest_C is None else rest_C + bound[i]
   sel = np.arange(len(cand))
   for i, (kind, t) in enumerate(keys):
-    keep = part_C >= theta_lo - rest if rest_C is None else part_C + rest_C >= theta_lo - rest
+    floor = theta_lo - rest_ub
+    keep = part_C >= floor if rest_C is None else part_C + rest_C >= floor
     if not keep.all():  # (one index array for the four filters)
       at = np.flatnonzero(keep)
       cand, part_C, sel = cand.take(at), part_C.take(at), sel.take(at)
@@ -283,6 +284,6 @@ def search_one(index, max_V: np.ndarray, terms: list[tuple[int, int]], k: int):
     if i in bound:
       rest_C = rest_C - bound[i].take(sel)
     else:
-      rest -= ub[(kind, t)]
+      rest_ub -= ub[(kind, t)]
   # The survivors (a superset of the top k) get their exact scores, in the exhaustive order.
   return top_k(cand, score_docs(index, cand, sparse, dense, memo), k)

@@ -37,8 +37,8 @@ import tqdm
 from flax import nnx
 
 from llds_jax import hosts, rewards, stops
-from llds_jax.observations import INVALID_ACTION, encode_observations, information_block
 from llds_jax import sampler as smp
+from llds_jax.observations import INVALID_ACTION, encode_observations, information_block
 
 STOP_STRINGS = ("</search>", "</answer>")
 MIN_VIEW = 256  # cache slots a turn attends to are a power of two ≥ this (few compiled shapes)

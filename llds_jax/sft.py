@@ -13,8 +13,8 @@ ideal trajectories from QA examples,
 
 and fits them with masked next-token NLL. Every token is laid out exactly as `rollout` would
 produce it: the chat-templated prompt (`data.encode_prompt`), actions encoded as ordinary text
-(`loss_mask` 1), observations from the same retriever and `observations.encode_observations` (special
-tokens not parsed, cut to `max_obs_tokens`, `loss_mask` 0), in the `[left-padded prompt |
+(`loss_mask` 1), observations from the same retriever and `observations.encode_observations`
+(special tokens not parsed, cut to `max_obs_tokens`, `loss_mask` 0), in the `[left-padded prompt |
 right-padded response]` layout of the RL batch (`batch_layout.row_layout`). So the warmed-up
 policy starts RL on exactly the inputs it was fitted on, and the loss is the trainer's own fused
 log-prob.

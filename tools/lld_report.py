@@ -140,18 +140,17 @@ def criteria(grpo: dict, llds: dict, k: int = 10) -> list[str]:
   g = {seed: arc(series, k) for seed, series in grpo.items()}
   m = {seed: arc(series, k) for seed, series in llds.items()}
   mean = lambda rows, key: float(np.mean([row[key] for row in rows.values()]))  # noqa: E731
+  collapsed = lambda rows: int(sum(row["collapsed"] for row in rows.values()))  # noqa: E731
   mark = lambda ok: "met" if ok else "NOT met"  # noqa: E731
   per_seed = lambda test: ", ".join(f"{s}: {mark(test(s))}" for s in g if s in m)  # noqa: E731
   return [
       f"Criteria ({k}-step means; per seed, then mean over seeds):",
       f"- GRPO rises ≥ 0.15: {per_seed(lambda s: g[s]['rise'] >= 0.15)}; mean "
       f"{mean(g, 'rise'):.3f}",
-      f"- GRPO collapses (a window < ⅓ of its peak): {int(mean(g, 'collapsed') * len(g))} of "
-      f"{len(g)} seeds",
+      f"- GRPO collapses (a window < ⅓ of its peak): {collapsed(g)} of {len(g)} seeds",
       f"- LLDS rises ≥ GRPO: {per_seed(lambda s: m[s]['rise'] >= g[s]['rise'])}; mean "
       f"{mean(m, 'rise'):.3f} vs {mean(g, 'rise'):.3f}: {mark(mean(m, 'rise') >= mean(g, 'rise'))}",
       f"- LLDS final ≥ GRPO peak: {per_seed(lambda s: m[s]['final'] >= g[s]['peak'])}; mean "
       f"{mean(m, 'final'):.3f} vs {mean(g, 'peak'):.3f}: "
       f"{mark(mean(m, 'final') >= mean(g, 'peak'))}",
-      f"- LLDS does not collapse: {int(mean(m, 'collapsed') * len(m))} of {len(m)} seeds "
-      "collapse"]
+      f"- LLDS does not collapse: {collapsed(m)} of {len(m)} seeds collapse"]
