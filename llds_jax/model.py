@@ -155,6 +155,9 @@ class Transformer(nnx.Module):
     cfg = self.cfg
     if segment_ids_BxT is not None and cache is not None:
       raise ValueError("Transformer.hidden: segment ids are for cache-free (packed) passes only")
+    if blocks is not None and (cache is None or not cfg.scan_cache):
+      # Only the scanned cache path reads them; elsewhere they would be silently ignored.
+      raise ValueError("Transformer.hidden: `blocks` needs a cache and ModelConfig.scan_cache")
     B, T = tokens_BxT.shape
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))

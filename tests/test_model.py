@@ -352,3 +352,9 @@ def test_scan_cache_switch_unrolls_only_the_cache_path():
   # The configs' defaults reach the model: base scans the cache path, tiny's 2 blocks do not.
   assert policy.model_config(base.get_config()).scan_cache
   assert not policy.model_config(tiny.get_config()).scan_cache
+  # Stacked blocks are read only by the scanned cache path: anywhere else they fail loud.
+  model = Transformer(_with(num_layers=3, scan_cache=False), rngs=nnx.Rngs(0))
+  blocks = Transformer(_with(num_layers=3), rngs=nnx.Rngs(0)).stacked_blocks()
+  for cache in (None, KVCache.init(model.cfg, 2, 8)):
+    with pytest.raises(ValueError, match="blocks"):
+      model.hidden(ids, cache=cache, blocks=blocks)
