@@ -132,7 +132,11 @@ class Checkpointer:
       extra["async_options"] = ocp.AsyncOptions(post_finalization_callback=self._seal_pending)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save, **extra)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    # Handlers named up front so a new process can read a step's tree metadata before any
+    # restore (a bare PyTreeCheckpointer on `<step>/state` looks there for the step-level
+    # metadata file and logs a warning on every resume).
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def _seal_pending(self) -> None:
     # Orbax finishes saves in order, one at a time, so the oldest pending step is the one done.
@@ -179,8 +183,7 @@ class Checkpointer:
     if step is not None:
       if fingerprint is not None:
         check_compatible(self.directory, fingerprint)
-      with ocp.PyTreeCheckpointer() as reader:  # reads only the tree's metadata, no arrays
-        tree = reader.metadata(os.path.join(self.directory, str(step), "state")).item_metadata.tree
+      tree = self.manager.item_metadata(step)["state"]  # the tree's metadata, no arrays
       saved = _leaves_by_path(tree)
       saved = {k: (tuple(v.shape), np.dtype(v.dtype).name) for k, v in saved.items()}
       want = {k: (tuple(v.shape), np.dtype(v.dtype).name)

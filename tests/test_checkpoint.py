@@ -129,6 +129,17 @@ def test_intact_newest_restores_bitwise(saved, damage):
     np.testing.assert_array_equal(a, b)
 
 
+def test_resume_logs_no_warning(saved, caplog):
+  # A healthy resume is silent: reading the tree metadata from `<step>/state` with a bare
+  # checkpointer made orbax warn on every resume that the step's metadata file was missing there.
+  caplog.set_level(logging.WARNING)
+  ck = checkpoint.Checkpointer(str(saved), keep=5)
+  step, _, _ = ck.restore_latest(_abstract(_state(2)), FINGERPRINT)
+  ck.close()
+  assert step == 2
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 def _tree_of(directory):
   return sorted(os.path.relpath(os.path.join(r, f), directory) for r, _, fs in os.walk(directory)
                 for f in fs)
