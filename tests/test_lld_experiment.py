@@ -172,3 +172,52 @@ def test_set_overrides_testbed_config_fields_and_refuses_unknown_ones():
   for bad in ("--set=rollout.nope=1", "--set=rollout.max_turns=abc", "--set=rollout"):
     with pytest.raises(SystemExit):
       lx.parse_args([bad])
+
+
+def _chains(log, gate):
+  """3 seeds × (warm-up, 2 arms) of fakes that log ("start"/"end", task) in order. Seed 2's
+  warm-up waits (≤ 20 s) for `gate`, which seed 0's first arm sets: only a pipelined schedule
+  runs an arm while another seed is still warming up."""
+  def warm(s):
+    log.append(("start", f"warm{s}"))
+    if s == 2 and not gate.wait(20):
+      raise TimeoutError("seed 0's arms waited for every warm-up")
+    log.append(("end", f"warm{s}"))
+
+  def arm(s, name):
+    log.append(("start", f"{name}{s}"))
+    gate.set()
+    log.append(("end", f"{name}{s}"))
+  return [((warm, (s,)), [(arm, (s, name)) for name in ("grpo", "llds")]) for s in range(3)]
+
+
+def test_run_all_starts_a_seeds_arms_after_its_own_warm_up_only():
+  import threading
+  from multiprocessing.pool import ThreadPool
+  log, gate = [], threading.Event()
+  lx.run_all(_chains(log, gate), jobs=2, pool=ThreadPool(2))
+  ran = {task for _, task in log}
+  assert ran == {f"{t}{s}" for s in range(3) for t in ("warm", "grpo", "llds")}
+  assert len(log) == 2 * len(ran)  # each task once
+  for s in range(3):
+    for name in ("grpo", "llds"):  # an arm needs its own seed's warm-up
+      assert log.index(("end", f"warm{s}")) < log.index(("start", f"{name}{s}"))
+  assert log.index(("start", "grpo0")) < log.index(("end", "warm2"))
+  # Serially (jobs=1): each seed's warm-up, then its arms, in order.
+  log.clear()
+  gate.set()
+  lx.run_all(_chains(log, gate), jobs=1)
+  assert [t for e, t in log if e == "start"] == [
+      f"{t}{s}" for s in range(3) for t in ("warm", "grpo", "llds")]
+
+
+def test_run_all_stops_on_a_failed_warm_up_without_running_its_arms():
+  from multiprocessing.pool import ThreadPool
+  ran = []
+
+  def fail():
+    raise ValueError("warm-up diverged")
+  chains = [((fail, ()), [(ran.append, ("arm",))])]
+  with pytest.raises(ValueError, match="warm-up diverged"):
+    lx.run_all(chains, jobs=2, pool=ThreadPool(2))
+  assert ran == []

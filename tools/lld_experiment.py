@@ -359,22 +359,38 @@ def run_arm(arm: str, testbed: str, workdir: str, a) -> None:
         f"{recs[0]['reward/mean']:.2f} -> {recs[-1]['reward/mean']:.2f}", flush=True)
 
 
-def _call(args):
-  fn, rest = args
-  return fn(*rest)
-
-
-def run_all(fn, tasks: list[tuple], jobs: int) -> None:
-  """`fn(*task)` for every task, `jobs` at a time in fresh (spawned: JAX is not fork-safe)
-  processes."""
-  if jobs <= 1 or len(tasks) <= 1:
-    for task in tasks:
-      fn(*task)
+def run_all(chains: list[tuple[tuple, list[tuple]]], jobs: int, pool=None) -> None:
+  """Each chain's head task, then its tails; a task is `(fn, args)`. With `jobs` > 1, `jobs` at a
+  time in fresh (spawned: JAX is not fork-safe) processes, and a chain's tails are queued when its
+  own head is done: a seed's arms need only that seed's warm-up, so no worker idles through the
+  last warm-up. `pool`: `multiprocessing.Pool`-like (tests pass a thread pool). A failed task
+  stops the run with its error; leaving the pool ends the other workers."""
+  tasks = sum(1 + len(tails) for _, tails in chains)
+  if pool is None and (jobs <= 1 or tasks <= 1):
+    for head, tails in chains:
+      for fn, args in (head, *tails):
+        fn(*args)
     return
   import multiprocessing
-  with multiprocessing.get_context("spawn").Pool(min(jobs, len(tasks))) as pool:
-    for _ in pool.imap_unordered(_call, [(fn, task) for task in tasks]):
-      pass
+  import queue
+  pool = pool or multiprocessing.get_context("spawn").Pool(min(jobs, tasks))
+  finished = queue.SimpleQueue()  # (tails, error), put by the pool's result thread
+
+  def start(task, tails):
+    pool.apply_async(*task, callback=lambda _: finished.put((tails, None)),
+                     error_callback=lambda e: finished.put((tails, e)))
+
+  with pool:
+    for head, tails in chains:
+      start(head, tails)
+    running = len(chains)
+    while running:
+      tails, error = finished.get()
+      if error is not None:
+        raise error
+      for task in tails:
+        start(task, [])
+      running += len(tails) - 1
 
 
 def main(argv=None) -> dict[str, dict[int, str]]:
@@ -382,11 +398,14 @@ def main(argv=None) -> dict[str, dict[int, str]]:
   a = parse_args(argv)
   t0 = time.perf_counter()
   seeds = {s: (os.path.join(a.outdir, f"seed{s}"), with_seed(a, s)) for s in a.seeds}
-  run_all(prepare, [(os.path.join(d, "testbed"), sa) for d, sa in seeds.values()], a.jobs)
   runs = {arm: {s: os.path.join(d, arm) for s, (d, _) in seeds.items()}
           for arm in a.arms.split(",")}
-  run_all(run_arm, [(arm, os.path.join(seeds[s][0], "testbed"), wd, seeds[s][1])
-                    for arm, by_seed in runs.items() for s, wd in by_seed.items()], a.jobs)
+  chains = []  # per seed: its testbed and warm-up, then its arms
+  for s, (d, sa) in seeds.items():
+    testbed = os.path.join(d, "testbed")
+    chains.append(((prepare, (testbed, sa)),
+                   [(run_arm, (arm, testbed, runs[arm][s], sa)) for arm in runs]))
+  run_all(chains, a.jobs)
   summary = {arm: {str(s): read_series(wd) for s, wd in by_seed.items()}
              for arm, by_seed in runs.items()}
   with open(os.path.join(a.outdir, "summary.json"), "w") as f:
