@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import lld_experiment as lx  # noqa: E402
 import lld_report  # noqa: E402
+import lld_world as lw  # noqa: E402
 from llds_jax import data, metrics as mlib, observations, rewards, sft  # noqa: E402
 from llds_jax import search_pool, sharding as shd  # noqa: E402
 from llds_jax.model import ModelConfig, Transformer  # noqa: E402
@@ -28,17 +29,17 @@ def testbed(tmp_path_factory):
   from transformers import AutoTokenizer
   out = str(tmp_path_factory.mktemp("testbed"))
   a = lx.parse_args(["--smoke"])
-  lx.build_testbed(out, a)
+  lw.build_testbed(out, a)
   tok = AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
   return dict(dir=out, tok=tok, retriever=search_pool.load_retriever(os.path.join(out, "corpus.jsonl")),
               examples=data.load_examples(os.path.join(out, "warmup.parquet")))
 
 
 def test_world_answers_are_only_in_the_right_document():
-  people, docs = lx.make_world(seed=3, n_people=60)
-  qs = lx.make_questions(people, two_hop_frac=0.5, seed=3)
+  people, docs = lw.make_world(seed=3, n_people=60)
+  qs = lw.make_questions(people, two_hop_frac=0.5, seed=3)
   assert len({p["name"] for p in people}) == 60
-  assert len(qs) == 60 * len(lx.QUESTIONS) + 30
+  assert len(qs) == 60 * len(lw.QUESTIONS) + 30
   assert len({q.key for q in qs}) == len(qs)
   from llds_jax.retriever import BM25Index
   index = BM25Index.build(docs)
@@ -221,3 +222,24 @@ def test_run_all_stops_on_a_failed_warm_up_without_running_its_arms():
   with pytest.raises(ValueError, match="warm-up diverged"):
     lx.run_all(chains, jobs=2, pool=ThreadPool(2))
   assert ran == []
+
+
+def test_rl_seed_offset_draws_rl_runs_on_an_earlier_runs_worlds(tmp_path):
+  earlier, new = tmp_path / "earlier", tmp_path / "new"
+  (earlier / "seed2" / "testbed" / "warm_model").mkdir(parents=True)
+  (earlier / "seed2" / "testbed" / "warm_model" / "config.json").write_text("{}")
+  a = lx.parse_args([f"--outdir={new}", f"--testbeds={earlier}", "--seeds=2",
+                     "--rl_seed_offset=1000"])
+  testbed = lx.testbed_dir(a, 2)
+  assert testbed == str(earlier / "seed2" / "testbed")
+  c = lx.arm_config("grpo", testbed, str(new / "seed2" / "grpo"), lx.with_seed(a, 2))
+  assert c.seed == 1002 and c.model.path == os.path.join(testbed, "warm_model")
+  assert lx.with_seed(a, 2).seed == 2  # the world and the warm-up keep the seed
+  assert lx.testbed_dir(lx.parse_args([f"--outdir={new}"]), 0) == str(new / "seed0" / "testbed")
+  with pytest.raises(SystemExit):  # no warm model for seed 3 there
+    lx.parse_args([f"--outdir={new}", f"--testbeds={earlier}", "--seeds=2,3"])
+  # An arm dir made with another RL seed is not silently reused as this draw.
+  (new / "seed2" / "grpo").mkdir(parents=True)
+  (new / "seed2" / "grpo" / "config.json").write_text(json.dumps({"seed": 2}))
+  with pytest.raises(ValueError, match="RL seed 2, not 1002"):
+    lx.run_arm("grpo", testbed, str(new / "seed2" / "grpo"), lx.with_seed(a, 2))

@@ -4,10 +4,11 @@
   python tools/lld_experiment.py --outdir=/tmp/lld_smoke --smoke  # plumbing, ~1 min
 
 Stages (each skipped when its output already exists, so arms can be added to a finished run):
-1. testbed/: a seeded knowledge base of fictional people (one Search-R1 corpus document each),
-   single- and two-hop questions whose answers are only in the documents, a byte-level BPE
-   tokenizer trained on that text (small vocab → tiny embedding, short sequences), and the
-   question split: warm-up questions and RL questions never share a (person, attribute) pair.
+1. testbed/ (tools/lld_world.py): a seeded knowledge base of fictional people (one Search-R1
+   corpus document each), single- and two-hop questions whose answers are only in the
+   documents, a byte-level BPE tokenizer trained on that text (small vocab → tiny embedding,
+   short sequences), and the question split: warm-up and RL questions never share a (person,
+   attribute) pair.
 2. testbed/warm_model/: a random Qwen2-shaped policy after `sft.format_warmup` on ideal
    trajectories of the warm-up questions, saved as a HF dir with the tokenizer.
 3. <arm>/: `trainer.train` from that policy with configs/lld_testbed.py and the arm's LLDS
@@ -20,20 +21,18 @@ Settings and observed numbers: docs/lld-testbed.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import time
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import lld_testbed  # noqa: E402
-from llds_jax import bpe, data  # noqa: E402
+from llds_jax import data  # noqa: E402
 from lld_report import plot, read_series, summarize  # noqa: E402
+from lld_world import QUESTIONS, build_testbed  # noqa: E402
 
 ARMS = {  # name -> rl overrides
     "grpo": dict(llds_lambda=0.0),
@@ -41,155 +40,6 @@ ARMS = {  # name -> rl overrides
     "llds_response": dict(llds_lambda=0.2, llds_gate="response"),
     "llds_token": dict(llds_lambda=0.2, llds_gate="token"),
 }
-SYLLABLES = ("zor", "bel", "vant", "kir", "mol", "tan", "rix", "del", "sha", "vor", "lum", "pek",
-             "tis", "gar", "nol", "fen", "dra", "qui", "mar", "bo")
-CITIES = ("Lima", "Oslo", "Cairo", "Quito", "Dakar", "Hanoi", "Perth", "Riga", "Tunis", "Bern",
-          "Accra", "Sofia")
-JOBS = ("baker", "pilot", "tailor", "farmer", "nurse", "judge", "miner", "potter", "sailor",
-        "chemist", "painter", "glazier")
-INSTRUMENTS = ("harp", "violin", "flute", "drums", "cello", "banjo", "oboe", "tuba", "lute",
-               "piano")
-# attribute -> (question, search query); the answer sits in the person's document only.
-QUESTIONS = {
-    "city": ("Where was {name} born?", "{name} born"),
-    "job": ("What is the job of {name}?", "{name} job"),
-    "instrument": ("Which instrument does {name} play?", "{name} instrument"),
-    "mentor": ("Who is the mentor of {name}?", "{name} mentor"),
-}
-TWO_HOP = "Where was the mentor of {name} born?"
-# Short stand-ins for Search-R1's 110-word prompt and Qwen's default system prompt: the policy is
-# random before the warm-up, so the long instructions carry nothing for it and would be ~75% of
-# every row's tokens. Same tags, same chat framing.
-PROMPT = ("Answer the question. Search with <search> query </search> to get results in "
-          "<information> and </information>. Answer with <answer> and </answer>. "
-          "Question: {question}\n")
-CHAT_TEMPLATE = (  # ChatML as Qwen2.5 renders it, without the default system turn
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Question:
-  text: str
-  gold: str
-  queries: tuple[str, ...]  # the ideal searches, in order
-  key: tuple[str, str]  # (person, attribute): warm-up and RL never share one
-
-
-FACTS = {"city": "was born in {city}", "job": "works as a {job}",
-         "instrument": "plays the {instrument}", "mentor": "has the mentor {mentor}"}
-
-
-def make_world(seed: int, n_people: int, world: int = 0, attributes: tuple[str, ...] = tuple(FACTS),
-               ) -> tuple[list[dict], list[tuple[str, str]]]:
-  """People with shared first/last names (BM25 distractors) and their corpus documents.
-
-  The names follow `seed` alone; the facts (city, job, instrument, mentor) follow (seed, world):
-  worlds 1, 2, … are the same people with re-drawn facts ("shadow worlds" for the warm-up). A
-  document states the `attributes` facts only (the mentor's too when it is asked two-hop).
-  """
-  rng = np.random.default_rng(seed)
-  first = sorted({(a + b).capitalize() for a in SYLLABLES for b in SYLLABLES if a != b})
-  last = sorted({(a + b).capitalize() for a in SYLLABLES[::2] for b in SYLLABLES[1::2]})
-  first = list(rng.choice(first, 16, replace=False))
-  last = list(rng.choice(last, 16, replace=False))
-  pairs = rng.choice(len(first) * len(last), n_people, replace=False)
-  names = [f"{first[p // len(last)]} {last[p % len(last)]}" for p in pairs]
-  rng = rng if world == 0 else np.random.default_rng((seed, world))
-  people = []
-  for i, name in enumerate(names):
-    people.append(dict(name=name, city=str(rng.choice(CITIES)), job=str(rng.choice(JOBS)),
-                       instrument=str(rng.choice(INSTRUMENTS)),
-                       mentor=names[(i + 1 + rng.integers(n_people - 1)) % n_people]))
-  docs = []
-  for i, p in enumerate(people):
-    facts = [FACTS[k].format(**p) for k in FACTS if k in attributes]
-    text = f"{p['name']} " + (", ".join(facts[:-1]) + " and " if len(facts) > 1 else "") + facts[-1]
-    docs.append((str(i), f'"{p["name"]}"\n{text}.'))
-  return people, docs
-
-
-def make_questions(people: list[dict], two_hop_frac: float, seed: int,
-                   attributes: tuple[str, ...] = tuple(QUESTIONS)) -> list[Question]:
-  """Every (person, attribute) single-hop question plus a share of two-hop ones, shuffled."""
-  by_name = {p["name"]: p for p in people}
-  qs = []
-  for p in people:
-    for attr in attributes:
-      q, query = QUESTIONS[attr]
-      qs.append(Question(q.format(name=p["name"]), p[attr], (query.format(name=p["name"]),),
-                         (p["name"], attr)))
-  rng = np.random.default_rng(seed)
-  for p in rng.permutation(people)[:int(two_hop_frac * len(people))]:
-    m = by_name[p["mentor"]]
-    qs.append(Question(TWO_HOP.format(name=p["name"]), m["city"],
-                       (f"{p['name']} mentor", f"{m['name']} born"), (p["name"], "mentor_city")))
-  return [qs[i] for i in rng.permutation(len(qs))]
-
-
-def write_parquet(questions: list[Question], split: str, path: str):
-  """Search-R1 parquet rows (DESIGN.md §Data) with the short PROMPT, data_source "lld_testbed"."""
-  import pyarrow as pa
-  import pyarrow.parquet as pq
-  rows = [{"data_source": "lld_testbed", "question": q.text,
-           "prompt": [{"role": "user", "content": PROMPT.format(question=q.text)}],
-           "ability": "fact-reasoning",
-           "reward_model": {"style": "rule", "ground_truth": {"target": [q.gold]}},
-           "extra_info": {"split": split, "index": i, "queries": list(q.queries)}}
-          for i, q in enumerate(questions)]
-  pq.write_table(pa.Table.from_pylist(rows), path)
-
-
-def write_corpus(docs: list[tuple[str, str]], path: str):
-  with open(path, "w") as f:
-    for doc_id, contents in docs:
-      f.write(json.dumps({"id": doc_id, "contents": contents}) + "\n")
-
-
-def build_testbed(out: str, a) -> list[Question]:
-  """Corpus, tokenizer and parquet files in `out`; returns the warm-up questions.
-
-  With `a.warm_worlds` > 1 the warm-up also gets `shadow{w}/{corpus.jsonl,warmup.parquet}`: all
-  questions over world w's facts (the same people, re-drawn facts). A fact then differs between
-  worlds, so the warm-up cannot be fitted by memorizing (person, attribute) -> value, only by
-  reading the observation; and it has searched for every person, RL ones included, without ever
-  seeing world 0's answers to the RL questions.
-  """
-  from llds_jax import observations, retriever, sft
-  attributes = tuple(a.attributes.split(","))
-  facts = attributes + (("mentor", "city") if a.two_hop_frac else ())
-  people, docs = make_world(a.seed, a.people, 0, facts)
-  qs = make_questions(people, a.two_hop_frac, a.seed, attributes)
-  n_warm = int(a.warm_frac * len(qs))
-  warm, rl_qs = qs[:n_warm], qs[n_warm:]
-  os.makedirs(out, exist_ok=True)
-  write_corpus(docs, os.path.join(out, "corpus.jsonl"))
-  for w in range(1, a.warm_worlds):
-    shadow = os.path.join(out, f"shadow{w}")
-    os.makedirs(shadow, exist_ok=True)
-    people_w, docs_w = make_world(a.seed, a.people, w, facts)
-    write_corpus(docs_w, os.path.join(shadow, "corpus.jsonl"))
-    # Every question, RL ones included (so the warm-up has searched for every person), with
-    # world w's answers and hops: world 0's answers to the RL questions are never shown.
-    write_parquet(make_questions(people_w, a.two_hop_frac, a.seed, attributes), "warmup",
-                  os.path.join(shadow, "warmup.parquet"))
-  texts = [d for _, d in docs] + [observations.information_block(retriever.format_observation([d]))
-                                  for _, d in docs]
-  texts += [PROMPT.format(question=q.text) for q in qs] + [CHAT_TEMPLATE] * 20
-  # Every name part, city, job and instrument often enough to become one token each: a copied
-  # name or fact is then a few tokens, as words are for a real tokenizer.
-  words = {w for p in people for w in p["name"].split()} | set(CITIES) | set(JOBS)
-  texts += [" ".join(sorted(words | set(INSTRUMENTS)))] * 50
-  texts += [sft.SEARCH_THINK.format(query=x) for q in qs for x in q.queries]
-  texts += [sft.ANSWER_THINK.format(answer=q.gold) for q in qs] + [sft.DIRECT_THINK] * 20
-  texts += [sft.SEARCH_PLAIN.format(query=x) for q in qs for x in q.queries]
-  texts += [sft.ANSWER_PLAIN.format(answer=q.gold) for q in qs]
-  bpe.train_bpe(texts, a.vocab, CHAT_TEMPLATE).save_pretrained(os.path.join(out, "tokenizer"))
-  write_parquet(warm, "warmup", os.path.join(out, "warmup.parquet"))
-  write_parquet(rl_qs, "train", os.path.join(out, "rl_train.parquet"))
-  return warm
 
 
 def model_config(a, eos_id: int) -> dict:
@@ -264,7 +114,7 @@ def testbed_config(testbed: str, a):
 
 def arm_config(arm: str, testbed: str, workdir: str, a):
   c = testbed_config(testbed, a)
-  c.workdir, c.seed = workdir, a.seed
+  c.workdir, c.seed = workdir, a.seed + a.rl_seed_offset  # the world and warm-up keep a.seed
   c.total_steps = a.steps or c.total_steps
   c.opt.lr = a.lr or c.opt.lr
   c.retriever.topk = a.topk
@@ -286,6 +136,12 @@ def parse_args(argv=None):
                  help="RL peak learning rate (default: configs/lld_testbed.py's; paper: 1e-6)")
   p.add_argument("--seeds", default="0",
                  help="comma-separated; each seed draws its own world, init and rollouts")
+  p.add_argument("--rl_seed_offset", type=int, default=0,
+                 help="RL seed = seed + this (prompt order, rollouts); world and warm-up keep the "
+                      "seed: with --testbeds, another draw of the RL runs on the same worlds")
+  p.add_argument("--testbeds", default="",
+                 help="read seed<s>/testbed (world + warm model) from this outdir of an earlier "
+                      "run instead of building it under --outdir")
   p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
   p.add_argument("--people", type=int, default=48, help="fictional people = corpus documents")
   p.add_argument("--two_hop_frac", type=float, default=0.0,
@@ -320,6 +176,10 @@ def parse_args(argv=None):
   except ValueError:
     p.error(f"--seeds={a.seeds!r}: comma-separated integers expected")
   a.seed = a.seeds[0]
+  for s in a.seeds if a.testbeds else ():
+    if not os.path.exists(os.path.join(testbed_dir(a, s), "warm_model", "config.json")):
+      p.error(f"--testbeds={a.testbeds}: no seed{s}/testbed/warm_model there; run that outdir's "
+              f"--seeds first")
   bad = set(a.attributes.split(",")) - set(QUESTIONS)
   if bad:
     p.error(f"unknown --attributes {sorted(bad)}; known: {list(QUESTIONS)}")
@@ -331,6 +191,10 @@ def parse_args(argv=None):
   except (ValueError, TypeError) as e:
     p.error(str(e))
   return a
+
+
+def testbed_dir(a, seed: int) -> str:
+  return os.path.join(a.testbeds or a.outdir, f"seed{seed}", "testbed")
 
 
 def with_seed(a, seed: int):
@@ -350,6 +214,12 @@ def run_arm(arm: str, testbed: str, workdir: str, a) -> None:
   """Stage 3 for one (seed, arm), unless its metrics already cover the arm's steps."""
   from llds_jax import metrics as mlib, trainer
   c = arm_config(arm, testbed, workdir, a)
+  if os.path.exists(os.path.join(workdir, "config.json")):  # resuming or reusing: same RL seed
+    with open(os.path.join(workdir, "config.json")) as f:
+      seed = json.load(f)["seed"]
+    if seed != c.seed:
+      raise ValueError(f"{workdir} holds a run with RL seed {seed}, not {c.seed} (--rl_seed_offset="
+                       f"{a.rl_seed_offset}); use a new --outdir with --testbeds={a.outdir}")
   done = os.path.join(workdir, "metrics.jsonl")
   if os.path.exists(done) and len(mlib.read_metrics(done)) >= c.total_steps:
     return
@@ -402,7 +272,7 @@ def main(argv=None) -> dict[str, dict[int, str]]:
           for arm in a.arms.split(",")}
   chains = []  # per seed: its testbed and warm-up, then its arms
   for s, (d, sa) in seeds.items():
-    testbed = os.path.join(d, "testbed")
+    testbed = testbed_dir(a, s)
     chains.append(((prepare, (testbed, sa)),
                    [(run_arm, (arm, testbed, runs[arm][s], sa)) for arm in runs]))
   run_all(chains, a.jobs)
