@@ -99,16 +99,29 @@ def init_state(cfg: ModelConfig, batch: int, slots: int, segment: int, num_stops
   """
   rows = batch * (jax.process_count() if mesh is not None else 1)
   make = _state_maker(cfg, rows, slots, segment, num_stops, cache_dtype, mesh)
-  return make(hosts.put_replicated(np.asarray([seed, row_offset], np.int32), mesh))
+  return make(hosts.put_replicated(np.asarray(seed_words(seed) + [row_offset], np.int32), mesh))
+
+
+def seed_words(seed: int) -> list[int]:
+  """`[seed, 0]` for an int32 seed; past it (the trainer's seed × 1,000,003 + step is, from run
+  seed 2148 on) `[seed mod 2³¹, seed // 2³¹]`, whose key `fold_in(key(low), high)` is distinct per
+  seed, while int32 seeds keep `key(seed)` and so every stream drawn before."""
+  if -2**31 <= seed < 2**31:
+    return [seed, 0]
+  if not -2**61 <= seed < 2**61:
+    raise ValueError(f"sampling seed {seed} is out of range: |seed| must be < 2^61")
+  return [seed % 2**31, seed // 2**31]
 
 
 @functools.lru_cache(maxsize=32)
 def _state_maker(cfg, batch, slots, segment, num_stops, cache_dtype, mesh):
   """One jitted constructor per shape (a fresh closure per call would recompile every time)."""
 
-  def make(seed_and_offset):
-    rows_B = jnp.arange(batch, dtype=jnp.int32) + seed_and_offset[1]
-    key_B = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed_and_offset[0]), rows_B)
+  def make(words):  # seed_words(seed) + [row_offset]
+    key = jax.lax.cond(words[1] == 0, lambda k: k, lambda k: jax.random.fold_in(k, words[1]),
+                       jax.random.key(words[0]))
+    rows_B = jnp.arange(batch, dtype=jnp.int32) + words[2]
+    key_B = jax.vmap(jax.random.fold_in, (None, 0))(key, rows_B)
     zeros_B = jnp.zeros((batch,), jnp.int32)
     return SamplingState(
         cache=KVCache.init(cfg, batch, slots, cache_dtype),
@@ -120,7 +133,7 @@ def _state_maker(cfg, batch, slots, segment, num_stops, cache_dtype, mesh):
 
   shardings = None
   if mesh is not None:
-    shardings = state_shardings(jax.eval_shape(make, jax.ShapeDtypeStruct((2,), jnp.int32)), mesh)
+    shardings = state_shardings(jax.eval_shape(make, jax.ShapeDtypeStruct((3,), jnp.int32)), mesh)
   return jax.jit(make, out_shardings=shardings)
 
 

@@ -366,3 +366,22 @@ def test_rejects_bad_arguments(rand_model):
     sampler.generate(rand_model, [[1]], max_new_tokens=2, stop_strings=("</search>",))
   with pytest.raises(ValueError, match="top_p"):
     sampler.generate(rand_model, [[1]], max_new_tokens=2, temperature=1.0, top_p=0.0)
+
+
+def test_sampling_keys_keep_int32_seeds_and_separate_larger_ones(rand_model):
+  """The trainer seeds step s's rollout with seed × 1,000,003 + s, past int32 from run seed 2148
+  on (that crashed with OverflowError); int32 seeds keep the documented key, so old runs replay."""
+  def keys(seed, offset=0):
+    state = sampler.init_state(rand_model.cfg, 3, 8, 2, 0, seed=seed, row_offset=offset)
+    return np.asarray(jax.random.key_data(state.key_B))
+  fold = jax.vmap(jax.random.fold_in, (None, 0))
+  want = jax.random.key_data(fold(jax.random.key(7), jnp.arange(3, dtype=jnp.int32) + 5))
+  np.testing.assert_array_equal(keys(7, 5), want)  # fold_in(key(seed), row_offset + r)
+  np.testing.assert_array_equal(keys(-3), jax.random.key_data(
+      fold(jax.random.key(-3), jnp.arange(3, dtype=jnp.int32))))
+  big = 3000 * 1_000_003 + 1
+  drawn = [keys(s) for s in (big, big + 1, big % 2**31, big + 2**31, 2**31, 0)]
+  assert len({k.tobytes() for k in drawn}) == len(drawn)  # all distinct
+  assert sampler.seed_words(big) == [big % 2**31, big // 2**31]
+  with pytest.raises(ValueError, match="sampling seed .* out of range"):
+    sampler.seed_words(2**62)
