@@ -177,7 +177,7 @@ def parse_args(argv=None):
     p.error(f"--seeds={a.seeds!r}: comma-separated integers expected")
   a.seed = a.seeds[0]
   for s in a.seeds if a.testbeds else ():
-    if not os.path.exists(os.path.join(testbed_dir(a, s), "warm_model", "config.json")):
+    if not has_warm_model(testbed_dir(a, s)):
       p.error(f"--testbeds={a.testbeds}: no seed{s}/testbed/warm_model there; run that outdir's "
               f"--seeds first")
   bad = set(a.attributes.split(",")) - set(QUESTIONS)
@@ -197,6 +197,10 @@ def testbed_dir(a, seed: int) -> str:
   return os.path.join(a.testbeds or a.outdir, f"seed{seed}", "testbed")
 
 
+def has_warm_model(testbed: str) -> bool:
+  return os.path.exists(os.path.join(testbed, "warm_model", "config.json"))
+
+
 def with_seed(a, seed: int):
   """The arguments of one seed's runs (world, initialization and rollouts all follow `seed`)."""
   return argparse.Namespace(**{**vars(a), "seed": seed})
@@ -206,17 +210,16 @@ def prepare(testbed: str, a) -> None:
   """Stages 1-2 for one seed: the testbed files, then the warmed-up policy (each if missing)."""
   if not os.path.exists(os.path.join(testbed, "rl_train.parquet")):
     build_testbed(testbed, a)
-  if not os.path.exists(os.path.join(testbed, "warm_model", "config.json")):
+  if not has_warm_model(testbed):
     print(f"seed {a.seed} warm-up:", warm_up(testbed, a), flush=True)
 
 
 def run_arm(arm: str, testbed: str, workdir: str, a) -> None:
   """Stage 3 for one (seed, arm), unless its metrics already cover the arm's steps."""
-  from llds_jax import metrics as mlib, trainer
+  from llds_jax import metrics as mlib, restore, trainer
   c = arm_config(arm, testbed, workdir, a)
   if os.path.exists(os.path.join(workdir, "config.json")):  # resuming or reusing: same RL seed
-    with open(os.path.join(workdir, "config.json")) as f:
-      seed = json.load(f)["seed"]
+    seed = restore.run_config(workdir).seed
     if seed != c.seed:
       raise ValueError(f"{workdir} holds a run with RL seed {seed}, not {c.seed} (--rl_seed_offset="
                        f"{a.rl_seed_offset}); use a new --outdir with --testbeds={a.outdir}")
@@ -271,7 +274,7 @@ def main(argv=None) -> dict[str, dict[int, str]]:
   runs = {arm: {s: os.path.join(d, arm) for s, (d, _) in seeds.items()}
           for arm in a.arms.split(",")}
   chains = []  # per seed: its testbed and warm-up, then its arms
-  for s, (d, sa) in seeds.items():
+  for s, (_, sa) in seeds.items():
     testbed = testbed_dir(a, s)
     chains.append(((prepare, (testbed, sa)),
                    [(run_arm, (arm, testbed, runs[arm][s], sa)) for arm in runs]))
